@@ -1,0 +1,79 @@
+"""BatchNorm1d/2d/3d: normalize each channel (dim 1) over the batch and spatial dims."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import functional as F
+from ._base import _NormBase, check_floating
+from .errors import InputError
+
+
+class _BatchNorm(_NormBase):
+    _ranks: tuple[int, ...]
+
+    def _check_input(self, input: Tensor) -> None:
+        check_floating(input)
+        if input.dim() not in self._ranks:
+            wanted = " or ".join(f"{r}D" for r in self._ranks)
+            raise InputError(f"expected {wanted} input (got {input.dim()}D input)")
+        self._check_channels(input, 1)
+
+    def _step(self) -> tuple[bool, bool, float]:
+        """(normalize with batch statistics?, update running statistics?, momentum)."""
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        if not update:
+            return use_batch_stats, False, 0.0
+        if self.momentum is None:  # cumulative average, counting this step
+            return use_batch_stats, True, 1.0 / float(self.num_batches_tracked.item() + 1)
+        return use_batch_stats, True, self.momentum
+
+    def normalize(self, input: Tensor) -> F.Normalized:
+        """Normalize ``input`` and return it with its batch statistics (shape ``[C]``).
+
+        In train mode those statistics normalized the input and are folded into the
+        running statistics; in eval mode the running statistics normalize and the batch
+        statistics are returned for monitoring.
+        """
+        self._check_input(input)
+        use_batch_stats, update, momentum = self._step()
+        running = update or not use_batch_stats
+        result = F._batch_norm(
+            input,
+            self.running_mean if running else None,
+            self.running_var if running else None,
+            self.weight, self.bias, use_batch_stats, momentum, self.eps,
+            reject_non_finite=self.reject_non_finite,
+        )
+        if update:
+            self.num_batches_tracked.add_(1)
+        return result
+
+    def forward(self, input: Tensor) -> Tensor:
+        use_batch_stats, _, _ = self._step()
+        if use_batch_stats:
+            return self.normalize(input).output
+        self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over ``[N, C]`` or ``[N, C, L]`` inputs."""
+
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over ``[N, C, H, W]`` inputs."""
+
+    _ranks = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over ``[N, C, D, H, W]`` inputs."""
+
+    _ranks = (5,)

@@ -1,0 +1,65 @@
+"""GroupNorm: normalize each sample over groups of channels and all spatial dims."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._base import check_floating
+from .errors import InputError
+
+
+class GroupNorm(nn.Module):
+    """Statistics per (sample, group) of ``num_channels / num_groups`` channels."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError("num_channels must be divisible by num_groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weight 1, bias 0."""
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, input: Tensor) -> None:
+        check_floating(input)
+        if input.dim() < 2 or input.size(1) != self.num_channels:
+            raise InputError(
+                f"expected input of shape [N, {self.num_channels}, *], "
+                f"got {list(input.shape)}"
+            )
+
+    def normalize(self, input: Tensor) -> F.Normalized:
+        """Normalize ``input``; also return its per-group statistics, shape ``[N, G]``."""
+        self._check_input(input)
+        return F.group_norm_with_stats(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

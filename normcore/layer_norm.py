@@ -1,0 +1,130 @@
+"""LayerNorm and RMSNorm: normalize each sample over its last ``len(normalized_shape)`` dims.
+
+Neither keeps running statistics; train and eval mode compute the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._base import check_floating
+from .errors import InputError
+
+
+def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(normalized_shape)
+
+
+class _LastDimsNorm(nn.Module):
+    normalized_shape: tuple[int, ...]
+
+    def _check_input(self, input: Tensor) -> None:
+        check_floating(input)
+        k = len(self.normalized_shape)
+        if input.dim() < k or tuple(input.shape[input.dim() - k :]) != self.normalized_shape:
+            raise InputError(
+                f"expected input whose last {k} dims are {list(self.normalized_shape)}, "
+                f"got shape {list(input.shape)}"
+            )
+
+
+class LayerNorm(_LastDimsNorm):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, statistics over the last dims."""
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weight 1, bias 0."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def normalize(self, input: Tensor) -> F.Normalized:
+        """Normalize ``input``; also return mean and biased variance of each sample."""
+        self._check_input(input)
+        return F.layer_norm_with_stats(
+            input, self.normalized_shape, self.weight, self.bias, self.eps
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}"
+        )
+
+
+class RMSNorm(_LastDimsNorm):
+    """y = x / sqrt(mean(x^2) + eps) * weight; ``eps=None`` is the dtype's machine epsilon."""
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weight 1."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def normalize(self, input: Tensor) -> F.RMSNormalized:
+        """Normalize ``input``; also return the mean square of each sample."""
+        self._check_input(input)
+        return F.rms_norm_with_stats(input, self.normalized_shape, self.weight, self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}"
+        )
