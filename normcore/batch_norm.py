@@ -19,25 +19,26 @@ class _BatchNorm(_NormBase):
             raise InputError(f"expected {wanted} input (got {input.dim()}D input)")
         self._check_channels(input, 1)
 
-    def _step(self) -> tuple[bool, bool, float]:
+    def _step(self, training: bool) -> tuple[bool, bool, float]:
         """(normalize with batch statistics?, update running statistics?, momentum)."""
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
+        use_batch_stats = training or self.running_mean is None
+        update = training and self.track_running_stats
         if not update:
             return use_batch_stats, False, 0.0
         if self.momentum is None:  # cumulative average, counting this step
             return use_batch_stats, True, 1.0 / float(self.num_batches_tracked.item() + 1)
         return use_batch_stats, True, self.momentum
 
-    def normalize(self, input: Tensor) -> F.Normalized:
+    def normalize(self, input: Tensor, train: bool | None = None) -> F.Normalized:
         """Normalize ``input`` and return it with its batch statistics (shape ``[C]``).
 
         In train mode those statistics normalized the input and are folded into the
         running statistics; in eval mode the running statistics normalize and the batch
-        statistics are returned for monitoring.
+        statistics are returned for monitoring. ``train`` overrides ``self.training`` for
+        this call only, so a shared layer never has to be switched between modes.
         """
         self._check_input(input)
-        use_batch_stats, update, momentum = self._step()
+        use_batch_stats, update, momentum = self._step(self.training if train is None else train)
         running = update or not use_batch_stats
         result = F._batch_norm(
             input,
@@ -51,7 +52,7 @@ class _BatchNorm(_NormBase):
         return result
 
     def forward(self, input: Tensor) -> Tensor:
-        use_batch_stats, _, _ = self._step()
+        use_batch_stats, _, _ = self._step(self.training)
         if use_batch_stats:
             return self.normalize(input).output
         self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass

@@ -52,8 +52,11 @@ class GroupNorm(nn.Module):
                 f"got {list(input.shape)}"
             )
 
-    def normalize(self, input: Tensor) -> F.Normalized:
-        """Normalize ``input``; also return its per-group statistics, shape ``[N, G]``."""
+    def normalize(self, input: Tensor, train: bool | None = None) -> F.Normalized:
+        """Normalize ``input``; also return its per-group statistics, shape ``[N, G]``.
+
+        ``train`` is accepted for a uniform interface: there are no running statistics.
+        """
         self._check_input(input)
         return F.group_norm_with_stats(input, self.num_groups, self.weight, self.bias, self.eps)
 

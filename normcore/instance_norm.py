@@ -49,15 +49,15 @@ class _InstanceNorm(_NormBase):
                 stacklevel=3,
             )
 
-    def _run(self, input: Tensor, with_stats: bool) -> F.Normalized | Tensor:
+    def _run(self, input: Tensor, with_stats: bool, training: bool) -> F.Normalized | Tensor:
         self._check_input(input)
         unbatched = input.dim() == self._spatial + 1
         x = input.unsqueeze(0) if unbatched else input
-        use_input_stats = self.training or not self.track_running_stats
+        use_input_stats = training or not self.track_running_stats
         result = F._instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,
-            with_stats=with_stats, reject_non_finite=self.reject_non_finite,
+            with_stats=with_stats, reject_non_finite=self.reject_non_finite and training,
         )
         if not unbatched:
             return result
@@ -65,12 +65,15 @@ class _InstanceNorm(_NormBase):
             return F.Normalized(*(t.squeeze(0) for t in result))
         return result.squeeze(0)
 
-    def normalize(self, input: Tensor) -> F.Normalized:
-        """Normalize ``input``; also return its per-instance statistics, shape ``[N, C]``."""
-        return self._run(input, with_stats=True)
+    def normalize(self, input: Tensor, train: bool | None = None) -> F.Normalized:
+        """Normalize ``input``; also return its per-instance statistics, shape ``[N, C]``.
+
+        ``train`` overrides ``self.training`` for this call only.
+        """
+        return self._run(input, True, self.training if train is None else train)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._run(input, with_stats=False)
+        return self._run(input, False, self.training)
 
 
 class InstanceNorm1d(_InstanceNorm):

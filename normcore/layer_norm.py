@@ -69,8 +69,11 @@ class LayerNorm(_LastDimsNorm):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def normalize(self, input: Tensor) -> F.Normalized:
-        """Normalize ``input``; also return mean and biased variance of each sample."""
+    def normalize(self, input: Tensor, train: bool | None = None) -> F.Normalized:
+        """Normalize ``input``; also return mean and biased variance of each sample.
+
+        ``train`` is accepted for a uniform interface: there are no running statistics.
+        """
         self._check_input(input)
         return F.layer_norm_with_stats(
             input, self.normalized_shape, self.weight, self.bias, self.eps
@@ -114,8 +117,11 @@ class RMSNorm(_LastDimsNorm):
         if self.weight is not None:
             nn.init.ones_(self.weight)
 
-    def normalize(self, input: Tensor) -> F.RMSNormalized:
-        """Normalize ``input``; also return the mean square of each sample."""
+    def normalize(self, input: Tensor, train: bool | None = None) -> F.RMSNormalized:
+        """Normalize ``input``; also return the mean square of each sample.
+
+        ``train`` is accepted for a uniform interface: there are no running statistics.
+        """
         self._check_input(input)
         return F.rms_norm_with_stats(input, self.normalized_shape, self.weight, self.eps)
 

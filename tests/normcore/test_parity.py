@@ -108,3 +108,17 @@ def test_normalize_returns_output_and_batch_statistics(case: Case, device: str) 
                 assert got.dtype == torch.float32
                 torch.testing.assert_close(got.double(), value, atol=1e-5, rtol=1e-5, msg=name)
             _assert_same_state(ours, ref)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "Norm" in c.kind], ids=lambda c: c.id)
+def test_train_override_matches_train_mode_without_switching_the_layer(case: Case) -> None:
+    ours, ref = _pair(case, "cpu")
+    ours.eval()
+    ref.train()
+    with torch.no_grad():
+        for shape in case.shapes:
+            x = torch.randn(shape)
+            torch.testing.assert_close(ours.normalize(x, train=True).output, ref(x), atol=ATOL,
+                                       rtol=0)
+            _assert_same_state(ours, ref)
+    assert not ours.training
