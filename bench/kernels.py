@@ -1,0 +1,210 @@
+"""Time normcore's layers against torch.nn's and against a plain memory copy.
+
+Run from the repository root (``make test`` builds .venv):
+
+    .venv/bin/python bench/kernels.py                    # full run, a few minutes
+    .venv/bin/python bench/kernels.py --quick            # smoke run
+    .venv/bin/python bench/kernels.py --filter BatchNorm2d --threads 1 --json /tmp/bn.json
+
+Each case times four contenders on one float32 input: normcore's forward, torch.nn's
+forward, normcore's ``normalize()`` (output + statistics, what the service calls) and
+``dst.copy_(x)`` into a preallocated buffer. The copy is the memory-bandwidth floor: every
+layer reads x and writes an output of the same size at least once. Repetitions go
+round-robin over the contenders, after a warm-up, so drift on a noisy machine (other
+processes, frequency changes) hits all of them alike; the table shows medians.
+
+Project rule: on 4-32 MB inputs normcore's forward is never more than 1.10x torch.nn's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+import normcore  # noqa: E402
+
+MB = 1 << 20
+TARGETS_MB = (4, 8, 16, 32)
+LIMIT = 1.10
+SMALL_BYTES = 64 * 1024
+
+
+def _pair(name: str, *args, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """normcore and torch.nn layers built alike; torch's state copied over (same params)."""
+    ref = getattr(nn, name)(*args, **kwargs)
+    ours = getattr(normcore, name)(*args, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+# family -> (layer pair for an input shape, shape of one sample/row, small shape < 64 KB).
+# Big shapes are the sample shape with a leading dim chosen to reach each target size.
+FAMILIES = {
+    "BatchNorm1d": (lambda s: _pair("BatchNorm1d", s[1]), (64, 1024), (8, 16, 32)),
+    "BatchNorm2d": (lambda s: _pair("BatchNorm2d", s[1]), (64, 56, 56), (8, 16, 4, 4)),
+    "BatchNorm3d": (lambda s: _pair("BatchNorm3d", s[1]), (32, 16, 32, 32), (8, 16, 2, 4, 4)),
+    "LayerNorm": (lambda s: _pair("LayerNorm", s[-1]), (1024,), (8, 64)),
+    "RMSNorm": (lambda s: _pair("RMSNorm", s[-1]), (1024,), (8, 64)),
+    # 32 groups of 2 channels at 64 channels; C/2 groups for the small case too.
+    "GroupNorm": (lambda s: _pair("GroupNorm", s[1] // 2, s[1]), (64, 56, 56), (8, 16, 4, 4)),
+    # Running statistics on, so train mode also pays for their update (affine as well).
+    "InstanceNorm2d": (
+        lambda s: _pair("InstanceNorm2d", s[1], affine=True, track_running_stats=True),
+        (64, 56, 56),
+        (8, 16, 4, 4),
+    ),
+}
+
+
+def shapes(sample: tuple[int, ...], small: tuple[int, ...]) -> list[tuple[int, ...]]:
+    per = math.prod(sample) * 4
+    return [small] + [(max(1, round(mb * MB / per)), *sample) for mb in TARGETS_MB]
+
+
+def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict[str, float], int]:
+    """Median seconds per call of each fn, and the calls per sample."""
+    # Warm-up: first calls fault pages in, fill allocator caches and pick kernels.
+    for fn in fns.values():
+        end, n = time.perf_counter() + warmup_s, 0
+        while n < 3 or time.perf_counter() < end:
+            fn()
+            n += 1
+    # One sample lasts >= 1 ms, so timer resolution and loop overhead vanish even for
+    # microsecond calls on tiny tensors; every contender gets the same count.
+    t0 = time.perf_counter()
+    fns["torch"]()
+    inner = max(1, math.ceil(1e-3 / max(time.perf_counter() - t0, 1e-7)))
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc.disable()  # a collection inside one sample would land on one contender only
+    try:
+        for r in range(reps):
+            k = r % len(names)  # rotate the order: no contender always runs first
+            for name in names[k:] + names[:k]:
+                fn = fns[name]
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / inner)
+    finally:
+        gc.enable()
+    return {name: statistics.median(v) for name, v in samples.items()}, inner
+
+
+def run_case(family: str, mode: str, shape, reps: int, warmup_s: float) -> dict:
+    make = FAMILIES[family][0]
+    ours, ref = make(shape)
+    ours.train(mode == "train")
+    ref.train(mode == "train")
+    x = torch.randn(shape)
+    dst = torch.empty_like(x)
+    fns = {
+        "normcore": lambda: ours(x),
+        "torch": lambda: ref(x),
+        "normalize": lambda: ours.normalize(x),
+        "copy": lambda: dst.copy_(x),
+    }
+    med, inner = measure(fns, reps, warmup_s)
+    return {
+        "family": family,
+        "mode": mode,
+        "shape": list(shape),
+        "mb": x.numel() * x.element_size() / MB,
+        "inner": inner,
+        **{f"{name}_ms": t * 1e3 for name, t in med.items()},
+        "ratio_torch": med["normcore"] / med["torch"],
+        "ratio_copy": med["normcore"] / med["copy"],
+        "normalize_ratio_torch": med["normalize"] / med["torch"],
+    }
+
+
+COLUMNS = [  # header, width, row -> text
+    ("family", 14, lambda r: r["family"]),
+    ("mode", 5, lambda r: r["mode"]),
+    ("shape", 18, lambda r: "x".join(map(str, r["shape"]))),
+    ("MB", 6, lambda r: f"{r['mb']:.2f}" if r["mb"] < 1 else f"{r['mb']:.1f}"),
+    ("normcore ms", 11, lambda r: f"{r['normcore_ms']:.4f}"),
+    ("torch ms", 9, lambda r: f"{r['torch_ms']:.4f}"),
+    ("copy ms", 8, lambda r: f"{r['copy_ms']:.4f}"),
+    ("vs torch", 8, lambda r: f"{r['ratio_torch']:.3f}"),
+    ("vs copy", 7, lambda r: f"{r['ratio_copy']:.2f}"),
+    ("normalize vs torch", 18, lambda r: f"{r['normalize_ratio_torch']:.3f}"),
+]
+
+
+def fmt(cells: list[str]) -> str:
+    # Text columns left-aligned, numbers right-aligned.
+    widths = [w for _, w, _ in COLUMNS]
+    return "  ".join(
+        c.ljust(w) if i < 3 else c.rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+
+
+def claim(label: str, rows: list[dict], key: str, rule: bool = False) -> str:
+    if not rows:
+        return f"max ratio vs torch.nn ({label}): no cases"
+    worst = max(rows, key=lambda r: r[key])
+    where = f"{worst['family']} {worst['mode']} {'x'.join(map(str, worst['shape']))}"
+    line = f"max ratio vs torch.nn ({label}): {worst[key]:.3f}  [{where}]"
+    if rule:
+        over = [r for r in rows if r[key] > LIMIT]
+        line += f"  -- rule <= {LIMIT:.2f}: " + (f"{len(over)} case(s) OVER" if over else "ok")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="few reps, short warm-up (smoke run)")
+    p.add_argument("--repeat", type=int, default=None, help="samples per contender (40)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (torch's default)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--filter", default="", help="only cases whose 'family mode shape' has this")
+    args = p.parse_args(argv)
+    reps = args.repeat or (5 if args.quick else 40)
+    warmup_s = 0.02 if args.quick else 0.2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cases = [
+        (family, mode, shape)
+        for family, (_, sample, small) in FAMILIES.items()
+        for mode in ("train", "eval")
+        for shape in shapes(sample, small)
+    ]
+    want = args.filter.lower()
+    cases = [c for c in cases if want in f"{c[0]} {c[1]} {'x'.join(map(str, c[2]))}".lower()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} reps, "
+          f"median per call; ratios are normcore (or normalize) time / the other's time")
+    print(fmt([h for h, _, _ in COLUMNS]))
+    rows = []
+    with torch.inference_mode():
+        for family, mode, shape in cases:
+            row = run_case(family, mode, shape, reps, warmup_s)
+            rows.append(row)
+            print(fmt([f(row) for _, _, f in COLUMNS]), flush=True)
+
+    big = [r for r in rows if r["mb"] >= 3.5]  # the "4-32 MB" cases (3.8 MB and up)
+    small = [r for r in rows if r["mb"] * MB < SMALL_BYTES]
+    print()
+    print(claim("forward, 4-32 MB", big, "ratio_torch", rule=True))
+    print(claim("forward, < 64 KB, dispatch overhead", small, "ratio_torch"))
+    print(claim("normalize, 4-32 MB", big, "normalize_ratio_torch"))
+    if args.json:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": reps}
+        args.json.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

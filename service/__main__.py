@@ -1,0 +1,56 @@
+"""``python -m service``: settings -> catalog -> create_app -> uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve normcore layers over HTTP. Every flag also reads NORMCORE_<NAME>; "
+        "flags win.",
+    )
+    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--catalog", help="layer catalog TOML (default: the built-in one)")
+    parser.add_argument("--state-dir", help="folder for durable state (default: memory only)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--log-level", help="critical|error|warning|info|debug|trace")
+    args = vars(parser.parse_args(argv))
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .catalog import CatalogError, load_catalog
+    from .settings import Settings
+
+    try:
+        settings = Settings(**parse_args(argv))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"normcore: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
+                        else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        specs = load_catalog(settings.catalog)  # fail fast, with one clear message
+        app = create_app(settings, specs=specs, load_in_background=True)
+    except (CatalogError, RuntimeError) as exc:
+        print(f"normcore: cannot start: {exc}", file=sys.stderr)
+        return 2
+    app.state.exit_on_failure = True
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=20)
+    return 1 if app.state.failure else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Request-scoped helpers shared by the routers: the engine, the body, the token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..codec import Limits
+from ..engine import Engine
+from ..errors import BodyTooLargeError
+from ..settings import Settings
+
+# Tensors up to this many elements are normalized on the event loop: the hop to a worker
+# thread costs more than the work. Larger ones, and every train step (which may wait on
+# the journal), run in the thread pool so the loop keeps serving.
+INLINE_ELEMENTS = 16384
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_limits(request: Request) -> Limits:
+    return request.app.state.limits
+
+
+async def read_body(request: Request) -> bytearray:
+    """The whole body in one writable buffer (so tensors can view it without a copy),
+    refused with 413 as soon as it passes the size limit, chunked or not."""
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLargeError(limit)
+    return body
+
+
+def _check_token(request: Request) -> None:
+    token = request.app.state.settings.api_token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise HTTPException(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise HTTPException(403, "invalid bearer token")
+
+
+def authorize_write(request: Request) -> None:
+    """Every state-changing operation needs the token when one is configured."""
+    _check_token(request)
+
+
+def authorize_read(request: Request) -> None:
+    """Reads need the token only when the service is told to protect them."""
+    if request.app.state.settings.protect_reads:
+        _check_token(request)
+
+
+async def run_step(elements: int, train: bool, fn, *args):
+    """Run an engine call inline for small eval tensors, else in the thread pool."""
+    if not train and elements <= INLINE_ELEMENTS:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+WriteAccess = Depends(authorize_write)
+ReadAccess = Depends(authorize_read)

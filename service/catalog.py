@@ -1,0 +1,206 @@
+"""The layer catalog: a TOML file of ``[[layer]]`` and ``[[model]]`` entries -> layer specs.
+
+    [[layer]]                       one layer; constructor arguments as torch.nn names them
+    name = "stem.bn"
+    kind = "BatchNorm2d"
+    num_features = 64
+    momentum = 0.1                  # or "cumulative" for momentum=None
+    checkpoint = "resnet.safetensors"   # optional, relative to the catalog's folder
+    prefix = "layer1.0.bn1."
+    device = "cuda"                 # optional per-layer override
+
+    [[model]]                       every BatchNorm-family layer of a whole-model checkpoint
+    checkpoint = "resnet18.pt"
+    name_prefix = "resnet18."       # layer names become name_prefix + module path
+    kind = "BatchNorm2d"            # optional: the class to serve them as (default)
+
+Anything wrong stops loading with one ``CatalogError`` naming the file and the entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import normcore
+from normcore.checkpoint import find_norm_layers, load_layer_state, load_state_dict
+from normcore.errors import CheckpointError, NormcoreError
+
+KINDS = (
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
+)
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_LAYER_KEYS = {"name", "kind", "checkpoint", "prefix", "device"}
+_MODEL_KEYS = {"checkpoint", "name_prefix", "kind", "device", "eps", "momentum"}
+
+
+class CatalogError(Exception):
+    """The catalog cannot be loaded; the message names the file and the entry."""
+
+
+@dataclass
+class LayerSpec:
+    """What it takes to build one served layer."""
+
+    name: str
+    kind: str
+    kwargs: dict[str, Any]
+    checkpoint: Path | None = None
+    prefix: str = ""
+    device: str | None = None
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        """The layer with its checkpoint's state, in eval mode, on its device."""
+        layer = make_layer(self.kind, self.kwargs)
+        if self.state is not None:
+            load_layer_state(layer, self.state, self.prefix, source=str(self.checkpoint))
+        return layer.to(self.device or device).eval()
+
+
+def constructor_args(kind: str) -> list[str]:
+    """The constructor argument names a kind accepts (torch.nn's), minus device/dtype."""
+    params = inspect.signature(getattr(normcore, kind)).parameters
+    return [p for p in params if p not in ("device", "dtype")]
+
+
+def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """Build a layer from its kind and torch.nn-named arguments; ValueError if invalid."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    unknown = set(kwargs) - set(constructor_args(kind))
+    if unknown:
+        raise ValueError(f"unknown argument(s) for {kind}: {', '.join(sorted(unknown))}")
+    args = dict(kwargs)
+    if args.get("momentum") == "cumulative":
+        args["momentum"] = None
+    try:
+        return getattr(normcore, kind)(**args)
+    except (TypeError, ValueError, RuntimeError, NormcoreError) as exc:
+        raise ValueError(f"invalid arguments for {kind}: {exc}") from None
+
+
+def default_catalog() -> Path:
+    """The catalog shipped inside the package."""
+    return Path(str(resources.files("service") / "catalog" / "default.toml"))
+
+
+def resolve_inside(folder: Path, relative: str) -> Path:
+    """``folder / relative``, refusing absolute paths and ``..`` escapes (symlinks too)."""
+    candidate = Path(relative)
+    if candidate.is_absolute():
+        raise ValueError(f"checkpoint path {relative!r} must be relative to {folder}")
+    root = folder.resolve()
+    path = (root / candidate).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"checkpoint path {relative!r} escapes {folder}")
+    return path
+
+
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.folder = path.parent
+        self._files: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def fail(self, where: str, reason: str) -> CatalogError:
+        return CatalogError(f"{self.path}: {where}: {reason}")
+
+    def checkpoint(self, where: str, relative: Any) -> tuple[Path, dict[str, torch.Tensor]]:
+        if not isinstance(relative, str):
+            raise self.fail(where, "checkpoint must be a string path")
+        try:
+            path = resolve_inside(self.folder, relative)
+            if path not in self._files:  # one read per file, however many layers use it
+                self._files[path] = load_state_dict(path)
+        except (ValueError, CheckpointError) as exc:
+            raise self.fail(where, str(exc)) from None
+        return path, self._files[path]
+
+    def layer(self, index: int, entry: dict[str, Any]) -> LayerSpec:
+        where = f"[[layer]] #{index + 1} ({entry.get('name', 'unnamed')})"
+        name, kind = entry.get("name"), entry.get("kind")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise self.fail(where, "name must match [A-Za-z0-9._-]+")
+        if kind not in KINDS:
+            raise self.fail(where, f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        kwargs = {k: v for k, v in entry.items() if k not in _LAYER_KEYS}
+        spec = LayerSpec(name, kind, kwargs, prefix=entry.get("prefix", ""),
+                         device=entry.get("device"))
+        if "checkpoint" in entry:
+            spec.checkpoint, spec.state = self.checkpoint(where, entry["checkpoint"])
+        elif "prefix" in entry:
+            raise self.fail(where, "prefix given without a checkpoint")
+        self.check(where, spec)
+        return spec
+
+    def model(self, index: int, entry: dict[str, Any]) -> list[LayerSpec]:
+        where = f"[[model]] #{index + 1} ({entry.get('checkpoint', 'no checkpoint')})"
+        unknown = set(entry) - _MODEL_KEYS
+        if unknown:
+            raise self.fail(where, f"unknown key(s) {', '.join(sorted(unknown))}")
+        if "checkpoint" not in entry:
+            raise self.fail(where, "checkpoint is required")
+        kind = entry.get("kind", "BatchNorm2d")
+        if kind not in KINDS or not kind.startswith(("BatchNorm", "InstanceNorm")):
+            raise self.fail(where, f"kind must be a BatchNorm or InstanceNorm class, not {kind!r}")
+        path, state = self.checkpoint(where, entry["checkpoint"])
+        found = find_norm_layers(state)
+        if not found:
+            raise self.fail(where, f"{path} holds no layer with running statistics")
+        specs = []
+        for layer in found:
+            kwargs = {"num_features": layer.num_features, "affine": layer.affine}
+            kwargs |= {k: entry[k] for k in ("eps", "momentum") if k in entry}
+            if kind.startswith("InstanceNorm"):
+                kwargs["track_running_stats"] = True
+            spec = LayerSpec(f"{entry.get('name_prefix', '')}{layer.path}", kind, kwargs, path,
+                             layer.prefix, entry.get("device"), state)
+            self.check(f"{where} layer {layer.path!r}", spec)
+            specs.append(spec)
+        return specs
+
+    def check(self, where: str, spec: LayerSpec) -> None:
+        if not NAME.match(spec.name):
+            raise self.fail(where, f"layer name {spec.name!r} must match [A-Za-z0-9._-]+")
+        if spec.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", spec.device):
+            raise self.fail(where, f"device must be cpu, cuda or cuda:N, not {spec.device!r}")
+        try:
+            spec.build(torch.device("cpu")) if spec.state is not None else make_layer(
+                spec.kind, spec.kwargs)
+        except (ValueError, CheckpointError) as exc:
+            raise self.fail(where, str(exc)) from None
+
+
+def load_catalog(path: Path | None = None) -> list[LayerSpec]:
+    """Parse and check a catalog (the built-in one if ``path`` is None)."""
+    path = Path(path) if path is not None else default_catalog()
+    loader = _Loader(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: not valid TOML ({exc})") from None
+    unknown = set(document) - {"layer", "model"}
+    if unknown:
+        raise CatalogError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
+    specs: list[LayerSpec] = []
+    for i, entry in enumerate(document.get("layer", [])):
+        specs.append(loader.layer(i, entry))
+    for i, entry in enumerate(document.get("model", [])):
+        specs.extend(loader.model(i, entry))
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise CatalogError(f"{path}: layer name {spec.name!r} is used twice")
+        seen.add(spec.name)
+    return specs

@@ -1,0 +1,181 @@
+"""Wire formats <-> tensors for the JSON API.
+
+A tensor travels as ``{"shape": [...], "dtype": "float32", "data": [...]}`` with ``data``
+flat or nested, or with ``"b64"`` instead of ``data``: the little-endian bytes in row-major
+order, base64-encoded. Decoding checks everything a client can get wrong and raises
+``CodecError`` with a message that names the problem and never echoes the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+# name -> (torch dtype, little-endian numpy dtype of the wire bytes)
+DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float32": (torch.float32, np.dtype("<f4")),
+    "float16": (torch.float16, np.dtype("<f2")),
+    "bfloat16": (torch.bfloat16, np.dtype("<i2")),  # raw 16-bit patterns
+    "float64": (torch.float64, np.dtype("<f8")),
+}
+DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+ENCODINGS = ("list", "b64")
+_FINITE_MAX = {name: float(torch.finfo(t).max) for name, (t, _) in DTYPES.items()}
+
+
+class CodecError(ValueError):
+    """The request body or a tensor in it is malformed (``status`` says how, for HTTP)."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rank: int = 8
+    max_elements: int = 64 * 1024 * 1024
+
+
+def parse_json(body: bytes | bytearray) -> Any:
+    """Parse a JSON body; 400 if it is not JSON, 422 if it only uses NaN/Infinity."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" in str(exc):
+            raise CodecError("a number in the JSON overflows to infinity") from None
+        if _parses_with_constants(body):
+            raise CodecError("NaN and Infinity are not valid JSON numbers") from None
+        raise CodecError(f"malformed JSON: {exc}", status=400) from None
+
+
+def _parses_with_constants(body: bytes | bytearray) -> bool:
+    # Only on the error path: the stdlib accepts NaN/Infinity tokens where orjson does not.
+    try:
+        json.loads(body, parse_constant=lambda _: 0.0)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _shape(value: Any, limits: Limits) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        type(d) is int and d >= 0 for d in value
+    ):
+        raise CodecError("tensor shape must be a list of non-negative integers")
+    if len(value) > limits.max_rank:
+        raise CodecError(f"tensor rank {len(value)} exceeds the limit of {limits.max_rank}")
+    if math.prod(value) > limits.max_elements:
+        raise CodecError(
+            f"tensor of {math.prod(value)} elements exceeds the limit of {limits.max_elements}"
+        )
+    return tuple(value)
+
+
+def _has_bool(data: list) -> bool:
+    stack = [data]
+    while stack:
+        items = stack.pop()
+        for item in items:
+            if item.__class__ is bool:
+                return True
+            if item.__class__ is list:
+                stack.append(item)
+    return False
+
+
+def _from_list(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    if not isinstance(data, list):
+        raise CodecError("tensor data must be a list of numbers")
+    try:
+        array = np.array(data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise CodecError("tensor data must be a (nested) list of numbers") from None
+    if array.size != math.prod(shape):
+        raise CodecError(f"tensor data has {array.size} values; shape {list(shape)} needs "
+                         f"{math.prod(shape)}")
+    if array.ndim != 1 and array.shape != shape:
+        raise CodecError(f"nested data of shape {list(array.shape)} does not match shape "
+                         f"{list(shape)}")
+    if _has_bool(data):
+        raise CodecError("tensor data must be numbers, not booleans")
+    if array.size and float(np.abs(array).max()) > _FINITE_MAX[dtype]:
+        raise CodecError(f"a value overflows {dtype}")
+    tensor = torch.from_numpy(array.reshape(shape))
+    return tensor.to(DTYPES[dtype][0])
+
+
+def _from_b64(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    if not isinstance(data, str):
+        raise CodecError("tensor b64 must be a base64 string")
+    try:
+        raw = bytearray(binascii.a2b_base64(data, strict_mode=True))
+    except (binascii.Error, ValueError):
+        raise CodecError("tensor b64 is not valid base64") from None
+    return from_bytes(raw, shape, dtype)
+
+
+def from_bytes(raw: bytearray | memoryview, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    """A tensor over little-endian bytes, without copying them (``raw`` must be writable)."""
+    torch_dtype, wire = DTYPES[dtype]
+    expected = math.prod(shape) * wire.itemsize
+    if len(raw) != expected:
+        raise CodecError(f"tensor bytes are {len(raw)} long; shape {list(shape)} of {dtype} "
+                         f"needs {expected}")
+    if expected == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
+
+
+def decode_tensor(obj: Any, limits: Limits) -> tuple[torch.Tensor, str]:
+    """A tensor object -> (CPU tensor, the encoding it came in: "list" or "b64")."""
+    if not isinstance(obj, dict):
+        raise CodecError("tensor must be an object with shape, dtype and data or b64")
+    unknown = set(obj) - {"shape", "dtype", "data", "b64"}
+    if unknown:
+        raise CodecError(f"unknown tensor field(s): {', '.join(sorted(map(str, unknown)))}")
+    dtype = obj.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise CodecError(f"tensor dtype must be one of {', '.join(DTYPES)}")
+    shape = _shape(obj.get("shape"), limits)
+    if ("data" in obj) == ("b64" in obj):
+        raise CodecError("tensor needs exactly one of data or b64")
+    if "data" in obj:
+        return _from_list(obj["data"], shape, dtype), "list"
+    return _from_b64(obj["b64"], shape, dtype), "b64"
+
+
+def to_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's little-endian row-major bytes (no copy for contiguous CPU tensors)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def encode_tensor(tensor: torch.Tensor, encoding: str) -> dict[str, Any]:
+    """A tensor -> tensor object; ``data`` is flat (numpy, serialized by orjson)."""
+    dtype = DTYPE_NAMES.get(tensor.dtype, "float32")
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype not in DTYPE_NAMES:
+        tensor = tensor.float()
+    out: dict[str, Any] = {"shape": list(tensor.shape), "dtype": dtype}
+    if encoding == "b64":
+        out["b64"] = base64.b64encode(to_bytes(tensor)).decode("ascii")
+    else:
+        values = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+        out["data"] = values.contiguous().numpy().reshape(-1)
+    return out
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes; numpy arrays inside are written natively."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)

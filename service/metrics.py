@@ -1,0 +1,76 @@
+"""Prometheus metrics: requests and latency by route, layer and mode; train updates;
+rejected requests. Each app has its own registry, so several apps can live in a process."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "normcore_requests", "HTTP requests served.", ["route", "layer", "mode", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "normcore_request_duration_seconds", "Time to answer a request.",
+            ["route", "layer", "mode"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.train_updates = Counter(
+            "normcore_train_updates", "Train steps applied to running statistics.", ["layer"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "normcore_rejected_requests", "Requests answered with a 4xx status.",
+            ["route", "status"], registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def label(scope: Scope, key: str, value: str) -> None:
+    """Attach a metrics label (layer, mode) to the request being served."""
+    scope.setdefault("state", {})[f"metrics_{key}"] = value
+
+
+class MetricsMiddleware:
+    """Times every request and counts it by route template (never by raw path, which a
+    client could vary without bound), layer and mode."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            state = scope.get("state", {})
+            layer = state.get("metrics_layer", "")
+            mode = state.get("metrics_mode", "")
+            self.metrics.latency.labels(route, layer, mode).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, layer, mode, str(status)).inc()
+            if 400 <= status < 500:
+                self.metrics.rejected.labels(route, str(status)).inc()
+            if status == 200 and mode == "train" and layer:
+                self.metrics.train_updates.labels(layer).inc()
