@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter", default="", help="only cases whose 'family mode shape' has this")
     args = p.parse_args(argv)
     reps = args.repeat or (5 if args.quick else 40)
-    warmup_s = 0.02 if args.quick else 0.2
+    warmup_s = 0.02 if args.quick else 0.1
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError
 
 __all__ = [
     "Normalized",
@@ -63,20 +63,20 @@ class RMSNormalized(NamedTuple):
     mean_square: Tensor
 
 
-# --- checks shared with torch (same exception types and messages) -------------------------
+# --- checks shared with torch (same messages; InputError is a ValueError, as torch raises) ---
 
 
 def _verify_batch_size(size: Sequence[int]) -> None:
     values = math.prod(size) // size[1] if len(size) > 1 else 1
     if values == 1:
-        raise ValueError(
+        raise InputError(
             f"Expected more than 1 value per channel when training, got input size {size}"
         )
 
 
 def _verify_spatial_size(size: Sequence[int]) -> None:
     if math.prod(size[2:]) == 1:
-        raise ValueError(
+        raise InputError(
             f"Expected more than 1 spatial element when training, got input size {size}"
         )
 

@@ -64,6 +64,22 @@ def num_batches(layer: nn.Module) -> int | None:
     return None if count is None else int(count)
 
 
+def _as_layer_input(layer: nn.Module, x: torch.Tensor, slot: Slot) -> torch.Tensor:
+    # float16/bfloat16 run natively against float32 state (as in torch); any other dtype
+    # that differs from the layer's (float64 on a float32 layer) is computed in the layer's.
+    x = x.to(slot.device)
+    param = next(iter(layer.state_dict().values()), None)
+    if param is not None and x.dtype not in (param.dtype, torch.float16, torch.bfloat16):
+        x = x.to(param.dtype)
+    return x
+
+
+def _in_input_dtype(result: Normalized | RMSNormalized, x: torch.Tensor):
+    if result.output.dtype == x.dtype:
+        return result
+    return result._replace(output=result.output.to(x.dtype))
+
+
 class Store:
     """The served layers by name."""
 
@@ -153,19 +169,19 @@ class Store:
         slot = self.slot(name)
         layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
         with torch.inference_mode():
-            result = layer.normalize(x.to(slot.device), train=False)
+            result = _in_input_dtype(layer.normalize(_as_layer_input(layer, x, slot), False), x)
         slot.requests["eval"] += 1
         return result
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None) -> TrainResult:
         """Take one train step on the layer; raises (changing nothing) if it is rejected."""
         slot = self.slot(name)
-        x = x.to(slot.device)
         with slot.lock:
             layer = fork(slot.layer)
             try:
                 with torch.inference_mode():
-                    result = layer.normalize(x, train=True)
+                    result = layer.normalize(_as_layer_input(layer, x, slot), train=True)
+                    result = _in_input_dtype(result, x)
             except Exception:
                 slot.rejected += 1
                 raise
