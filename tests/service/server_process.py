@@ -36,16 +36,19 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="normcore-", suffix=".log", delete=False)
+        fd, path = tempfile.mkstemp(prefix="normcore-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(path)
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         env.update(self.env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(self.port), *self.args],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "--port", str(self.port), *self.args],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -64,7 +67,7 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
