@@ -37,6 +37,7 @@ MB = 1 << 20
 TARGETS_MB = (4, 8, 16, 32)
 LIMIT = 1.10
 SMALL_BYTES = 64 * 1024
+NOISY = 0.25  # interquartile range / median above which a case is flagged
 
 
 def _pair(name: str, *args, **kwargs) -> tuple[nn.Module, nn.Module]:
@@ -71,8 +72,8 @@ def shapes(sample: tuple[int, ...], small: tuple[int, ...]) -> list[tuple[int, .
     return [small] + [(max(1, round(mb * MB / per)), *sample) for mb in TARGETS_MB]
 
 
-def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict[str, float], int]:
-    """Median seconds per call of each fn, and the calls per sample."""
+def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, float, int]:
+    """Median seconds per call of each fn, the worst relative spread, calls per sample."""
     # Warm-up: first calls fault pages in, fill allocator caches and pick kernels.
     for fn in fns.values():
         end, n = time.perf_counter() + warmup_s, 0
@@ -98,7 +99,13 @@ def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict[str, float], in
                 samples[name].append((time.perf_counter() - t0) / inner)
     finally:
         gc.enable()
-    return {name: statistics.median(v) for name, v in samples.items()}, inner
+    # Spread = interquartile range / median: a noisy box shows up here, not as a bias.
+    spread = max((q[2] - q[0]) / q[1] for q in map(_quartiles, samples.values()))
+    return {name: statistics.median(v) for name, v in samples.items()}, spread, inner
+
+
+def _quartiles(v: list[float]) -> list[float]:
+    return statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
 
 
 def run_case(family: str, mode: str, shape, reps: int, warmup_s: float) -> dict:
@@ -114,13 +121,14 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float) -> dict:
         "normalize": lambda: ours.normalize(x),
         "copy": lambda: dst.copy_(x),
     }
-    med, inner = measure(fns, reps, warmup_s)
+    med, spread, inner = measure(fns, reps, warmup_s)
     return {
         "family": family,
         "mode": mode,
         "shape": list(shape),
         "mb": x.numel() * x.element_size() / MB,
         "inner": inner,
+        "spread": spread,
         **{f"{name}_ms": t * 1e3 for name, t in med.items()},
         "ratio_torch": med["normcore"] / med["torch"],
         "ratio_copy": med["normcore"] / med["copy"],
@@ -132,13 +140,14 @@ COLUMNS = [  # header, width, row -> text
     ("family", 14, lambda r: r["family"]),
     ("mode", 5, lambda r: r["mode"]),
     ("shape", 18, lambda r: "x".join(map(str, r["shape"]))),
-    ("MB", 6, lambda r: f"{r['mb']:.2f}" if r["mb"] < 1 else f"{r['mb']:.1f}"),
+    ("MB", 6, lambda r: f"{r['mb']:.3f}" if r["mb"] < 1 else f"{r['mb']:.1f}"),
     ("normcore ms", 11, lambda r: f"{r['normcore_ms']:.4f}"),
     ("torch ms", 9, lambda r: f"{r['torch_ms']:.4f}"),
     ("copy ms", 8, lambda r: f"{r['copy_ms']:.4f}"),
     ("vs torch", 8, lambda r: f"{r['ratio_torch']:.3f}"),
     ("vs copy", 7, lambda r: f"{r['ratio_copy']:.2f}"),
     ("normalize vs torch", 18, lambda r: f"{r['normalize_ratio_torch']:.3f}"),
+    ("spread", 6, lambda r: f"{r['spread']:.0%}"),
 ]
 
 
@@ -200,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     print(claim("forward, 4-32 MB", big, "ratio_torch", rule=True))
     print(claim("forward, < 64 KB, dispatch overhead", small, "ratio_torch"))
     print(claim("normalize, 4-32 MB", big, "normalize_ratio_torch"))
+    noisy = [r for r in rows if r["spread"] > NOISY]
+    if noisy:  # their medians may still be fine; rerun them with --filter to be sure
+        print(f"{len(noisy)} case(s) with spread > {NOISY:.0%}: the machine was busy")
     if args.json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": reps}
         args.json.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")

@@ -20,6 +20,7 @@ Anything wrong stops loading with one ``CatalogError`` naming the file and the e
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -72,6 +73,35 @@ def constructor_args(kind: str) -> list[str]:
     return [p for p in params if p not in ("device", "dtype")]
 
 
+def _positive_int(v: Any) -> bool:
+    return type(v) is int and 0 < v <= 1 << 24
+
+
+def _shape(v: Any) -> bool:
+    return _positive_int(v) or (isinstance(v, list) and 0 < len(v) <= 8
+                                and all(map(_positive_int, v)) and math.prod(v) <= 1 << 24)
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and 0 < v < 1e3
+
+
+# What each constructor argument may be; torch itself checks few of these.
+_ARG_CHECKS: dict[str, tuple[Any, str]] = {
+    "num_features": (_positive_int, "a positive integer"),
+    "num_channels": (_positive_int, "a positive integer"),
+    "num_groups": (_positive_int, "a positive integer"),
+    "normalized_shape": (_shape, "a positive integer or a list of them"),
+    "eps": (_number, "a positive number"),
+    "momentum": (lambda v: v == "cumulative" or (type(v) in (int, float) and 0 <= v <= 1),
+                 'a number in [0, 1] or "cumulative"'),
+    "affine": (lambda v: type(v) is bool, "true or false"),
+    "track_running_stats": (lambda v: type(v) is bool, "true or false"),
+    "elementwise_affine": (lambda v: type(v) is bool, "true or false"),
+    "bias": (lambda v: type(v) is bool, "true or false"),
+}
+
+
 def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     """Build a layer from its kind and torch.nn-named arguments; ValueError if invalid."""
     if kind not in KINDS:
@@ -79,6 +109,10 @@ def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     unknown = set(kwargs) - set(constructor_args(kind))
     if unknown:
         raise ValueError(f"unknown argument(s) for {kind}: {', '.join(sorted(unknown))}")
+    for name, value in kwargs.items():
+        check, expected = _ARG_CHECKS[name]
+        if not (value is None and name == "eps" and kind == "RMSNorm") and not check(value):
+            raise ValueError(f"invalid arguments for {kind}: {name} must be {expected}")
     args = dict(kwargs)
     if args.get("momentum") == "cumulative":
         args["momentum"] = None
