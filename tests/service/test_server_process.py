@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from service.client import Client, ClientError
@@ -68,14 +69,10 @@ def test_32_concurrent_train_requests_are_each_applied_once(server) -> None:
 
 
 def test_client_raises_with_the_servers_message(server) -> None:
-    with Client(server.url) as client:
-        try:
-            client.normalize("stream.bn", np.zeros((2, 63), np.float32), mode="train")
-        except ClientError as exc:
-            assert exc.status == 422
-            assert "channels" in exc.message
-        else:
-            raise AssertionError("expected ClientError")
+    with Client(server.url) as client, pytest.raises(ClientError) as error:
+        client.normalize("stream.bn", np.zeros((2, 63), np.float32), mode="train")
+    assert error.value.status == 422
+    assert "channels" in error.value.message
 
 
 def test_cli_prints_stats(server) -> None:
