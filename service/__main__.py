@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -26,6 +27,11 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch's OpenMP workers otherwise spin for milliseconds after every parallel op, taking
+    # the cores the event loop needs to move request and response bodies: on a small or
+    # shared machine that multiplies latency. Read once, when torch loads; the
+    # environment's own value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from .app import create_app

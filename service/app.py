@@ -13,7 +13,7 @@ import torch
 from fastapi import FastAPI
 
 from . import __version__
-from .api import admin, health, normalize, stats
+from .api import admin, health, normalize, stats, v2
 from .catalog import LayerSpec, load_catalog
 from .codec import Limits
 from .engine import Engine
@@ -91,5 +91,6 @@ def create_app(
     install_error_handlers(app)
     for router in (health.router, normalize.router, stats.router, admin.router):
         app.include_router(router)
+    app.include_router(v2.router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

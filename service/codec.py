@@ -158,7 +158,8 @@ def to_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")
+    # A uint8 view rather than memoryview.cast("B"), which refuses empty tensors.
+    return memoryview(tensor.numpy().reshape(-1).view(np.uint8))
 
 
 def encode_tensor(tensor: torch.Tensor, encoding: str) -> dict[str, Any]:

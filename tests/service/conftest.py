@@ -1,3 +1,5 @@
+"""Fixtures for the service tests: the app in-process, and one real server process."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -10,9 +12,12 @@ from service.settings import Settings
 
 from .server_process import ServerProcess
 
+_SERVER_KEY = pytest.StashKey[ServerProcess]()
+
 
 def make_client(**settings) -> TestClient:
     settings.setdefault("threads", 1)
+    settings.setdefault("device", "cpu")
     return TestClient(create_app(Settings(**settings)), raise_server_exceptions=False)
 
 
@@ -24,7 +29,25 @@ def client() -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[ServerProcess]:
-    """One real server process (default catalog, memory state) shared by a session."""
-    with ServerProcess() as proc:
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """``python -m service`` on a free port for the whole session: default catalog and
+    settings, except the CPU as its device (results compare with torch on the CPU);
+    memory-only state, no token."""
+    with ServerProcess(env={"NORMCORE_DEVICE": "cpu"}) as proc:
+        request.session.stash[_SERVER_KEY] = proc
         yield proc
+
+
+@pytest.fixture(scope="session")
+def server_url(server: ServerProcess) -> str:
+    return server.url
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    # A failing test that talked to the server shows what the server logged.
+    report = yield
+    proc = item.session.stash.get(_SERVER_KEY, None)
+    if report.failed and proc is not None and {"server", "server_url"} & set(item.fixturenames):
+        report.sections.append(("normcore server log", proc.log()))
+    return report

@@ -1,0 +1,206 @@
+"""The V2 wire format without a server: compression, binary inputs viewed in place,
+responses, metadata shapes and the FP64 rule."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from service.codec import CodecError, Limits
+from service.v2 import codec, types
+
+OUTPUTS = ("output", "batch_mean", "batch_var")
+
+
+def _request(header: dict, blob: bytes = b"") -> tuple[bytearray, str]:
+    text = json.dumps(header).encode()
+    return bytearray(text + blob), str(len(text))
+
+
+def _binary_input(shape, datatype="FP32", size=None, pad_name="x"):
+    return {"inputs": [{"name": pad_name, "shape": list(shape), "datatype": datatype,
+                        "parameters": {"binary_data_size": size}}]}
+
+
+# --- compression ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("encoding", "pack"), [
+    ("gzip", gzip.compress), ("deflate", zlib.compress), ("GZIP", gzip.compress),
+    ("identity", bytes), (None, bytes),
+])
+def test_decompress_undoes_the_content_encoding(encoding, pack):
+    body = b"tensor bytes " * 1000
+    assert codec.decompress(bytearray(pack(body)), encoding, 1 << 20) == body
+
+
+def test_decompress_reads_every_gzip_member():
+    body = bytearray(gzip.compress(b"head") + gzip.compress(b"blob"))
+    assert codec.decompress(body, "gzip", 100) == b"headblob"
+
+
+def test_decompress_stops_at_the_limit_with_413():
+    bomb = bytearray(zlib.compress(bytes(1 << 20)))
+    with pytest.raises(CodecError, match="exceeds the limit of 1000 bytes") as caught:
+        codec.decompress(bomb, "deflate", 1000)
+    assert caught.value.status == 413
+
+
+@pytest.mark.parametrize(("body", "encoding", "message"), [
+    (gzip.compress(b"x" * 100)[:-10], "gzip", "truncated"),
+    (b"plain", "gzip", "not valid gzip"),
+    (zlib.compress(b"x") + b"!", "deflate", "unexpected bytes"),
+    (b"x", "br", "unsupported Content-Encoding"),
+])
+def test_decompress_refuses_bad_bodies_with_400(body, encoding, message):
+    with pytest.raises(CodecError, match=message) as caught:
+        codec.decompress(bytearray(body), encoding, 1 << 20)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(("accept", "chosen"), [
+    (None, None), ("", None), ("gzip", "gzip"), ("deflate", "deflate"), ("br", None),
+    ("deflate, gzip", "gzip"), ("gzip;q=0, deflate", "deflate"), ("gzip; q=0.5", "gzip"),
+    ("*", None), ("identity", None),
+])
+def test_response_is_compressed_only_with_an_offered_encoding(accept, chosen):
+    assert codec.response_encoding(accept) == chosen
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compress_streams_the_parts(encoding):
+    parts = [b"head", memoryview(np.arange(10, dtype=np.float32)).cast("B")]
+    inflate = gzip.decompress if encoding == "gzip" else zlib.decompress
+    assert inflate(codec.compress(parts, encoding)) == b"head" + bytes(parts[1])
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", range(8))
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_binary_input_is_an_aligned_view_of_the_body(datatype, pad):
+    dtype = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}[datatype]
+    values = np.arange(12, dtype=dtype).reshape(3, 4)
+    # The input name's length moves the blob to every offset modulo 8.
+    body, length = _request(_binary_input((3, 4), datatype, values.nbytes, "x" * (pad + 1)),
+                            values.tobytes())
+    request = codec.decode_infer_request(body, length, OUTPUTS)
+    x = codec.decode_input(request, body, Limits())
+    assert x.data_ptr() % x.element_size() == 0
+    start = np.frombuffer(body, np.uint8).ctypes.data
+    assert start <= x.data_ptr() < start + len(body)  # no copy
+    np.testing.assert_array_equal(x.numpy(), values)
+
+
+def test_json_input_may_be_nested():
+    body, _ = _request({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP16",
+                                    "data": [[1, 2], [3, 4]]}]})
+    request = codec.decode_infer_request(body, None, OUTPUTS)
+    x = codec.decode_input(request, body, Limits())
+    assert x.dtype == torch.float16
+    assert x.tolist() == [[1, 2], [3, 4]]
+
+
+def test_request_parameters_and_outputs():
+    header = {**_binary_input((1, 2), size=8), "id": "r1",
+              "parameters": {"mode": "train", "request_id": "k1", "binary_data_output": True,
+                             "priority": 3, "sequence_id": 0},
+              "outputs": [{"name": "batch_var", "parameters": {"binary_data": False}},
+                          {"name": "output"}]}
+    body, length = _request(header, bytes(8))
+    request = codec.decode_infer_request(body, length, OUTPUTS)
+    assert (request.mode, request.request_id, request.id) == ("train", "k1", "r1")
+    assert request.binary_output is True
+    assert request.outputs == (codec.RequestedOutput("batch_var", False),
+                               codec.RequestedOutput("output", None))
+
+
+def test_limits_apply_to_binary_inputs():
+    body, length = _request(_binary_input((2, 3, 4), size=96), bytes(96))
+    request = codec.decode_infer_request(body, length, OUTPUTS)
+    with pytest.raises(CodecError, match="rank 3 exceeds the limit of 2"):
+        codec.decode_input(request, body, Limits(max_rank=2))
+    with pytest.raises(CodecError, match="24 elements exceeds the limit of 10"):
+        codec.decode_input(request, body, Limits(max_elements=10))
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def _response(request, output, stats):
+    head, blobs = codec.encode_infer_response("m", request, output, stats)
+    return orjson.loads(head), blobs
+
+
+def test_response_blobs_follow_the_outputs_order_and_stats_are_fp32():
+    header = {**_binary_input((2, 2), "FP64", 32),
+              "outputs": [{"name": "batch_mean", "parameters": {"binary_data": True}},
+                          {"name": "output", "parameters": {"binary_data": True}},
+                          {"name": "batch_var", "parameters": {"binary_data": False}}]}
+    body, length = _request(header, bytes(32))
+    request = codec.decode_infer_request(body, length, OUTPUTS)
+    output = torch.arange(4, dtype=torch.float64).reshape(2, 2)
+    stats = {"mean": torch.tensor([1.0, 2.0], dtype=torch.float64),
+             "var": torch.tensor([0.5, 0.25], dtype=torch.float64)}
+    response, blobs = _response(request, output, stats)
+    assert [(o["name"], o["datatype"]) for o in response["outputs"]] == [
+        ("batch_mean", "FP32"), ("output", "FP64"), ("batch_var", "FP32")]
+    assert [bytes(b) for b in blobs] == [np.float32([1, 2]).tobytes(),
+                                         np.arange(4, dtype=np.float64).tobytes()]
+    assert response["outputs"][2]["data"] == [0.5, 0.25]
+
+
+def test_empty_and_bf16_outputs_are_binary():
+    body, _ = _request({"inputs": [{"name": "x", "shape": [0, 2], "datatype": "BF16",
+                                    "data": []}]})
+    request = codec.decode_infer_request(body, None, OUTPUTS)  # JSON output by default
+    response, blobs = _response(request, torch.empty(0, 2, dtype=torch.bfloat16), {})
+    (output,) = response["outputs"]
+    assert output == {"name": "output", "datatype": "BF16", "shape": [0, 2],
+                      "parameters": {"binary_data_size": 0}}
+    assert [bytes(b) for b in blobs] == [b""]
+
+
+# --- types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "config", "shape", "stats"), [
+    ("BatchNorm1d", {"num_features": 3}, [-1, 3], [3]),
+    ("BatchNorm2d", {"num_features": 3}, [-1, 3, -1, -1], [3]),
+    ("BatchNorm3d", {"num_features": 3}, [-1, 3, -1, -1, -1], [3]),
+    ("InstanceNorm1d", {"num_features": 3}, [-1, 3, -1], [-1, 3]),
+    ("InstanceNorm3d", {"num_features": 3}, [-1, 3, -1, -1, -1], [-1, 3]),
+    ("GroupNorm", {"num_groups": 2, "num_channels": 6}, [-1, 6], [-1, 2]),
+    ("LayerNorm", {"normalized_shape": [4, 5]}, [-1, 4, 5], [-1]),
+    ("RMSNorm", {"normalized_shape": [5]}, [-1, 5], [-1]),
+])
+def test_model_metadata_shapes(kind, config, shape, stats):
+    meta = types.model_metadata("m", kind, config)
+    assert meta["inputs"][0]["shape"] == shape
+    assert [o["name"] for o in meta["outputs"]] == list(types.output_names(kind))
+    assert meta["outputs"][0]["shape"] == shape
+    assert all(o["shape"] == stats for o in meta["outputs"][1:])
+
+
+@pytest.mark.parametrize(("kind", "config", "accepted"), [
+    ("BatchNorm1d", {"affine": True, "track_running_stats": True}, False),
+    ("BatchNorm1d", {"affine": False, "track_running_stats": False}, True),
+    ("InstanceNorm1d", {"affine": False, "track_running_stats": False}, True),
+    ("LayerNorm", {"elementwise_affine": True}, False),
+    ("GroupNorm", {"affine": False}, True),
+    ("RMSNorm", {"elementwise_affine": True}, True),
+])
+def test_fp64_is_refused_where_torch_refuses_it(kind, config, accepted):
+    types.check_datatype(kind, config, "FP32")
+    if accepted:
+        types.check_datatype(kind, config, "FP64")
+    else:
+        with pytest.raises(CodecError, match="cannot take FP64"):
+            types.check_datatype(kind, config, "FP64")

@@ -1,0 +1,196 @@
+"""KServe V2 errors against a real server: every client mistake is a 4xx with an
+``{"error": ...}`` body, so tritonclient raises an exception carrying the message."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from .v2_helpers import infer, triton_client
+
+X = np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    return triton_client(server_url)
+
+
+@pytest.fixture(scope="module")
+def http(server_url):
+    with httpx.Client(base_url=server_url, trust_env=False, timeout=60) as http:
+        yield http
+
+
+def _resized(shape):
+    def send(client):
+        tensor = triton.InferInput("x", list(X.shape), "FP32")
+        tensor.set_data_from_numpy(X)
+        tensor.set_shape(shape)  # the blob stays 4 x 64 values
+        return client.infer("features.ln", [tensor])
+    return send
+
+
+def _shared_memory(client):
+    tensor = triton.InferInput("x", list(X.shape), "FP32")
+    tensor.set_shared_memory("region", X.nbytes)
+    return client.infer("features.ln", [tensor])
+
+
+def _two_inputs(client):
+    tensors = [triton.InferInput(n, list(X.shape), "FP32") for n in ("a", "b")]
+    for tensor in tensors:
+        tensor.set_data_from_numpy(X)
+    return client.infer("features.ln", tensors)
+
+
+def _train(name, x):
+    return lambda client: infer(client, name, x, "FP32", parameters={"mode": "train"})
+
+
+# (id, call, status, part of the message)
+TRITON_CASES = [
+    ("unknown-model", lambda c: infer(c, "no.such.layer", X, "FP32"), "404",
+     "unknown model 'no.such.layer'"),
+    ("unknown-version", lambda c: infer(c, "features.ln", X, "FP32", model_version="7"),
+     "404", "no version '7'"),
+    ("metadata-unknown-model", lambda c: c.get_model_metadata("no.such.layer"), "404",
+     "unknown model"),
+    ("metadata-unknown-version", lambda c: c.get_model_metadata("features.ln", "2"), "404",
+     "no version '2'"),
+    ("wrong-width", lambda c: infer(c, "features.ln", X[:, :32].copy(), "FP32"), "400",
+     "last 1 dims are [64]"),
+    ("wrong-rank", lambda c: infer(c, "digits.bn1", X, "FP32"), "400", "expected 4D input"),
+    ("wrong-channels", lambda c: infer(c, "features.gn", X.reshape(4, 16, 4), "FP32"), "400",
+     "[N, 32, *]"),
+    ("int-datatype", lambda c: infer(c, "features.ln", X.astype(np.int32), "INT32"), "400",
+     "datatype 'INT32' is not supported"),
+    ("fp64-where-torch-refuses", lambda c: infer(c, "features.ln", X.astype(np.float64), "FP64"),
+     "400", "cannot take FP64"),
+    ("binary-size-vs-shape", _resized([5, 64]), "400",
+     "binary_data_size is 1024; shape [5, 64] of FP32 needs 1280 bytes"),
+    ("unknown-mode", lambda c: infer(c, "features.ln", X, "FP32", parameters={"mode": "fit"}),
+     "400", "mode must be 'eval' or 'train'"),
+    ("long-request-id", lambda c: infer(c, "features.ln", X, "FP32",
+                                        parameters={"request_id": "r" * 129}),
+     "400", "request_id must be 1 to 128 characters"),
+    ("unknown-output", lambda c: infer(c, "features.ln", X, "FP32", outputs=["batch_std"]),
+     "400", "unknown output 'batch_std'"),
+    ("mean-of-rmsnorm", lambda c: infer(c, "features.rms", X, "FP32", outputs=["batch_mean"]),
+     "400", "this model has output, batch_mean_square"),
+    ("shared-memory", _shared_memory, "400", "shared memory is not supported"),
+    ("two-inputs", _two_inputs, "400", "exactly one tensor"),
+    ("train-one-row", _train("stream.bn", X[:1].copy()), "400",
+     "Expected more than 1 value per channel when training"),
+    ("train-non-finite", _train("stream.bn", np.full((4, 64), np.nan, np.float32)), "400",
+     "non-finite"),
+]
+
+
+@pytest.mark.parametrize(("call", "status", "message"),
+                         [pytest.param(*case[1:], id=case[0]) for case in TRITON_CASES])
+def test_mistake_reaches_tritonclient_as_an_exception(client, call, status, message):
+    with pytest.raises(InferenceServerException) as caught:
+        call(client)
+    assert caught.value.status() == status
+    assert message in caught.value.message()
+
+
+def _binary_body(shape=(4, 64), size=1024, blob=None, **extra):
+    header = json.dumps({"inputs": [{"name": "x", "shape": list(shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": size}}], **extra})
+    blob = X.tobytes() if blob is None else blob
+    return header.encode() + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _json_body(**tensor):
+    return json.dumps({"inputs": [{"name": "x", "shape": [4, 64], "datatype": "FP32",
+                                   **tensor}]}).encode(), {}
+
+
+BODY, HEADERS = _binary_body()
+JSON_BODY, _ = _json_body(data=X.ravel().tolist())
+# (id, body, headers, part of the message)
+RAW_CASES = [
+    ("malformed-json", b'{"inputs": [', {}, "malformed JSON"),
+    ("not-an-object", b"[1, 2]", {}, "must be a JSON object"),
+    ("nan-literal", b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", '
+     b'"data": [NaN]}]}', {}, "NaN and Infinity"),
+    ("no-inputs", b'{"inputs": []}', {}, "exactly one tensor"),
+    ("header-length-not-a-number", BODY, {"Inference-Header-Content-Length": "ten"},
+     "Inference-Header-Content-Length must be an integer"),
+    ("header-length-past-the-body", BODY,
+     {"Inference-Header-Content-Length": str(len(BODY) + 1)}, "must be an integer"),
+    ("blob-without-header-length", BODY, {}, "malformed JSON"),
+    ("bytes-after-the-blob", BODY + b"\0" * 8, HEADERS, "the body holds 1032 bytes"),
+    ("blob-cut-short", BODY[:-4], HEADERS, "the body holds 1020 bytes"),
+    ("bytes-after-json-input", JSON_BODY + b"xx",
+     {"Inference-Header-Content-Length": str(len(JSON_BODY))}, "2 bytes follow the JSON header"),
+    ("negative-dim", *_binary_body(shape=(-1, 64)), "shape must be a list of non-negative"),
+    ("data-and-binary", *_json_body(data=[0.0] * 256, parameters={"binary_data_size": 1024}),
+     "needs exactly one of data or binary_data_size"),
+    ("neither-data-nor-binary", *_json_body(), "needs exactly one of data"),
+    ("too-few-values", *_json_body(data=[1.0] * 255), "tensor data has 255 values"),
+    ("boolean-values", *_json_body(data=[True] * 256), "not booleans"),
+    ("string-values", *_json_body(data=["a"] * 256), "list of numbers"),
+    ("binary-output-not-bool", *_binary_body(parameters={"binary_data_output": "yes"}),
+     "binary_data_output must be true or false"),
+    ("unsupported-encoding", BODY, {**HEADERS, "Content-Encoding": "br"},
+     "unsupported Content-Encoding 'br'"),
+    ("corrupt-gzip", b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"}, "not valid gzip"),
+    ("truncated-gzip", gzip.compress(BODY)[:-12], {**HEADERS, "Content-Encoding": "gzip"},
+     "truncated"),
+    ("deflate-with-trailer", zlib.compress(BODY) + b"junk",
+     {**HEADERS, "Content-Encoding": "deflate"}, "unexpected bytes after the deflate stream"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "message"),
+                         [pytest.param(*case[1:], id=case[0]) for case in RAW_CASES])
+def test_malformed_request_is_400_with_an_error_body(http, body, headers, message):
+    response = http.post("/v2/models/features.ln/infer", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert message in response.json()["error"]
+
+
+def test_rejected_train_request_leaves_stats_unchanged(client, http):
+    before = http.get("/stats/stream.bn").json()
+    with pytest.raises(InferenceServerException, match="last|expected"):
+        infer(client, "stream.bn", X[:, :32].copy(), "FP32", parameters={"mode": "train"})
+    after = http.get("/stats/stream.bn").json()
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert after[key] == before[key]
+
+
+def test_body_over_the_limit_is_413(client):
+    big = np.zeros((1 << 18, 64), np.float32)  # 64 MiB, plus a header: over the limit
+    with pytest.raises(InferenceServerException, match="exceeds the limit") as caught:
+        infer(client, "features.ln", big, "FP32")
+    assert caught.value.status() == "413"
+    assert client.is_server_live()  # the connection and the server carry on
+
+
+def test_compressed_body_that_inflates_past_the_limit_is_413(client):
+    zeros = np.zeros(((1 << 18) + 16, 64), np.float32)  # compresses to ~64 KiB
+    with pytest.raises(InferenceServerException, match="decompressed request body") as caught:
+        infer(client, "features.ln", zeros, "FP32", request_compression_algorithm="deflate")
+    assert caught.value.status() == "413"
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/v2/models/features.ln/infer", 405),
+    ("POST", "/v2/models/features.ln", 405),
+    ("GET", "/v2/models/features.ln/config", 404),
+])
+def test_unknown_routes_answer_with_an_error_body(http, method, path, status):
+    response = http.request(method, path)
+    assert response.status_code == status
+    assert isinstance(response.json()["error"], str)
