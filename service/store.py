@@ -64,20 +64,26 @@ def num_batches(layer: nn.Module) -> int | None:
     return None if count is None else int(count)
 
 
-def _as_layer_input(layer: nn.Module, x: torch.Tensor, slot: Slot) -> torch.Tensor:
-    # float16/bfloat16 run natively against float32 state (as in torch); any other dtype
-    # that differs from the layer's (float64 on a float32 layer) is computed in the layer's.
-    x = x.to(slot.device)
-    param = next(iter(layer.state_dict().values()), None)
-    if param is not None and x.dtype not in (param.dtype, torch.float16, torch.bfloat16):
-        x = x.to(param.dtype)
-    return x
+def _computing_copy(layer: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    """A private float64 copy of a float32 layer for float64 input, else None.
+
+    float16/bfloat16 inputs run natively against float32 state, as in torch.nn; float64
+    input is computed in float64 (torch.nn would refuse the mix) and any state it changes
+    is stored back in the layer's own dtype.
+    """
+    if x.dtype != torch.float64:
+        return None
+    state = layer.state_dict().values()
+    if all(t.dtype == torch.float64 for t in state if t.is_floating_point()):
+        return None
+    # A full copy: converting a module rewrites its parameters in place, and a fork's
+    # parameters are the served layer's own.
+    return copy.deepcopy(layer).double()
 
 
-def _in_input_dtype(result: Normalized | RMSNormalized, x: torch.Tensor):
-    if result.output.dtype == x.dtype:
-        return result
-    return result._replace(output=result.output.to(x.dtype))
+def _restore_dtype(computed: nn.Module, like: nn.Module) -> nn.Module:
+    dtype = next((t.dtype for t in like.state_dict().values() if t.is_floating_point()), None)
+    return computed if dtype is None else computed.to(dtype)
 
 
 class Store:
@@ -168,8 +174,9 @@ class Store:
         """Normalize with the current layer in eval mode; changes nothing."""
         slot = self.slot(name)
         layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
+        layer = _computing_copy(layer, x) or layer
         with torch.inference_mode():
-            result = _in_input_dtype(layer.normalize(_as_layer_input(layer, x, slot), False), x)
+            result = layer.normalize(x.to(slot.device), train=False)
         slot.requests["eval"] += 1
         return result
 
@@ -177,11 +184,13 @@ class Store:
         """Take one train step on the layer; raises (changing nothing) if it is rejected."""
         slot = self.slot(name)
         with slot.lock:
-            layer = fork(slot.layer)
+            wide = _computing_copy(slot.layer, x)
+            layer = wide if wide is not None else fork(slot.layer)
             try:
                 with torch.inference_mode():
-                    result = layer.normalize(_as_layer_input(layer, x, slot), train=True)
-                    result = _in_input_dtype(result, x)
+                    result = layer.normalize(x.to(slot.device), train=True)
+                if wide is not None:
+                    layer = _restore_dtype(layer, slot.layer)
             except Exception:
                 slot.rejected += 1
                 raise

@@ -167,11 +167,10 @@ async def infer(name: str, request: Request) -> Response:
     ``output`` by default; ``batch_mean``/``batch_var`` (RMSNorm: ``batch_mean_square``)
     when asked for. JSON or binary tensors, gzip/deflate either way."""
     engine = request.app.state.engine
-    entry = engine.layer_entry(name)  # 404 before the body is read
+    kind = engine.store.slot(name).spec.kind  # 404 before the body is read
     label(request.scope, "layer", name)
-    body, parsed = await _read_request(request, types.output_names(entry["kind"]))
+    body, parsed = await _read_request(request, types.output_names(kind))
     _authorize(request, parsed.mode)
-    types.check_datatype(entry["kind"], entry["config"], parsed.datatype)
     x = codec.decode_input(parsed, body, request.app.state.limits)
     outcome = await run_step(x.numel(), parsed.mode == "train", engine.normalize, name, x,
                              parsed.mode, parsed.request_id)

@@ -98,17 +98,3 @@ def check_version(name: str, version: str) -> None:
         )
 
 
-def check_datatype(kind: str, config: dict[str, Any], datatype: str) -> None:
-    """Refuse FP64 input where torch.nn refuses it, with a 400 rather than a failed kernel.
-
-    Served layers hold float32 weights and running statistics. torch's CPU kernels take
-    float16/bfloat16 input with float32 ones, but not float64 (``mixed dtype``), except
-    RMSNorm, which promotes; a layer with neither weights nor running statistics takes any.
-    """
-    if datatype != "FP64" or kind == "RMSNorm":
-        return
-    if any(config.get(k) for k in ("affine", "elementwise_affine", "track_running_stats")):
-        raise CodecError(
-            f"a {kind} with float32 weights or running statistics cannot take FP64 input "
-            "(torch.nn refuses mixed float64/float32); send FP32, FP16 or BF16"
-        )

@@ -134,12 +134,12 @@ def test_eval_matches_torch(client, http, name, datatype, encoding):
     assert result.get_response()["parameters"]["mode"] == "eval"
 
 
-@pytest.mark.parametrize("name", ["features.rms", "features.in"])
-def test_fp64_where_torch_takes_it(client, http, name):
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_fp64_is_computed_in_float64(client, http, name):
     kind, layer = reference_layer(http, name)
     x = torch.randn(LAYERS[name][0], dtype=torch.float64)
     result = infer(client, name, x.numpy(), "FP64", outputs=["output", *stat_names(kind)])
-    check_outputs(result, kind, layer, x, "FP64")
+    check_outputs(result, kind, layer.double(), x, "FP64")
 
 
 def test_default_is_eval_and_the_output_alone_in_binary(client, http):

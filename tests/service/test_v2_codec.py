@@ -187,20 +187,3 @@ def test_model_metadata_shapes(kind, config, shape, stats):
     assert [o["name"] for o in meta["outputs"]] == list(types.output_names(kind))
     assert meta["outputs"][0]["shape"] == shape
     assert all(o["shape"] == stats for o in meta["outputs"][1:])
-
-
-@pytest.mark.parametrize(("kind", "config", "accepted"), [
-    ("BatchNorm1d", {"affine": True, "track_running_stats": True}, False),
-    ("BatchNorm1d", {"affine": False, "track_running_stats": False}, True),
-    ("InstanceNorm1d", {"affine": False, "track_running_stats": False}, True),
-    ("LayerNorm", {"elementwise_affine": True}, False),
-    ("GroupNorm", {"affine": False}, True),
-    ("RMSNorm", {"elementwise_affine": True}, True),
-])
-def test_fp64_is_refused_where_torch_refuses_it(kind, config, accepted):
-    types.check_datatype(kind, config, "FP32")
-    if accepted:
-        types.check_datatype(kind, config, "FP64")
-    else:
-        with pytest.raises(CodecError, match="cannot take FP64"):
-            types.check_datatype(kind, config, "FP64")

@@ -72,8 +72,6 @@ TRITON_CASES = [
      "[N, 32, *]"),
     ("int-datatype", lambda c: infer(c, "features.ln", X.astype(np.int32), "INT32"), "400",
      "datatype 'INT32' is not supported"),
-    ("fp64-where-torch-refuses", lambda c: infer(c, "features.ln", X.astype(np.float64), "FP64"),
-     "400", "cannot take FP64"),
     ("binary-size-vs-shape", _resized([5, 64]), "400",
      "binary_data_size is 1024; shape [5, 64] of FP32 needs 1280 bytes"),
     ("unknown-mode", lambda c: infer(c, "features.ln", X, "FP32", parameters={"mode": "fit"}),
