@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from normcore.checkpoint import load_state_dict_bytes
 
+from ..catalog import shown
 from ..codec import CodecError, dumps, parse_json
 from ..schemas import LayerCreate, LayerEntry, errors, json_body
 from .deps import EngineDep, WriteAccess, read_body
@@ -39,7 +40,8 @@ async def put_layer(name: str, request: Request, engine: EngineDep) -> Response:
         spec = LayerCreate.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = ".".join(shown(p) if isinstance(p, str) else str(p) for p in first["loc"])
+        where = where or "body"
         raise CodecError(f"{where}: {first['msg']}") from None
     checkpoint = None
     if spec.checkpoint_b64 is not None:
