@@ -18,6 +18,7 @@ from .catalog import LayerSpec, load_catalog
 from .codec import Limits
 from .engine import Engine
 from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings
 from .store import Store
@@ -91,5 +92,7 @@ def create_app(
     install_error_handlers(app)
     for router in (health.router, normalize.router, stats.router, admin.router):
         app.include_router(router)
+    # Added first, so it runs inside the metrics middleware and its 413s are counted.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
