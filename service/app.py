@@ -36,6 +36,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _warn_about(settings: Settings) -> None:
+    """Start-up warnings for settings that work but leave the service exposed."""
+    if settings.weak_token():
+        log.warning("NORMCORE_API_TOKEN is shorter than 16 characters; use a long random one")
+    if settings.api_token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("no NORMCORE_API_TOKEN: anyone who can reach %s may train, replace and "
+                    "delete layers", settings.host)
+
+
 def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
     """Build every catalog layer, then declare the app ready."""
     try:
@@ -67,6 +76,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Size torch's intra-op pool to the machine so request threads don't oversubscribe it.
         torch.set_num_threads(settings.threads)
+        _warn_about(settings)
         if load_in_background:
             threading.Thread(target=_load, args=(app, specs), daemon=True,
                              name="normcore-load").start()
