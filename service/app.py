@@ -20,6 +20,7 @@ from .engine import Engine
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
+from .schemas import with_request_models
 from .settings import Settings
 from .store import Store
 
@@ -100,6 +101,7 @@ def create_app(
     store = Store(resolve_device(settings.device), reject_non_finite=not settings.allow_non_finite)
     app.state.engine = Engine(store)
     install_error_handlers(app)
+    app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
     for router in (health.router, normalize.router, stats.router, admin.router):
         app.include_router(router)
     # Added first, so it runs inside the metrics middleware and its 413s are counted.

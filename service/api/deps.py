@@ -8,7 +8,7 @@ from typing import Annotated
 
 import anyio
 import anyio.to_thread
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -93,5 +93,9 @@ async def run_step(elements: int, train: bool, fn, *args, timeout: float | None 
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+# A layer name in a path; others are refused (422) before the route runs. ("$" is the
+# end of the text for pydantic and JSON Schema, unlike Python's re: no trailing newline.)
+LayerName = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$",
+                                description="A layer name: 1 to 128 of A-Z a-z 0-9 . _ -")]
 WriteAccess = Depends(authorize_write)
 ReadAccess = Depends(authorize_read)
