@@ -109,7 +109,12 @@ def find_norm_layers(state_dict: Mapping[str, Tensor]) -> list[FoundLayer]:
     return found
 
 
-def _check_value(name: str, value: Tensor, expected: Tensor, source: str) -> None:
+def _checked(name: str, value: Tensor, expected: Tensor, source: str) -> Tensor:
+    """``value`` in ``expected``'s dtype, if it is a sane value for that tensor.
+
+    The checks run after the conversion: a finite float64 can overflow to Inf in
+    float32, and an unsigned 64-bit count past int64's range wraps around to a negative.
+    """
     if value.shape != expected.shape:
         raise CheckpointError(
             f"{source}: {name} has shape {list(value.shape)}, expected {list(expected.shape)}"
@@ -117,14 +122,18 @@ def _check_value(name: str, value: Tensor, expected: Tensor, source: str) -> Non
     if expected.is_floating_point():
         if not value.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {value.dtype}, expected floats")
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{source}: {name} holds NaN or Inf")
+        converted = value.to(expected.dtype)
+        if not bool(torch.isfinite(converted).all()):
+            raise CheckpointError(f"{source}: {name} holds NaN or Inf (as {expected.dtype})")
     elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise CheckpointError(f"{source}: {name} has dtype {value.dtype}, expected integers")
-    if name.endswith("running_var") and bool((value < 0).any()):
+    else:
+        converted = value.to(expected.dtype)
+    if name.endswith("running_var") and bool((converted < 0).any()):
         raise CheckpointError(f"{source}: {name} has negative entries")
-    if name.endswith("num_batches_tracked") and bool((value < 0).any()):
+    if name.endswith("num_batches_tracked") and bool((converted < 0).any()):
         raise CheckpointError(f"{source}: {name} is negative")
+    return converted
 
 
 def load_layer_state(
@@ -144,8 +153,7 @@ def load_layer_state(
             if name == "num_batches_tracked":
                 continue
             raise CheckpointError(f"{source}: missing key {key!r}")
-        _check_value(key, state_dict[key], expected, source)
-        picked[name] = state_dict[key]
+        picked[name] = _checked(key, state_dict[key], expected, source)
     with torch.no_grad():
         layer.load_state_dict(picked, strict=False)
 

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
     from .catalog import CatalogError, load_catalog
+    from .protocol import guarded_http_protocol
     from .settings import Settings
 
     try:
@@ -53,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
     app.state.exit_on_failure = True
+    # The guarded protocol closes connections whose request does not arrive within
+    # client_timeout (slow clients); the service has no WebSocket routes, so none are served.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=20)
+                timeout_graceful_shutdown=20, ws="none",
+                http=guarded_http_protocol(settings.client_timeout))
     return 1 if app.state.failure else 0
 
 

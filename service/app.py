@@ -18,7 +18,9 @@ from .catalog import LayerSpec, load_catalog
 from .codec import Limits
 from .engine import Engine
 from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
+from .schemas import with_request_models
 from .settings import Settings
 from .store import Store
 
@@ -33,6 +35,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def _warn_about(settings: Settings) -> None:
+    """Start-up warnings for settings that work but leave the service exposed."""
+    if settings.weak_token():
+        log.warning("NORMCORE_API_TOKEN is shorter than 16 characters; use a long random one")
+    if settings.api_token is None and settings.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("no NORMCORE_API_TOKEN: anyone who can reach %s may train, replace and "
+                    "delete layers", settings.host)
 
 
 def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
@@ -66,6 +77,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Size torch's intra-op pool to the machine so request threads don't oversubscribe it.
         torch.set_num_threads(settings.threads)
+        _warn_about(settings)
         if load_in_background:
             threading.Thread(target=_load, args=(app, specs), daemon=True,
                              name="normcore-load").start()
@@ -89,8 +101,11 @@ def create_app(
     store = Store(resolve_device(settings.device), reject_non_finite=not settings.allow_non_finite)
     app.state.engine = Engine(store)
     install_error_handlers(app)
+    app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
     for router in (health.router, normalize.router, stats.router, admin.router):
         app.include_router(router)
     app.include_router(v2.router)
+    # Added first, so it runs inside the metrics middleware and its 413s are counted.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -38,7 +38,9 @@ KINDS = (
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
 )
-NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline.
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)\Z")
 _LAYER_KEYS = {"name", "kind", "checkpoint", "prefix", "device"}
 _MODEL_KEYS = {"checkpoint", "name_prefix", "kind", "device", "eps", "momentum"}
 
@@ -102,13 +104,22 @@ _ARG_CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
+def shown(name: object) -> str:
+    """A name from a request or file, fit to repeat in an error message: itself when it is
+    a short plain name, else a placeholder (messages never echo arbitrary input)."""
+    if isinstance(name, str) and len(name) <= 64 and NAME.match(name):
+        return name
+    return "(not shown)"
+
+
 def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     """Build a layer from its kind and torch.nn-named arguments; ValueError if invalid."""
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown kind '{shown(kind)}'; expected one of {', '.join(KINDS)}")
     unknown = set(kwargs) - set(constructor_args(kind))
     if unknown:
-        raise ValueError(f"unknown argument(s) for {kind}: {', '.join(sorted(unknown))}")
+        names = ", ".join(sorted({shown(name) for name in unknown}))
+        raise ValueError(f"unknown argument(s) for {kind}: {names}")
     for name, value in kwargs.items():
         check, expected = _ARG_CHECKS[name]
         if not (value is None and name == "eps" and kind == "RMSNorm") and not check(value):
@@ -205,7 +216,8 @@ class _Loader:
     def check(self, where: str, spec: LayerSpec) -> None:
         if not NAME.match(spec.name):
             raise self.fail(where, f"layer name {spec.name!r} must match [A-Za-z0-9._-]+")
-        if spec.device is not None and not re.match(r"^(cpu|cuda(:\d+)?)$", spec.device):
+        if spec.device is not None and not (isinstance(spec.device, str)
+                                            and DEVICE.match(spec.device)):
             raise self.fail(where, f"device must be cpu, cuda or cuda:N, not {spec.device!r}")
         try:
             spec.build(torch.device("cpu")) if spec.state is not None else make_layer(

@@ -15,7 +15,7 @@ import torch
 
 from normcore.checkpoint import load_layer_state, load_state_dict_bytes
 
-from .catalog import NAME, LayerSpec, constructor_args, make_layer
+from .catalog import DEVICE, NAME, LayerSpec, constructor_args, make_layer
 from .store import Slot, Store, num_batches
 
 MODES = ("eval", "train")
@@ -157,14 +157,14 @@ class Engine:
 
 
 def _check_device(device: str) -> None:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise RequestError(f"unknown device {device!r}") from None
-    if parsed.type not in ("cpu", "cuda"):
+    if not DEVICE.match(device):
         raise RequestError("device must be cpu, cuda or cuda:N")
+    parsed = torch.device(device)
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise RequestError("device cuda requested but CUDA is not available here")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise RequestError(f"device {device} does not exist here "
+                           f"({torch.cuda.device_count()} CUDA devices)")
 
 
 def _stats(result: Any) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ validating every element through pydantic; these models document the same contra
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,15 +15,38 @@ Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 _TENSOR_EXAMPLE = {"shape": [2, 3], "dtype": "float32", "data": [[0.1, 0.2, 0.3], [1, 2, 3]]}
 
 
-class Tensor(BaseModel):
-    """A tensor: ``data`` (flat or nested numbers) or ``b64`` (little-endian bytes)."""
+class _TensorBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": _TENSOR_EXAMPLE})
-
-    shape: list[int] = Field(description="Dimensions, row-major.")
+    shape: list[Annotated[int, Field(ge=0)]] = Field(description="Dimensions, row-major.")
     dtype: Dtype = "float32"
-    data: list[Any] | None = Field(None, description="Numbers, flat or nested like shape.")
-    b64: str | None = Field(None, description="Base64 of the little-endian bytes.")
+
+
+class ListTensor(_TensorBase):
+    """A tensor as JSON numbers (no NaN, Infinity, booleans or null)."""
+
+    model_config = ConfigDict(json_schema_extra={"example": _TENSOR_EXAMPLE})
+
+    data: list[float | list[Any]] = Field(description="Numbers, flat or nested like shape.")
+
+
+class B64Tensor(_TensorBase):
+    """A tensor as base64 of its little-endian bytes, row-major."""
+
+    b64: str = Field(description="Base64 of the little-endian bytes.")
+
+
+# Exactly one of data or b64: each model forbids the other's field.
+Tensor = ListTensor | B64Tensor
+
+
+class OutputListTensor(_TensorBase):
+    """A result as flat JSON numbers; null stands for NaN or an infinity (JSON has neither)."""
+
+    data: list[float | None] = Field(description="Numbers, flat, row-major.")
+
+
+OutputTensor = OutputListTensor | B64Tensor
 
 
 class NormalizeRequest(BaseModel):
@@ -43,7 +66,7 @@ class NormalizeRequest(BaseModel):
         None, description="Defaults to the encoding of the request's tensor."
     )
     request_id: str | None = Field(
-        None, max_length=128, description="Idempotency key for train requests."
+        None, min_length=1, max_length=128, description="Idempotency key for train requests."
     )
 
 
@@ -64,8 +87,8 @@ class NormalizeResponse(BaseModel):
 
     layer: str
     mode: Literal["eval", "train"]
-    output: Tensor
-    batch_stats: dict[str, Tensor] = Field(
+    output: OutputTensor
+    batch_stats: dict[str, OutputTensor] = Field(
         description="mean and biased var of the batch (mean_square for RMSNorm)."
     )
     num_batches_tracked: int | None = Field(None, description="After a train request.")
@@ -79,8 +102,9 @@ class LayerEntry(BaseModel):
     requests: dict[str, int]
     rejected: int
     last_update: str | None
-    running_mean: list[float] | None = None
-    running_var: list[float] | None = None
+    running_mean: list[float | None] | None = Field(
+        None, description="null entries stand for NaN/Inf (only with allow_non_finite).")
+    running_var: list[float | None] | None = None
     num_batches_tracked: int | None = None
 
 
@@ -102,6 +126,19 @@ class LayerCreate(BaseModel):
     device: str | None = None
 
 
+class Deleted(BaseModel):
+    deleted: str = Field(description="The layer no longer served.")
+
+
+class Health(BaseModel):
+    status: Literal["alive"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    layers: int = Field(description="Layers served.")
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, in words.")
 
@@ -120,3 +157,15 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
                 ref_template="#/components/schemas/{model}")}},
         }
     }
+
+
+def with_request_models(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Add the models that ``json_body`` bodies refer to (their ``$defs``) to
+    ``components/schemas``, where those references point."""
+    models = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for operations in openapi.get("paths", {}).values():
+        for operation in operations.values():
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                for name, schema in media.get("schema", {}).get("$defs", {}).items():
+                    models.setdefault(name, schema)
+    return openapi

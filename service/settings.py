@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)\Z")
 
 
 class Settings(BaseSettings):
@@ -30,7 +30,12 @@ class Settings(BaseSettings):
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="Per tensor.")
     max_rank: int = Field(8, gt=0, le=32)
     allow_non_finite: bool = Field(False, description="Let NaN/Inf into train updates.")
-    request_timeout: float = Field(60.0, gt=0, description="Seconds for one request.")
+    request_timeout: float = Field(60.0, gt=0, description="Seconds for one request's compute.")
+    client_timeout: float = Field(
+        10.0, gt=0, le=600,
+        description="Seconds a client has to send one request's headers and body; slower "
+        "connections are closed.",
+    )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0,
                          description="torch intra-op threads.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
@@ -48,3 +53,14 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None  # NORMCORE_API_TOKEN= (empty) means no token, not an empty one
         return value
+
+    @model_validator(mode="after")
+    def _reads_need_a_token(self) -> Settings:
+        # Failing closed: "protect reads" without a token would silently protect nothing.
+        if self.protect_reads and self.api_token is None:
+            raise ValueError("protect_reads needs api_token (NORMCORE_API_TOKEN) to be set")
+        return self
+
+    def weak_token(self) -> bool:
+        """A token so short it could be guessed (start-up warns about it)."""
+        return self.api_token is not None and len(self.api_token.get_secret_value()) < 16

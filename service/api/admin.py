@@ -14,9 +14,10 @@ from starlette.responses import Response
 
 from normcore.checkpoint import load_state_dict_bytes
 
+from ..catalog import shown
 from ..codec import CodecError, dumps, parse_json
-from ..schemas import LayerCreate, LayerEntry, errors, json_body
-from .deps import EngineDep, WriteAccess, read_body
+from ..schemas import Deleted, LayerCreate, LayerEntry, errors, json_body
+from .deps import EngineDep, LayerName, WriteAccess, read_body
 
 router = APIRouter(prefix="/layers", tags=["admin"], dependencies=[WriteAccess])
 
@@ -31,7 +32,7 @@ def _json(obj: object) -> Response:
     "/{name}", response_model=LayerEntry, responses=errors(400, 401, 403, 413, 422),
     openapi_extra=json_body(LayerCreate),
 )
-async def put_layer(name: str, request: Request, engine: EngineDep) -> Response:
+async def put_layer(name: LayerName, request: Request, engine: EngineDep) -> Response:
     """Create or replace a layer from its configuration and an optional safetensors
     checkpoint (base64 in ``checkpoint_b64``; ``prefix`` selects its keys)."""
     payload = parse_json(await read_body(request))
@@ -39,7 +40,8 @@ async def put_layer(name: str, request: Request, engine: EngineDep) -> Response:
         spec = LayerCreate.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = ".".join(shown(p) if isinstance(p, str) else str(p) for p in first["loc"])
+        where = where or "body"
         raise CodecError(f"{where}: {first['msg']}") from None
     checkpoint = None
     if spec.checkpoint_b64 is not None:
@@ -51,24 +53,26 @@ async def put_layer(name: str, request: Request, engine: EngineDep) -> Response:
     return _json(entry)
 
 
-@router.delete("/{name}", status_code=200, responses=errors(401, 403, 404))
-def delete_layer(name: str, engine: EngineDep) -> Response:
+@router.delete("/{name}", response_model=Deleted, responses=errors(401, 403, 404, 422))
+def delete_layer(name: LayerName, engine: EngineDep) -> Response:
     """Stop serving a layer."""
     engine.delete_layer(name)
     return _json({"deleted": name})
 
 
-@router.post("/{name}/reset", response_model=LayerEntry, responses=errors(401, 403, 404))
-def reset_layer(name: str, engine: EngineDep) -> Response:
+@router.post("/{name}/reset", response_model=LayerEntry,
+             responses=errors(401, 403, 404, 422))
+def reset_layer(name: LayerName, engine: EngineDep) -> Response:
     """Return a layer to its checkpoint's statistics (torch's defaults without one)."""
     return _json(engine.reset_layer(name))
 
 
 @router.get(
-    "/{name}/state", responses={200: {"content": {_SAFETENSORS: {}}}, **errors(401, 403, 404)},
+    "/{name}/state",
+    responses={200: {"content": {_SAFETENSORS: {}}}, **errors(401, 403, 404, 422)},
     response_class=Response,
 )
-def download_state(name: str, engine: EngineDep) -> Response:
+def download_state(name: LayerName, engine: EngineDep) -> Response:
     """The layer's current state as a safetensors file (torch.nn key names)."""
     return Response(
         engine.export_layer(name), media_type=_SAFETENSORS,
@@ -82,7 +86,7 @@ def download_state(name: str, engine: EngineDep) -> Response:
     openapi_extra={"requestBody": {"required": True, "content": {_SAFETENSORS: {
         "schema": {"type": "string", "format": "binary"}}}}},
 )
-async def upload_state(name: str, request: Request, engine: EngineDep) -> Response:
+async def upload_state(name: LayerName, request: Request, engine: EngineDep) -> Response:
     """Replace a layer's state with a safetensors file holding its keys."""
     engine.store.slot(name)
     state = load_state_dict_bytes(bytes(await read_body(request)), source="uploaded state")

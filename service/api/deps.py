@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hmac
+from functools import partial
 from typing import Annotated
 
-from fastapi import Depends, Request
+import anyio
+import anyio.to_thread
+from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..codec import Limits
 from ..engine import Engine
-from ..errors import BodyTooLargeError
+from ..errors import BodyTooLargeError, RequestTimeoutError
 from ..settings import Settings
 
 # Tensors up to this many elements are normalized on the event loop: the hop to a worker
@@ -69,13 +72,30 @@ def authorize_read(request: Request) -> None:
         _check_token(request)
 
 
-async def run_step(elements: int, train: bool, fn, *args):
-    """Run an engine call inline for small eval tensors, else in the thread pool."""
+async def run_step(elements: int, train: bool, fn, *args, timeout: float | None = None):
+    """Run an engine call inline for small eval tensors, else in the thread pool; with a
+    ``timeout`` (``settings.request_timeout``), give up after that many seconds (503).
+
+    A thread cannot be stopped: one that times out is left to finish in the background
+    (a train step then still applies); only the request stops waiting for it.
+    """
     if not train and elements <= INLINE_ELEMENTS:
         return fn(*args)
-    return await run_in_threadpool(fn, *args)
+    if timeout is None:
+        return await run_in_threadpool(fn, *args)
+    try:
+        with anyio.fail_after(timeout):
+            # NOTE: run_in_threadpool ignores cancellation until the thread returns, which
+            # would make the timeout wait for the work anyway; abandoning the thread doesn't.
+            return await anyio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
+    except TimeoutError:
+        raise RequestTimeoutError(timeout) from None
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+# A layer name in a path; others are refused (422) before the route runs. ("$" is the
+# end of the text for pydantic and JSON Schema, unlike Python's re: no trailing newline.)
+LayerName = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$",
+                                description="A layer name: 1 to 128 of A-Z a-z 0-9 . _ -")]
 WriteAccess = Depends(authorize_write)
 ReadAccess = Depends(authorize_read)

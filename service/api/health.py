@@ -7,18 +7,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from ..codec import dumps
-from ..schemas import errors
+from ..schemas import Health, Readiness, errors
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Alive")
+@router.get("/healthz", summary="Alive", response_model=Health)
 def healthz() -> Response:
     """200 while the process serves requests."""
     return Response(dumps({"status": "alive"}), media_type="application/json")
 
 
-@router.get("/readyz", summary="Ready", responses=errors(503))
+@router.get("/readyz", summary="Ready", response_model=Readiness, responses=errors(503))
 def readyz(request: Request) -> Response:
     """200 once every catalog layer is loaded, 503 before."""
     if not request.app.state.ready:

@@ -59,15 +59,16 @@ async def normalize(request: Request) -> Response:
     request_id = _field(payload, "request_id", None)
     if request_id is not None and not 0 < len(request_id) <= 128:
         raise CodecError("request_id must be 1 to 128 characters")
-    engine.store.slot(layer)  # 404 before anything else is looked at
-    label(request.scope, "layer", layer)
-    label(request.scope, "mode", mode)
+    # The token before the layer: without it, a 404 would tell which names exist.
     if mode == "train":
         authorize_write(request)
     else:
         authorize_read(request)
+    engine.store.slot(layer)  # 404 before the tensor is looked at
+    label(request.scope, "layer", layer)
+    label(request.scope, "mode", mode)
     x, given_encoding = decode_tensor(payload.get("tensor"), request.app.state.limits)
     outcome = await run_step(x.numel(), mode == "train", engine.normalize, layer, x, mode,
-                             request_id)
+                             request_id, timeout=request.app.state.settings.request_timeout)
     body = encode_outcome(layer, mode, outcome, encoding or given_encoding)
     return Response(dumps(body), media_type="application/json")

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from ..codec import dumps
 from ..schemas import LayerEntry, StatsResponse, errors
-from .deps import EngineDep, ReadAccess
+from .deps import EngineDep, LayerName, ReadAccess
 
 router = APIRouter(tags=["stats"], dependencies=[ReadAccess])
 
@@ -18,7 +18,7 @@ def stats(engine: EngineDep) -> Response:
     return Response(dumps(engine.stats()), media_type="application/json")
 
 
-@router.get("/stats/{name}", response_model=LayerEntry, responses=errors(401, 403, 404))
-def layer_stats(name: str, engine: EngineDep) -> Response:
+@router.get("/stats/{name}", response_model=LayerEntry, responses=errors(401, 403, 404, 422))
+def layer_stats(name: LayerName, engine: EngineDep) -> Response:
     """One layer: kind, device, configuration, running statistics, counters."""
     return Response(dumps(engine.layer_entry(name)), media_type="application/json")

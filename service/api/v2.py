@@ -167,13 +167,15 @@ async def infer(name: str, request: Request) -> Response:
     ``output`` by default; ``batch_mean``/``batch_var`` (RMSNorm: ``batch_mean_square``)
     when asked for. JSON or binary tensors, gzip/deflate either way."""
     engine = request.app.state.engine
+    authorize_read(request)  # before the lookup: with reads protected, a 404 names layers
     kind = engine.store.slot(name).spec.kind  # 404 before the body is read
     label(request.scope, "layer", name)
     body, parsed = await _read_request(request, types.output_names(kind))
     _authorize(request, parsed.mode)
     x = codec.decode_input(parsed, body, request.app.state.limits)
     outcome = await run_step(x.numel(), parsed.mode == "train", engine.normalize, name, x,
-                             parsed.mode, parsed.request_id)
+                             parsed.mode, parsed.request_id,
+                             timeout=request.app.state.settings.request_timeout)
     head, blobs = codec.encode_infer_response(name, parsed, outcome.output, outcome.stats,
                                               outcome.num_batches_tracked)
     return await _send(request, head, blobs)

@@ -1,0 +1,233 @@
+"""Bad input over HTTP, in-process: always a JSON 4xx, never a 5xx, never the payload echoed,
+and never a change to any layer."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import make_client
+from .reference import tensor
+
+SENTINEL = "ZQXJ-payload-marker"
+ONES = [1.0] * 128
+
+
+def _layers(client) -> dict:
+    return client.get("/stats").json()["layers"]
+
+
+def _normalize(data, dtype: str = "float32", shape=(2, 64), mode: str = "train") -> bytes:
+    """A /normalize body whose tensor data is written verbatim (it may not be JSON)."""
+    return (b'{"layer": "stream.bn", "mode": "%s", "tensor": {"shape": %s, "dtype": "%s", '
+            b'"data": %s}}' % (mode.encode(), json.dumps(list(shape)).encode(), dtype.encode(),
+                               data))
+
+
+def _data(*head: str) -> bytes:
+    """128 values: ``head`` first, then ones."""
+    return ("[" + ", ".join([*head, *["1"] * (128 - len(head))]) + "]").encode()
+
+
+BAD_NUMBERS = {
+    "NaN": (_data("NaN"), "float32", "NaN and Infinity"),
+    "Infinity": (_data("2", "Infinity"), "float32", "NaN and Infinity"),
+    "-Infinity nested": (b"[[-Infinity" + b", 1" * 63 + b"], [" + b"1, " * 63 + b"1]]",
+                         "float32", "NaN and Infinity"),
+    "1e999": (_data("1e999"), "float32", "overflows to infinity"),
+    "-1e400": (_data("-1e400"), "float64", "overflows to infinity"),
+    "1e39 in float32": (_data("1e39"), "float32", "overflows float32"),
+    "7e4 in float16": (_data("70000"), "float16", "overflows float16"),
+    "1e39 in bfloat16": (_data("1e39"), "bfloat16", "overflows bfloat16"),
+    "true": (_data("true"), "float32", "not booleans"),
+    "nested false": (b"[[false" + b", 1" * 63 + b"], [" + b"1, " * 63 + b"1]]", "float32",
+                     "not booleans"),
+    "null": (_data("null"), "float32", "list of numbers"),
+    "string nan": (_data('"nan"'), "float32", "list of numbers"),
+    "string number": (_data('"1.5"'), "float32", "list of numbers"),
+    "object": (_data("{}"), "float32", "list of numbers"),
+    "ragged": (b"[[1, 2], [3]]", "float32", "list of numbers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_NUMBERS)
+def test_numbers_json_or_the_dtype_cannot_hold_are_422(client, case: str) -> None:
+    data, dtype, message = BAD_NUMBERS[case]
+    before = _layers(client)
+    reply = client.post("/normalize", content=_normalize(data, dtype))
+    assert reply.status_code == 422, reply.text
+    assert message in reply.json()["error"]
+    assert _layers(client)["stream.bn"]["running_mean"] == before["stream.bn"]["running_mean"]
+
+
+def test_largest_finite_float64_is_accepted(client) -> None:
+    reply = client.post("/normalize", content=_normalize(_data("1e308"), "float64", mode="eval"))
+    assert reply.status_code == 200, reply.text
+
+
+def test_deep_nesting_is_a_fast_400(client) -> None:
+    start = time.perf_counter()
+    reply = client.post("/normalize", content=b"[" * 100_000 + b"]" * 100_000)
+    assert reply.status_code == 400
+    deep_nan = b'{"layer": "stream.bn", "tensor": {"data": ' + b"[" * 100_000 + b"NaN"
+    assert client.post("/normalize", content=deep_nan).status_code == 400
+    assert time.perf_counter() - start < 1.0
+
+
+def test_nesting_orjson_accepts_but_numpy_does_not_is_422(client) -> None:
+    data = b"[" * 100 + b"1" + b"]" * 100
+    reply = client.post("/normalize", content=_normalize(data, shape=(1,), mode="eval"))
+    assert reply.status_code == 422
+
+
+@pytest.mark.parametrize("body", [
+    b'{"layer": "stream.bn", "tensor": {"shape": [2, 64], "data": [' + b"1.5, " * 700_000,
+    b'{"layer": "' + b"x" * (4 << 20) + b'"',
+    b"\xff" * (4 << 20),
+])
+def test_a_4_mib_invalid_body_is_answered_well_under_a_second(client, body: bytes) -> None:
+    start = time.perf_counter()
+    reply = client.post("/normalize", content=body)
+    elapsed = time.perf_counter() - start
+    assert reply.status_code == 400
+    assert len(reply.content) < 1000
+    assert elapsed < 0.5
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ([1] * 9, "rank 9 exceeds the limit of 8"),
+    ([1 << 20, 1 << 20], "exceeds the limit of"),
+    ([0, 1 << 62], "dimension exceeds the limit"),
+    ([2, 64.0], "non-negative integers"),
+    ([2, True], "non-negative integers"),
+])
+def test_rank_and_size_limits(client, shape, message: str) -> None:
+    reply = client.post("/normalize", json={"layer": "stream.bn",
+                                            "tensor": {"shape": shape, "data": []}})
+    assert reply.status_code == 422
+    assert message in reply.json()["error"]
+
+
+def test_limits_come_from_the_settings() -> None:
+    with make_client(max_rank=2, max_elements=100) as client:
+        for shape in ([1, 1, 1], [2, 64]):
+            reply = client.post("/normalize", json={"layer": "stream.bn",
+                                                    "tensor": {"shape": shape, "data": []}})
+            assert reply.status_code == 422
+            assert "limit of" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("dtype", [{}, [], 3, None, "int8"])
+def test_dtype_must_be_a_known_name(client, dtype) -> None:
+    reply = client.post("/normalize", json={"layer": "stream.bn", "tensor": {
+        "shape": [2, 64], "dtype": dtype, "data": ONES}})
+    assert reply.status_code == 422
+
+
+ECHOES = {
+    "layer name": ("POST", "/normalize", {"json": {"layer": SENTINEL * 20, "tensor": {}}}),
+    "tensor field": ("POST", "/normalize", {"json": {"layer": "stream.bn", "tensor": {
+        "shape": [2, 64], "data": ONES, SENTINEL: 1}}}),
+    "tensor data": ("POST", "/normalize", {"json": {"layer": "stream.bn", "tensor": {
+        "shape": [2, 64], "data": [SENTINEL] * 128}}}),
+    "b64": ("POST", "/normalize", {"json": {"layer": "stream.bn", "tensor": {
+        "shape": [2, 64], "b64": SENTINEL}}}),
+    "mode": ("POST", "/normalize", {"json": {"layer": "stream.bn", "mode": SENTINEL}}),
+    "kind": ("PUT", "/layers/a", {"json": {"kind": SENTINEL + "!", "config": {}}}),
+    "argument": ("PUT", "/layers/a", {"json": {"kind": "BatchNorm1d",
+                                               "config": {SENTINEL + " x": 1}}}),
+    "argument value": ("PUT", "/layers/a", {"json": {"kind": "BatchNorm1d",
+                                                     "config": {"num_features": SENTINEL}}}),
+    "extra field": ("PUT", "/layers/a", {"json": {"kind": "BatchNorm1d", SENTINEL + "?": 1}}),
+    "device": ("PUT", "/layers/a", {"json": {"kind": "BatchNorm1d",
+                                             "config": {"num_features": 2}, "device": SENTINEL}}),
+    "checkpoint": ("PUT", "/layers/a", {"json": {"kind": "BatchNorm1d",
+                                                 "config": {"num_features": 2},
+                                                 "checkpoint_b64": SENTINEL}}),
+    "path name": ("GET", f"/stats/{SENTINEL}%20x", {}),
+    "upload": ("PUT", "/layers/stream.bn/state", {"content": SENTINEL.encode() * 100}),
+    "malformed JSON": ("POST", "/normalize", {"content": SENTINEL.encode() + b"{"}),
+}
+
+
+@pytest.mark.parametrize("case", ECHOES)
+def test_error_bodies_never_echo_the_payload(client, case: str) -> None:
+    method, path, kwargs = ECHOES[case]
+    before = _layers(client)
+    reply = client.request(method, path, **kwargs)
+    assert 400 <= reply.status_code < 500, reply.text
+    assert set(reply.json()) == {"error"}
+    assert SENTINEL not in reply.text
+    assert len(reply.json()["error"]) <= 500
+    assert _layers(client) == before
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/nope", 404), ("POST", "/layers", 404), ("GET", "/normalize", 405),
+    ("DELETE", "/stats", 405), ("PATCH", "/layers/stream.bn", 405), ("POST", "/healthz", 405),
+])
+def test_unknown_routes_and_methods_are_json_errors(client, method, path, status) -> None:
+    reply = client.request(method, path)
+    assert reply.status_code == status
+    assert reply.headers["content-type"] == "application/json"
+    assert set(reply.json()) == {"error"}
+
+
+@pytest.mark.parametrize("content_type", [
+    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+    "application/json; charset=latin-1", "image/png", "",
+])
+def test_any_content_type_is_a_4xx_or_a_success_never_a_5xx(client, content_type) -> None:
+    headers = {"content-type": content_type}
+    body = json.dumps({"layer": "stream.bn", "tensor": tensor(np.ones((2, 64)))}).encode()
+    assert client.post("/normalize", content=body, headers=headers).status_code == 200
+    assert client.post("/normalize", content=b"a=1&b=2", headers=headers).status_code == 400
+    assert client.put("/layers/stream.bn/state", content=b"{}",
+                      headers=headers).status_code == 422
+
+
+def _torch_file() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(torch.nn.BatchNorm1d(64).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("data.pkl", b"\x80\x04N.")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("upload", [_torch_file(), _zip(), b"", b"\x00" * 8])
+def test_uploads_are_safetensors_only(client, upload: bytes) -> None:
+    before = _layers(client)
+    reply = client.put("/layers/stream.bn/state", content=upload)
+    assert reply.status_code == 422
+    assert "not a valid safetensors file" in reply.json()["error"]
+    assert _layers(client) == before
+
+
+def test_slow_compute_is_a_503_after_the_request_timeout() -> None:
+    with make_client(request_timeout=0.2) as client:
+        engine = client.app.state.engine
+        real = engine.normalize
+
+        def slow(*args):
+            time.sleep(1.0)
+            return real(*args)
+
+        engine.normalize = slow
+        start = time.perf_counter()
+        reply = client.post("/normalize", json={"layer": "stream.bn", "mode": "train",
+                                                "tensor": tensor(np.ones((2, 64)))})
+        assert time.perf_counter() - start < 0.8
+        assert reply.status_code == 503
+        assert "did not finish within 0.2 s" in reply.json()["error"]
+        time.sleep(1.0)  # let the abandoned step finish before the app shuts down
