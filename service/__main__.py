@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
     app.state.exit_on_failure = True
+    # uvicorn re-raises the SIGTERM it handled once it has shut down. By then the requests
+    # in flight are answered and the state saved, so the stop was graceful: exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=20)
     return 1 if app.state.failure else 0
