@@ -3,6 +3,7 @@
     snapshot.ncs          every layer's full state, the recent request_ids, and the
                           generation of the journal that follows it (``service.snapshot``)
     journal-<gen>.log     the changes since then, one record each (``service.journal``)
+    lock                  held by the one server process that uses the folder
 
 A record holds the layer's resulting state, not the request's input: a train step records
 the layer's buffers (running_mean, running_var, num_batches_tracked: tiny), a reset or an
@@ -19,6 +20,7 @@ journals the snapshot covers. A graceful stop syncs the journal and writes a las
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -84,6 +86,7 @@ class Persistence:
         self._catalog: set[str] = set()
         self._keys = KeyWindow(idempotency_window)
         self._since_snapshot = 0
+        self._lock_fd: int | None = None
 
     @property
     def status(self) -> str:
@@ -98,6 +101,7 @@ class Persistence:
     def restore(self, store: Store, specs: Iterable[LayerSpec]) -> None:
         """Serve ``specs`` in ``store`` with the state dir's state, then journal changes."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_folder(self.folder)
         remove_temp_files(self.folder)
         specs = list(specs)
         self._catalog = {spec.name for spec in specs}
@@ -270,19 +274,33 @@ class Persistence:
 
     def close(self) -> None:
         """Sync the journal and write a last snapshot; later changes are refused."""
-        if self.journal is None:
-            return
+        if self.journal is None or self._lock_fd is None:
+            return  # never restored, or closed already
         with self._compacting, self._lock:
             failed = self.journal.failed
             self.journal.close()
-            if failed is not None:
+            if failed is None:
+                generation = self.journal.generation + 1
+                self._write(generation, *self._capture(generation))
+                log.info("state saved to %s", self.folder)
+            else:
                 log.error("no final snapshot: %s; the next start recovers from the journal",
                           failed)
-                return
-            generation = self.journal.generation + 1
-            captured = self._capture(generation)
-            self._write(generation, *captured)
-        log.info("state saved to %s", self.folder)
+            os.close(self._lock_fd)  # lets the next server in
+            self._lock_fd = None
+
+
+def _lock_folder(folder: Path) -> int:
+    """Hold ``folder/lock`` for the life of the process: two servers appending to one
+    journal would corrupt it. The kernel drops the lock when the process dies, even by
+    SIGKILL, so a crash never leaves it stale."""
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateFileError(f"{folder}: in use by another server process") from None
+    return fd
 
 
 def _describe(change: Change) -> tuple[dict[str, Any], Tensors] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import io
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -313,3 +315,17 @@ def test_engine_put_layer_with_a_checkpoint_survives_restart(tmp_path: Path, spe
                             prefix="m.")
     again, _ = _open(tmp_path, specs)
     assert torch.equal(again.slot("up.bn").layer.running_mean, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_a_state_dir_serves_one_process_at_a_time(tmp_path: Path, specs) -> None:
+    hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "lock")], text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(StateFileError, match="in use by another server"):
+                _open(tmp_path, specs)
+        finally:
+            holder.kill()
+    _open(tmp_path, specs)  # the holder is gone, and so is its lock
