@@ -102,8 +102,28 @@ class Persistence:
         """Serve ``specs`` in ``store`` with the state dir's state, then journal changes."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_folder(self.folder)
+        try:
+            first, records = self._read(list(specs))
+            generation = max([first, *journal_generations(self.folder)]) + 1
+            self._write(generation, *self._capture(generation))
+            self.journal = Journal(self.folder, generation, fsync=self._fsync)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        # Keys and the hook first: a layer is served only once its changes are journaled.
+        for key, entry in self._keys:
+            store.applied.add(key, Applied(entry.layer, entry.digest, entry.num_batches_tracked))
+        store.on_update = self
+        for entry in self._layers.values():
+            store.put(entry.spec, entry.layer, record=False)
+        log.info("restored %d layers from %s (%s, %d journal records)", len(self._layers),
+                 self.folder, "snapshot" if first else "no snapshot", records)
+
+    def _read(self, specs: list[LayerSpec]) -> tuple[int, int]:
+        """Build every layer from the snapshot and the journals; (first generation to
+        replay, journal records replayed)."""
         remove_temp_files(self.folder)
-        specs = list(specs)
         self._catalog = {spec.name for spec in specs}
         self._layers = {spec.name: _Layer(spec, False) for spec in specs}
         first = 0
@@ -117,17 +137,7 @@ class Persistence:
         for name, entry in self._layers.items():
             entry.layer = self._build(name, entry)
             entry.state = {}
-        generation = max([first, *journal_generations(self.folder)]) + 1
-        self._write(generation, *self._capture(generation))
-        self.journal = Journal(self.folder, generation, fsync=self._fsync)
-        # Keys and the hook first: a layer is served only once its changes are journaled.
-        for key, entry in self._keys:
-            store.applied.add(key, Applied(entry.layer, entry.digest, entry.num_batches_tracked))
-        store.on_update = self
-        for entry in self._layers.values():
-            store.put(entry.spec, entry.layer, record=False)
-        log.info("restored %d layers from %s (%s, %d journal records)", len(self._layers),
-                 self.folder, "snapshot" if first else "no snapshot", records)
+        return first, records
 
     def _load_snapshot(self, payload: bytes) -> int:
         source = str(snapshot_path(self.folder))
