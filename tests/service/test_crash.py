@@ -25,7 +25,7 @@ from service.catalog import load_catalog
 
 from .server_process import ServerProcess
 
-KILLS = 12
+KILLS = 10
 LAYERS = ("stream.bn", "digits.head.bn")  # cumulative momentum; momentum 0.1 from a checkpoint
 
 
@@ -129,7 +129,7 @@ def test_acknowledged_updates_survive_sigkill(tmp_path: Path) -> None:
             clients = [threading.Thread(target=s.run, args=(server.url, stop)) for s in streams]
             for thread in clients:
                 thread.start()
-            time.sleep(rng.uniform(0.05, 0.6))
+            time.sleep(rng.uniform(0.05, 0.5))
             server.kill()
             stop.set()
             for thread in clients:
