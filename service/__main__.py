@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
     app.state.exit_on_failure = True
+    # uvicorn re-raises the SIGTERM it handled once it has shut down. By then the requests
+    # in flight are answered and the state saved, so the stop was graceful: exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     # The guarded protocol closes connections whose request does not arrive within
     # client_timeout (slow clients); the service has no WebSocket routes, so none are served.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

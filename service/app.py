@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .api import admin, health, normalize, stats, v2
@@ -20,6 +21,7 @@ from .engine import Engine
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
+from .persistence import Persistence
 from .schemas import with_request_models
 from .settings import Settings
 from .store import Store
@@ -47,10 +49,15 @@ def _warn_about(settings: Settings) -> None:
 
 
 def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
-    """Build every catalog layer, then declare the app ready."""
+    """Build every catalog layer, restore the state dir over it, then declare the app ready."""
+    store = app.state.engine.store
     try:
-        for spec in specs if specs is not None else load_catalog(app.state.settings.catalog):
-            app.state.engine.store.put(spec)
+        specs = specs if specs is not None else load_catalog(app.state.settings.catalog)
+        if app.state.persistence is not None:
+            app.state.persistence.restore(store, specs)
+        else:
+            for spec in specs:
+                store.put(spec, record=False)
     except Exception as exc:
         app.state.failure = str(exc)
         log.error("normcore cannot start: %s", exc)
@@ -84,6 +91,9 @@ def create_app(
         else:
             _load(app, specs)
         yield
+        # uvicorn has finished the requests in flight: sync the journal, write a snapshot.
+        if app.state.persistence is not None:
+            await run_in_threadpool(app.state.persistence.close)
 
     app = FastAPI(
         title="normcore",
@@ -98,8 +108,15 @@ def create_app(
     app.state.ready = False
     app.state.failure = None
     app.state.exit_on_failure = False
-    store = Store(resolve_device(settings.device), reject_non_finite=not settings.allow_non_finite)
+    store = Store(resolve_device(settings.device), reject_non_finite=not settings.allow_non_finite,
+                  idempotency_window=settings.idempotency_window)
     app.state.engine = Engine(store)
+    app.state.persistence = None
+    if settings.state_dir is not None:
+        app.state.persistence = Persistence(settings.state_dir,
+                                            snapshot_every=settings.snapshot_every,
+                                            idempotency_window=settings.idempotency_window)
+        store.on_update = app.state.persistence  # refuses changes until restored
     install_error_handlers(app)
     app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
     for router in (health.router, normalize.router, stats.router, admin.router):

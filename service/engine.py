@@ -16,6 +16,7 @@ import torch
 from normcore.checkpoint import load_layer_state, load_state_dict_bytes
 
 from .catalog import DEVICE, NAME, LayerSpec, constructor_args, make_layer
+from .idempotency import IdempotencyConflictError
 from .store import Slot, Store, num_batches
 
 MODES = ("eval", "train")
@@ -74,7 +75,10 @@ class Engine:
         if mode == "eval":
             result = self.store.evaluate(name, x)
             return Outcome(result.output, _stats(result), None)
-        step = self.store.train(name, x, request_id)
+        try:
+            step = self.store.train(name, x, request_id)
+        except IdempotencyConflictError as exc:
+            raise RequestError(str(exc), 409) from None
         return Outcome(step.result.output, _stats(step.result), step.num_batches_tracked)
 
     # --- statistics ---------------------------------------------------------------------
@@ -113,7 +117,7 @@ class Engine:
                 "requests": totals,
                 "rejected": sum(e["rejected"] for e in layers.values()),
                 "uptime_seconds": round(time.time() - self.started, 3),
-                "persistence": "durable" if self.store.on_update else "memory",
+                "persistence": self.store.persistence,
                 "default_device": str(self.store.default_device),
             },
         }

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     catalog: Path | None = Field(None, description="Layer catalog TOML; built-in if unset.")
     state_dir: Path | None = Field(None, description="Durable state; memory only if unset.")
+    snapshot_every: int = Field(10_000, gt=0,
+                                description="Journal records between two snapshots.")
+    idempotency_window: int = Field(10_000, gt=0,
+                                    description="How many recent request_ids are remembered.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     api_token: SecretStr | None = Field(None, description="Bearer token for state changes.")
     protect_reads: bool = Field(False, description="Require the token for reads too.")

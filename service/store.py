@@ -4,7 +4,12 @@ Train steps are copy-on-write: under the layer's lock, a private copy of the lay
 the step, the step is recorded, and then the copy replaces the served layer in one
 reference swap. Eval requests read whichever layer is current without locking, so they
 run concurrently, never switch a shared module between modes, and never see a
-half-applied update; a rejected step leaves the served layer exactly as it was.
+half-applied update; a rejected step leaves the served layer exactly as it was. A layer
+object, once served, is never modified again, so the journal may keep and read it.
+
+Every change (train step, reset, uploaded state, layer put or deleted) goes to
+``on_update`` as a ``Change`` before it is served, in the order the changes apply, and the
+reply waits until the journal says the record is safe.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -22,6 +29,7 @@ from normcore.checkpoint import layer_state_bytes, load_layer_state
 from normcore.functional import Normalized, RMSNormalized
 
 from .catalog import LayerSpec
+from .idempotency import Applied, KeyWindow, input_digest
 
 
 class LayerNotFoundError(KeyError):
@@ -46,12 +54,31 @@ class Slot:
     requests: dict[str, int] = field(default_factory=lambda: {"eval": 0, "train": 0})
     rejected: int = 0
     last_update: float | None = None
+    retired: bool = False  # replaced or deleted: steps must look the name up again
 
 
 @dataclass(frozen=True)
 class TrainResult:
     result: Normalized | RMSNormalized
     num_batches_tracked: int | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of served state, as the journal records it."""
+
+    op: Literal["train", "reset", "load_state", "put", "delete"]
+    name: str
+    layer: nn.Module | None = None  # as it will be served; None for delete
+    spec: LayerSpec | None = None  # put: what the layer resets to
+    key: str | None = None  # train with a request_id: the key ...
+    applied: Applied | None = None  # ... and what a retry of it is answered from
+
+
+# Called with each change under the lock that orders it, before the change is served;
+# returns None or a function that blocks until the record is safe (and raises if it
+# cannot be made safe). The durable journal (``service.persistence``) plugs in here.
+UpdateHook = Callable[[Change], Callable[[], None] | None]
 
 
 def fork(layer: nn.Module) -> nn.Module:
@@ -89,15 +116,14 @@ def _restore_dtype(computed: nn.Module, like: nn.Module) -> nn.Module:
 class Store:
     """The served layers by name."""
 
-    def __init__(self, default_device: torch.device, *, reject_non_finite: bool = True) -> None:
+    def __init__(self, default_device: torch.device, *, reject_non_finite: bool = True,
+                 idempotency_window: int = 10_000) -> None:
         self.default_device = default_device
         self.reject_non_finite = reject_non_finite
         self._slots: dict[str, Slot] = {}
         self._admin = threading.Lock()  # serializes adding, replacing and removing layers
-        # Called with (name, new_layer, request_id) under the layer's lock, after a step and
-        # before it is served; the durable journal plugs in here. Returns a wait function
-        # that blocks until the record is safe.
-        self.on_update: Callable[[str, nn.Module, str | None], Callable[[], None]] | None = None
+        self.on_update: UpdateHook | None = None
+        self.applied = KeyWindow(idempotency_window)  # request_id -> what it applied
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
@@ -114,6 +140,25 @@ class Store:
         except KeyError:
             raise LayerNotFoundError(name) from None
 
+    @property
+    def persistence(self) -> str:
+        """"memory" without a journal, else the journal's status ("durable" or why not)."""
+        if self.on_update is None:
+            return "memory"
+        return getattr(self.on_update, "status", "durable")
+
+    def _record(self, change: Change) -> Callable[[], None] | None:
+        return self.on_update(change) if self.on_update is not None else None
+
+    def _acquire(self, name: str) -> Slot:
+        """The layer's current slot, its lock held (released by the caller)."""
+        while True:
+            slot = self.slot(name)
+            slot.lock.acquire()
+            if not slot.retired:
+                return slot
+            slot.lock.release()  # replaced or deleted while we waited: look again
+
     def device_for(self, spec: LayerSpec) -> torch.device:
         return torch.device(spec.device) if spec.device else self.default_device
 
@@ -125,41 +170,66 @@ class Store:
 
     # --- layers -------------------------------------------------------------------------
 
-    def put(self, spec: LayerSpec, layer: nn.Module | None = None) -> Slot:
-        """Serve ``spec`` (built from its checkpoint unless ``layer`` is given)."""
+    def put(self, spec: LayerSpec, layer: nn.Module | None = None, *,
+            record: bool = True) -> Slot:
+        """Serve ``spec`` (built from its checkpoint unless ``layer`` is given).
+
+        ``record=False`` is for layers that come from the catalog or the state dir at start,
+        which the journal already knows.
+        """
         device = self.device_for(spec)
         layer = self._serve(layer if layer is not None else spec.build(device), device)
         slot = Slot(spec, layer, device)
         with self._admin:
-            self._slots[spec.name] = slot
+            old = self._slots.get(spec.name)
+            # The old slot's lock orders the put after any step already under way on it.
+            with old.lock if old is not None else nullcontext():
+                change = Change("put", spec.name, layer, spec=spec)
+                wait = self._record(change) if record else None
+                if old is not None:
+                    old.retired = True
+                self._slots[spec.name] = slot
+        if wait is not None:
+            wait()
         return slot
 
     def delete(self, name: str) -> None:
         with self._admin:
-            if self._slots.pop(name, None) is None:
-                raise LayerNotFoundError(name)
+            slot = self.slot(name)
+            with slot.lock:
+                wait = self._record(Change("delete", name))
+                slot.retired = True
+                del self._slots[name]
+        if wait is not None:
+            wait()
 
     def reset(self, name: str) -> Slot:
         """Back to the checkpoint's statistics (torch's defaults without one)."""
-        slot = self.slot(name)
-        fresh = self._serve(slot.spec.build(slot.device), slot.device)
-        with slot.lock:
-            wait = self.on_update(name, fresh, None) if self.on_update else None
+        slot = self._acquire(name)
+        try:
+            fresh = self._serve(slot.spec.build(slot.device), slot.device)
+            wait = self._record(Change("reset", name, fresh))
             slot.layer = fresh
             slot.last_update = time.time()
+        finally:
+            slot.lock.release()
         if wait is not None:
             wait()
         return slot
 
     def load_state(self, name: str, state: dict[str, torch.Tensor]) -> Slot:
         """Replace the layer's state with checked values from ``state`` (torch.nn keys)."""
-        slot = self.slot(name)
-        with slot.lock:
-            layer = fork(slot.layer)
+        slot = self._acquire(name)
+        try:
+            # A full copy, not a fork: the upload may replace weight and bias, which a fork
+            # shares with the layer being served (and with the journal's view of it).
+            layer = copy.deepcopy(slot.layer)
             load_layer_state(layer, state, source="uploaded state")
-            wait = self.on_update(name, layer, None) if self.on_update else None
+            wait = self._record(Change("load_state", name, layer))
             slot.layer = layer
             slot.last_update = time.time()
+        finally:
+            slot.lock.release()
         if wait is not None:
             wait()
         return slot
@@ -181,9 +251,36 @@ class Store:
         return result
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None) -> TrainResult:
-        """Take one train step on the layer; raises (changing nothing) if it is rejected."""
-        slot = self.slot(name)
-        with slot.lock:
+        """Take one train step on the layer; raises (changing nothing) if it is rejected.
+
+        With a ``request_id`` seen before (same layer, same tensor), the step is not taken
+        again: the answer is recomputed from ``x`` and the count the first step produced.
+        ``IdempotencyConflictError`` if the id came with another tensor or layer.
+        """
+        digest = input_digest(x) if request_id is not None else None
+        while request_id is not None:
+            prior = self.applied.claim(request_id, name, digest)
+            if prior is None:
+                break  # the key is ours: take the step
+            prior.check(request_id, name, digest)
+            prior.done.wait()
+            if prior.settled:
+                return self._answer_retry(name, x, prior)
+            # the first attempt was refused, so nothing was applied: claim the key again
+        try:
+            step, wait = self._step(name, x, request_id, digest)
+        except BaseException:
+            if request_id is not None:
+                self.applied.release(request_id)
+            raise
+        if wait is not None:
+            wait()
+        return step
+
+    def _step(self, name: str, x: torch.Tensor, request_id: str | None,
+              digest: str | None) -> tuple[TrainResult, Callable[[], None] | None]:
+        slot = self._acquire(name)
+        try:
             wide = _computing_copy(slot.layer, x)
             layer = wide if wide is not None else fork(slot.layer)
             try:
@@ -194,10 +291,24 @@ class Store:
             except Exception:
                 slot.rejected += 1
                 raise
-            wait = self.on_update(name, layer, request_id) if self.on_update else None
+            count = num_batches(layer)
+            applied = None if digest is None else Applied(name, digest, count)
+            wait = self._record(Change("train", name, layer, key=request_id, applied=applied))
+            if request_id is not None:
+                self.applied.settle(request_id, count, wait)
             slot.layer = layer
             slot.requests["train"] += 1
             slot.last_update = time.time()
-        if wait is not None:
-            wait()
-        return TrainResult(result, num_batches(layer))
+        finally:
+            slot.lock.release()
+        return TrainResult(result, count), wait
+
+    def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> TrainResult:
+        if prior.wait is not None:
+            prior.wait()  # the first step is acknowledged only once its record is safe
+        slot = self.slot(name)
+        # A private copy takes the step and is dropped.
+        layer = _computing_copy(slot.layer, x) or fork(slot.layer)
+        with torch.inference_mode():
+            result = layer.normalize(x.to(slot.device), train=True)
+        return TrainResult(result, prior.num_batches_tracked)

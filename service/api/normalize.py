@@ -40,7 +40,7 @@ def encode_outcome(layer: str, mode: str, outcome: Outcome, encoding: str) -> di
     "/normalize",
     summary="Normalize a tensor with a served layer",
     response_model=NormalizeResponse,
-    responses=errors(400, 401, 403, 404, 413, 422, 503),
+    responses=errors(400, 401, 403, 404, 409, 413, 422, 503),
     openapi_extra=json_body(NormalizeRequest),
 )
 async def normalize(request: Request) -> Response:

@@ -1,0 +1,117 @@
+"""Idempotency keys: a train request that carries a ``request_id`` is applied at most once.
+
+A train step's output is a deterministic function of its input and the layer's weight
+and bias (it normalizes with the batch's own statistics), so a key needs to remember only
+which layer took the step, a digest of the input, and the ``num_batches_tracked`` that the
+step produced. A retry with the same key and the same input is answered by normalizing the
+input again without updating anything; the same key with another input or layer is a
+conflict. Keys are kept for a bounded window (the most recent ``size`` keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+class IdempotencyConflictError(ValueError):
+    """A request_id that was already used for another input or layer."""
+
+
+def input_digest(x: torch.Tensor) -> str:
+    """A digest of the tensor's dtype, shape and bytes (hex, 128 bits)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{x.dtype}|{list(x.shape)}|".encode())
+    flat = x.detach().reshape(-1).contiguous().cpu()
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+@dataclass
+class Applied:
+    """What a retry of one key is answered from."""
+
+    layer: str
+    digest: str
+    num_batches_tracked: int | None = None
+    settled: bool = True  # False while the step that reserved the key is still running
+    # Set once the step is settled (taken or refused); until then a retry waits on it.
+    done: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    # Blocks until the original step's journal record is safe (None: it already is).
+    wait: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def check(self, key: str, layer: str, digest: str) -> None:
+        if layer != self.layer:
+            raise IdempotencyConflictError(
+                f"request_id {key!r} was already used for layer {self.layer!r}")
+        if digest != self.digest:
+            raise IdempotencyConflictError(
+                f"request_id {key!r} was already used with a different tensor")
+
+
+class KeyWindow:
+    """The most recent ``size`` keys and what they applied; safe to share between threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, Applied] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, Applied]]:
+        with self._lock:
+            return iter(list(self._entries.items()))
+
+    def get(self, key: str) -> Applied | None:
+        return self._entries.get(key)
+
+    def claim(self, key: str, layer: str, digest: str) -> Applied | None:
+        """Reserve ``key`` for a new step and return None, or return the entry that holds it.
+
+        Check-and-reserve is one step, so two requests with one key never both apply.
+        """
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return entry
+            self._entries[key] = Applied(layer, digest, settled=False)
+            self._evict()
+            return None
+
+    def settle(self, key: str, num_batches_tracked: int | None,
+               wait: Callable[[], None] | None) -> None:
+        """The reserved step was taken: retries may now be answered."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.num_batches_tracked = num_batches_tracked
+            entry.wait = wait
+            entry.settled = True
+            entry.done.set()
+
+    def release(self, key: str) -> None:
+        """The reserved step was refused: forget the key (a retry may apply it)."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry.done.set()
+
+    def add(self, key: str, entry: Applied) -> None:
+        """Remember a settled entry (restored from disk, or mirrored by the journal)."""
+        entry.done.set()
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.size:
+            _, old = self._entries.popitem(last=False)
+            old.done.set()  # a retry still waiting on an evicted key must not hang

@@ -1,0 +1,334 @@
+"""The state dir: restore at start, journal every change, compact into snapshots, close.
+
+    snapshot.ncs          every layer's full state, the recent request_ids, and the
+                          generation of the journal that follows it (``service.snapshot``)
+    journal-<gen>.log     the changes since then, one record each (``service.journal``)
+    lock                  held by the one server process that uses the folder
+
+A record holds the layer's resulting state, not the request's input: a train step records
+the layer's buffers (running_mean, running_var, num_batches_tracked: tiny), a reset or an
+uploaded state the full state, a created layer its kind, config and full state. So
+restoring is exact and cheap: the snapshot, then for each layer the last journal state
+wins. The state dir's statistics win over the catalog's checkpoints; the catalog still
+decides each catalog layer's configuration and what a reset returns it to.
+
+Start-up restores, writes a fresh snapshot and opens a new journal generation, so the
+server never appends after a torn record. Every ``snapshot_every`` records a background
+compaction rotates the journal, snapshots the state as of the rotation and deletes the
+journals the snapshot covers. A graceful stop syncs the journal and writes a last snapshot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normcore.checkpoint import load_layer_state
+from normcore.errors import CheckpointError
+
+from .catalog import LayerSpec
+from .idempotency import Applied, KeyWindow
+from .journal import (
+    Journal,
+    JournalFailedError,
+    fsync_folder,
+    journal_generations,
+    journal_path,
+    replay,
+)
+from .records import StateFileError, decode_record, encode_record, frame
+from .snapshot import read_snapshot, remove_temp_files, snapshot_path, write_snapshot
+from .store import Change, Store
+
+log = logging.getLogger("normcore.service")
+
+_FORMAT = 1
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class _Layer:
+    """One layer as the state dir knows it."""
+
+    spec: LayerSpec  # for a layer created through the admin API, spec.state is its origin
+    uploaded: bool
+    layer: nn.Module | None = None  # the latest recorded layer (never modified once served)
+    state: Tensors = field(default_factory=dict)  # while restoring: the recorded tensors
+
+
+def _uploaded_spec(name: str, meta: dict[str, Any], origin: Tensors) -> LayerSpec:
+    return LayerSpec(name, meta["kind"], meta["config"], None, "", meta.get("device"), origin)
+
+
+class Persistence:
+    """Keeps a store's state in ``folder``; plug in as ``store.on_update`` (by ``restore``)."""
+
+    def __init__(self, folder: Path, *, snapshot_every: int = 10_000,
+                 idempotency_window: int = 10_000,
+                 fsync: Callable[[int], None] = os.fdatasync) -> None:
+        self.folder = Path(folder)
+        self.snapshot_every = snapshot_every
+        self.journal: Journal | None = None
+        self._fsync = fsync
+        self._lock = threading.Lock()  # orders appends with the view below
+        self._compacting = threading.Lock()
+        self._layers: dict[str, _Layer] = {}  # what the journal has recorded, by name
+        self._deleted: set[str] = set()  # catalog layers deleted through the admin API
+        self._catalog: set[str] = set()
+        self._keys = KeyWindow(idempotency_window)
+        self._since_snapshot = 0
+        self._lock_fd: int | None = None
+
+    @property
+    def status(self) -> str:
+        """"durable"; "starting" until restored; else why changes are refused."""
+        if self.journal is None:
+            return "starting"
+        failed = self.journal.failed
+        return "durable" if failed is None else f"failed: {failed}"
+
+    # --- start ----------------------------------------------------------------------------
+
+    def restore(self, store: Store, specs: Iterable[LayerSpec]) -> None:
+        """Serve ``specs`` in ``store`` with the state dir's state, then journal changes."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_folder(self.folder)
+        try:
+            first, records = self._read(list(specs))
+            generation = max([first, *journal_generations(self.folder)]) + 1
+            self._write(generation, *self._capture(generation))
+            self.journal = Journal(self.folder, generation, fsync=self._fsync)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        # Keys and the hook first: a layer is served only once its changes are journaled.
+        for key, entry in self._keys:
+            store.applied.add(key, Applied(entry.layer, entry.digest, entry.num_batches_tracked))
+        store.on_update = self
+        for entry in self._layers.values():
+            store.put(entry.spec, entry.layer, record=False)
+        log.info("restored %d layers from %s (%s, %d journal records)", len(self._layers),
+                 self.folder, "snapshot" if first else "no snapshot", records)
+
+    def _read(self, specs: list[LayerSpec]) -> tuple[int, int]:
+        """Build every layer from the snapshot and the journals; (first generation to
+        replay, journal records replayed)."""
+        remove_temp_files(self.folder)
+        self._catalog = {spec.name for spec in specs}
+        self._layers = {spec.name: _Layer(spec, False) for spec in specs}
+        first = 0
+        payload = read_snapshot(self.folder)
+        if payload is not None:
+            first = self._load_snapshot(payload)
+        records = 0
+        for generation, payload in replay(self.folder, first):
+            self._apply(*decode_record(payload, str(journal_path(self.folder, generation))))
+            records += 1
+        for name, entry in self._layers.items():
+            entry.layer = self._build(name, entry)
+            entry.state = {}
+        return first, records
+
+    def _load_snapshot(self, payload: bytes) -> int:
+        source = str(snapshot_path(self.folder))
+        meta, tensors = decode_record(payload, source)
+        if meta.get("format") != _FORMAT:
+            raise StateFileError(f"{source}: unknown snapshot format {meta.get('format')!r}")
+        try:
+            for name in meta["deleted"]:
+                self._layers.pop(name, None)
+                self._deleted.add(name)
+            for layer in meta["layers"]:
+                name = layer["name"]
+                state = _pick(tensors, f"{name}/state/")
+                if layer["uploaded"]:
+                    spec = _uploaded_spec(name, layer, _pick(tensors, f"{name}/origin/"))
+                    self._layers[name] = _Layer(spec, True, state=state)
+                elif name in self._layers:
+                    self._layers[name].state = state
+                else:
+                    log.warning("%s: layer %r is no longer in the catalog; its saved state "
+                                "is dropped", source, name)
+            for key, layer, digest, count in meta["keys"]:
+                self._keys.add(key, Applied(layer, digest, count))
+            return int(meta["journal"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError(f"{source}: malformed snapshot ({exc!r})") from None
+
+    def _apply(self, meta: dict[str, Any], tensors: Tensors) -> None:
+        """Fold one journal record into the state being restored."""
+        op, name = meta.get("op"), meta.get("layer")
+        if op == "put":
+            self._layers[name] = _Layer(_uploaded_spec(name, meta, tensors), True,
+                                        state=dict(tensors))
+            self._deleted.discard(name)
+        elif op == "delete":
+            self._layers.pop(name, None)
+            self._deleted.add(name)
+        elif op in ("train", "reset", "load_state"):
+            if meta.get("key") is not None:
+                key, digest, count = meta["key"]
+                self._keys.add(key, Applied(name, digest, count))
+            entry = self._layers.get(name)
+            if entry is None:
+                return  # a layer since removed from the catalog
+            entry.state = {**entry.state, **tensors} if op == "train" else dict(tensors)
+        else:
+            raise StateFileError(f"{self.folder}: journal record with unknown op {op!r}")
+
+    def _build(self, name: str, entry: _Layer) -> nn.Module:
+        layer = entry.spec.build(torch.device("cpu"))
+        if entry.state:
+            try:
+                load_layer_state(layer, {**layer.state_dict(), **entry.state},
+                                 source=f"layer {name!r}")
+            except CheckpointError as exc:
+                raise StateFileError(f"{self.folder}: the saved state does not fit the "
+                                     f"layer: {exc}") from None
+        return layer
+
+    # --- changes --------------------------------------------------------------------------
+
+    def __call__(self, change: Change) -> Callable[[], None] | None:
+        """The store's hook: journal ``change``; return what waits until it is on disk."""
+        journal = self.journal
+        if journal is None:
+            raise JournalFailedError("state changes are refused: the state dir is not "
+                                     "restored yet")
+        journal.check()
+        record = _describe(change)
+        if record is None:
+            return None  # nothing durable changed (a train step of a layer without buffers)
+        data = frame(encode_record(*record))
+        with self._lock:
+            seq = journal.append(data)
+            self._track(change)
+            self._since_snapshot += 1
+            due = self._since_snapshot >= self.snapshot_every
+            if due:
+                self._since_snapshot = 0
+        if due:
+            threading.Thread(target=self._compact_quietly, name="normcore-snapshot",
+                             daemon=True).start()
+        return journal.waiter(seq)
+
+    def _track(self, change: Change) -> None:
+        name = change.name
+        if change.key is not None and change.applied is not None:
+            self._keys.add(change.key, Applied(name, change.applied.digest,
+                                               change.applied.num_batches_tracked))
+        if change.op == "put":
+            origin = {k: v.detach().clone() for k, v in change.layer.state_dict().items()}
+            spec = change.spec
+            spec = LayerSpec(name, spec.kind, dict(spec.kwargs), None, "", spec.device, origin)
+            self._layers[name] = _Layer(spec, True, change.layer)
+            self._deleted.discard(name)
+        elif change.op == "delete":
+            self._layers.pop(name, None)
+            self._deleted.add(name)
+        elif name in self._layers:
+            self._layers[name].layer = change.layer
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Start a new journal, snapshot the state as of that moment, drop older journals."""
+        with self._compacting:
+            with self._lock:
+                generation = self.journal.generation + 1
+                self.journal.rotate(generation)
+                captured = self._capture(generation)
+            self._write(generation, *captured)
+
+    def _compact_quietly(self) -> None:
+        try:
+            self.compact()
+        except (OSError, JournalFailedError, StateFileError) as exc:
+            # The journals stay until a snapshot covers them, so nothing is lost.
+            log.error("snapshot failed (the journal still holds every change): %s", exc)
+
+    def _capture(self, generation: int) -> tuple[dict[str, Any], Tensors]:
+        """The snapshot's metadata and tensors; recorded layers are immutable, so the
+        tensors can be encoded after the lock is released."""
+        layers, tensors = [], {}
+        for name, entry in self._layers.items():
+            spec = entry.spec
+            layers.append({"name": name, "kind": spec.kind, "config": spec.kwargs,
+                           "device": spec.device, "uploaded": entry.uploaded})
+            for key, value in entry.layer.state_dict().items():
+                tensors[f"{name}/state/{key}"] = value
+            if entry.uploaded:
+                for key, value in spec.state.items():
+                    tensors[f"{name}/origin/{key}"] = value
+        keys = [[k, e.layer, e.digest, e.num_batches_tracked] for k, e in self._keys]
+        meta = {"format": _FORMAT, "journal": generation, "layers": layers, "keys": keys,
+                "deleted": sorted(self._deleted & self._catalog)}
+        return meta, tensors
+
+    def _write(self, generation: int, meta: dict[str, Any], tensors: Tensors) -> None:
+        write_snapshot(self.folder, encode_record(meta, tensors))
+        for old in journal_generations(self.folder):
+            if old < generation:
+                journal_path(self.folder, old).unlink(missing_ok=True)
+        fsync_folder(self.folder)
+
+    def close(self) -> None:
+        """Sync the journal and write a last snapshot; later changes are refused."""
+        if self.journal is None or self._lock_fd is None:
+            return  # never restored, or closed already
+        with self._compacting, self._lock:
+            failed = self.journal.failed
+            self.journal.close()
+            if failed is None:
+                generation = self.journal.generation + 1
+                self._write(generation, *self._capture(generation))
+                log.info("state saved to %s", self.folder)
+            else:
+                log.error("no final snapshot: %s; the next start recovers from the journal",
+                          failed)
+            os.close(self._lock_fd)  # lets the next server in
+            self._lock_fd = None
+
+
+def _lock_folder(folder: Path) -> int:
+    """Hold ``folder/lock`` for the life of the process: two servers appending to one
+    journal would corrupt it. The kernel drops the lock when the process dies, even by
+    SIGKILL, so a crash never leaves it stale."""
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateFileError(f"{folder}: in use by another server process") from None
+    return fd
+
+
+def _describe(change: Change) -> tuple[dict[str, Any], Tensors] | None:
+    """The journal record for ``change``: (metadata, tensors), or None if nothing to keep."""
+    meta: dict[str, Any] = {"op": change.op, "layer": change.name}
+    if change.op == "delete":
+        return meta, {}
+    if change.op == "train":
+        tensors = dict(change.layer.named_buffers())  # running statistics and their count
+        if change.key is not None and change.applied is not None:
+            meta["key"] = [change.key, change.applied.digest,
+                           change.applied.num_batches_tracked]
+        return (meta, tensors) if tensors or "key" in meta else None
+    if change.op == "put":
+        meta |= {"kind": change.spec.kind, "config": change.spec.kwargs,
+                 "device": change.spec.device}
+    return meta, change.layer.state_dict()
+
+
+def _pick(tensors: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

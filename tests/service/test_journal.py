@@ -1,0 +1,166 @@
+"""The journal's file format, torn-record detection, group commit and fsync failure."""
+
+from __future__ import annotations
+
+import errno
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.journal import Journal, JournalFailedError, journal_path, replay
+from service.records import StateFileError, decode_record, encode_record, frame, read_frames
+from service.snapshot import read_snapshot, snapshot_path, write_snapshot
+
+
+def _records(n: int) -> list[bytes]:
+    return [encode_record({"op": "train", "layer": f"l{i}"}, {"running_mean": torch.randn(4)})
+            for i in range(n)]
+
+
+def _journal_file(folder: Path, payloads: list[bytes]) -> Path:
+    journal = Journal(folder, 1)
+    for payload in payloads:
+        journal.sync(journal.append(frame(payload)))
+    journal.close()
+    return journal_path(folder, 1)
+
+
+def test_records_round_trip_every_dtype() -> None:
+    tensors = {"f32": torch.randn(3, 2), "bf16": torch.randn(5).bfloat16(),
+               "count": torch.tensor(7), "empty": torch.empty(0, 3)}
+    meta, back = decode_record(encode_record({"op": "x", "n": [1, 2]}, tensors), "test")
+    assert meta == {"op": "x", "n": [1, 2]}
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype
+        assert torch.equal(back[name], tensor)
+
+
+def test_replay_returns_every_record_in_order(tmp_path: Path) -> None:
+    payloads = _records(5)
+    _journal_file(tmp_path, payloads)
+    assert [p for _, p in replay(tmp_path, 0)] == payloads
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11, 12, 40, -1])
+def test_torn_last_record_is_dropped_and_nothing_earlier(tmp_path: Path, cut: int) -> None:
+    payloads = _records(4)
+    path = _journal_file(tmp_path, payloads[:3])
+    torn = frame(payloads[3])
+    with path.open("ab") as f:
+        f.write(torn[:cut])  # a crash part-way through writing the fourth record
+    assert [p for _, p in replay(tmp_path, 0)] == payloads[:3]
+
+
+def test_torn_record_of_zeros_is_dropped(tmp_path: Path) -> None:
+    # A crash can leave the file longer with the new bytes still zero.
+    path = _journal_file(tmp_path, _records(2))
+    with path.open("ab") as f:
+        f.write(bytes(100))
+    assert len(list(replay(tmp_path, 0))) == 2
+
+
+def test_corrupt_middle_record_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    payloads = _records(4)
+    path = _journal_file(tmp_path, payloads)
+    data = bytearray(path.read_bytes())
+    second = len(frame(payloads[0])) + 20  # inside the second record
+    data[second] ^= 0x01
+    path.write_bytes(bytes(data))
+    where = re.escape(str(path))
+    with pytest.raises(StateFileError, match=rf"{where}: record at byte \d+ is corrupt"):
+        list(replay(tmp_path, 0))
+
+
+def test_torn_journal_followed_by_a_later_one_is_an_error(tmp_path: Path) -> None:
+    path = _journal_file(tmp_path, _records(2))
+    with path.open("ab") as f:
+        f.write(frame(_records(1)[0])[:9])
+    later = Journal(tmp_path, 2)
+    later.sync(later.append(frame(_records(1)[0])))
+    later.close()
+    with pytest.raises(StateFileError, match="torn record"):
+        list(replay(tmp_path, 0))
+
+
+def test_read_frames_reports_where_the_good_part_ends() -> None:
+    good = frame(b"one") + frame(b"two")
+    payloads, end = read_frames(good + b"NCR1\x00", "mem")
+    assert payloads == [b"one", b"two"]
+    assert end == len(good)
+
+
+def test_group_commit_covers_concurrent_records_with_few_fsyncs(tmp_path: Path) -> None:
+    calls = []
+
+    def slow_fsync(fd: int) -> None:
+        calls.append(fd)
+        time.sleep(0.01)
+
+    journal = Journal(tmp_path, 1, fsync=slow_fsync)
+    barrier = threading.Barrier(32)
+
+    def client() -> None:
+        barrier.wait()
+        journal.sync(journal.append(frame(b"x" * 50)))
+
+    threads = [threading.Thread(target=client) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(calls) < 16  # one fsync per record would be 32
+    journal.close()
+    assert len(list(replay(tmp_path, 0))) == 32
+
+
+def test_failed_fsync_refuses_this_and_every_later_record(tmp_path: Path) -> None:
+    outcomes = iter([OSError(errno.EIO, "Input/output error")])
+
+    def fsync(fd: int) -> None:
+        failure = next(outcomes, None)  # fails once, would "succeed" afterwards
+        if failure is not None:
+            raise failure
+
+    journal = Journal(tmp_path, 1, fsync=fsync)
+    seq = journal.append(frame(b"a"))
+    with pytest.raises(JournalFailedError, match="fsync failed"):
+        journal.sync(seq)
+    with pytest.raises(JournalFailedError, match="restart"):
+        journal.sync(seq)  # no retry of the fsync
+    with pytest.raises(JournalFailedError):
+        journal.append(frame(b"b"))
+    assert journal.failed is not None
+
+
+def test_snapshot_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    write_snapshot(tmp_path, b"first")
+    write_snapshot(tmp_path, b"second")
+    assert read_snapshot(tmp_path) == b"second"
+    assert [p.name for p in tmp_path.iterdir()] == ["snapshot.ncs"]
+
+
+def test_missing_snapshot_is_none(tmp_path: Path) -> None:
+    assert read_snapshot(tmp_path) is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
+def test_corrupt_snapshot_is_an_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    write_snapshot(tmp_path, encode_record({"format": 1}, {"t": torch.randn(16)}))
+    path = snapshot_path(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x10
+    elif damage == "truncate":
+        del data[-3:]
+    else:
+        data += frame(b"extra")
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateFileError, match=re.escape(str(path))) as info:
+        read_snapshot(tmp_path)
+    assert "corrupt snapshot" in str(info.value)
+    with pytest.raises(StateFileError, match="never replaced by defaults"):
+        read_snapshot(tmp_path)

@@ -1,0 +1,331 @@
+"""The state dir under the store: restore after a crash or a stop, fsync failure, retries."""
+
+from __future__ import annotations
+
+import errno
+import io
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from service.app import create_app
+from service.catalog import LayerSpec, load_catalog, make_layer
+from service.engine import Engine
+from service.idempotency import IdempotencyConflictError
+from service.journal import JournalFailedError, journal_generations
+from service.persistence import Persistence
+from service.records import StateFileError
+from service.settings import Settings
+from service.snapshot import snapshot_path
+from service.store import Store
+
+with warnings.catch_warnings():  # starlette nudges towards httpx2, which is not installed
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def specs() -> list[LayerSpec]:
+    return load_catalog()
+
+
+def _open(folder: Path, specs: list[LayerSpec], **options) -> tuple[Store, Persistence]:
+    store = Store(CPU, idempotency_window=options.pop("idempotency_window", 10_000))
+    persistence = Persistence(folder, snapshot_every=options.pop("snapshot_every", 10**6),
+                              **options)
+    persistence.restore(store, specs)
+    return store, persistence
+
+
+def _state(store: Store) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    return {name: (slot.spec.kind, slot.layer.state_dict()) for name, slot in store}
+
+
+def _assert_same(a: Store, b: Store) -> None:
+    left, right = _state(a), _state(b)
+    assert sorted(left) == sorted(right)
+    for name, (kind, state) in left.items():
+        assert right[name][0] == kind, name
+        assert state.keys() == right[name][1].keys(), name
+        for key, value in state.items():
+            assert torch.equal(value, right[name][1][key]), f"{name}.{key}"
+
+
+def _upload(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _busy_day(store: Store, persistence: Persistence) -> None:
+    """Every kind of change, with a compaction in the middle."""
+    for _ in range(3):
+        store.train("stream.bn", torch.randn(8, 64))
+        store.train("digits.bn1", torch.randn(4, 16, 3, 3), request_id=None)
+        store.train("features.in", torch.randn(2, 16, 5))  # no buffers: nothing to record
+    store.reset("digits.bn1")
+    store.train("digits.bn1", torch.randn(4, 16, 3, 3))
+    persistence.compact()
+    new = make_layer("BatchNorm1d", {"num_features": 8})
+    new.running_mean.fill_(3.0)
+    store.put(LayerSpec("new.bn", "BatchNorm1d", {"num_features": 8}, state=_upload(new)), new)
+    store.train("new.bn", torch.randn(5, 8), request_id="k-new")
+    replaced = make_layer("BatchNorm1d", {"num_features": 4, "momentum": "cumulative"})
+    store.put(LayerSpec("features.ln", "BatchNorm1d", {"num_features": 4,
+                                                       "momentum": "cumulative"}), replaced)
+    store.train("features.ln", torch.randn(3, 4))
+    head = _upload(store.slot("digits.head.bn").layer)
+    head["weight"] = torch.full_like(head["weight"], 2.0)
+    head["running_var"] = torch.full_like(head["running_var"], 4.0)
+    store.load_state("digits.head.bn", head)
+    store.delete("features.gn")
+    store.train("stream.bn", torch.randn(8, 64), request_id="k-last")
+
+
+@pytest.mark.parametrize("restart", ["after a crash", "after a stop"])
+def test_restart_restores_every_change_exactly(tmp_path: Path, specs, restart: str) -> None:
+    store, persistence = _open(tmp_path, specs)
+    _busy_day(store, persistence)
+    if restart == "after a stop":
+        persistence.close()
+    again, _ = _open(tmp_path, specs)
+    _assert_same(store, again)
+    assert "features.gn" not in again
+    assert again.slot("features.ln").spec.kind == "BatchNorm1d"
+    assert again.applied.get("k-last") is not None
+
+
+def test_state_dir_wins_over_the_checkpoint_and_reset_goes_back_to_it(tmp_path: Path,
+                                                                      specs) -> None:
+    store, _ = _open(tmp_path, specs)
+    checkpoint = store.slot("digits.head.bn").layer.running_mean.clone()
+    store.train("digits.head.bn", torch.randn(16, 64))
+    again, _ = _open(tmp_path, specs)
+    assert not torch.equal(again.slot("digits.head.bn").layer.running_mean, checkpoint)
+    again.reset("digits.head.bn")
+    third, _ = _open(tmp_path, specs)
+    assert torch.equal(third.slot("digits.head.bn").layer.running_mean, checkpoint)
+
+
+def test_uploaded_layer_resets_to_its_upload_after_a_restart(tmp_path: Path, specs) -> None:
+    store, persistence = _open(tmp_path, specs)
+    _busy_day(store, persistence)
+    again, _ = _open(tmp_path, specs)
+    again.reset("new.bn")
+    assert torch.equal(again.slot("new.bn").layer.running_mean, torch.full((8,), 3.0))
+    assert int(again.slot("new.bn").layer.num_batches_tracked) == 0
+
+
+def test_background_compaction_drops_the_journals_it_covers(tmp_path: Path, specs) -> None:
+    store, persistence = _open(tmp_path, specs, snapshot_every=5)
+    for _ in range(23):
+        store.train("stream.bn", torch.randn(4, 64))
+    persistence.close()  # waits for a compaction under way
+    assert journal_generations(tmp_path) == []
+    again, _ = _open(tmp_path, specs)
+    _assert_same(store, again)
+
+
+def test_torn_last_record_is_dropped_at_restore(tmp_path: Path, specs) -> None:
+    store, persistence = _open(tmp_path, specs)
+    for _ in range(5):
+        store.train("stream.bn", torch.randn(4, 64))
+    (latest,) = tmp_path.glob("journal-*.log")
+    with latest.open("ab") as f:
+        f.write(latest.read_bytes()[:30])  # the start of a sixth record, cut short
+    again, _ = _open(tmp_path, specs)
+    _assert_same(store, again)
+
+
+def test_corrupt_snapshot_stops_restore_and_serves_nothing(tmp_path: Path, specs) -> None:
+    _, persistence = _open(tmp_path, specs)
+    persistence.close()
+    path = snapshot_path(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x04
+    path.write_bytes(bytes(data))
+    store = Store(CPU)
+    with pytest.raises(StateFileError, match=str(path)):
+        Persistence(tmp_path).restore(store, specs)
+    assert len(store) == 0
+
+
+class FailingFsync:
+    """fdatasync that works ``good`` times, then fails once (and would work again)."""
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.calls == self.good + 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+
+def test_failed_fsync_is_not_acknowledged_and_train_is_refused(tmp_path: Path, specs) -> None:
+    fsync = FailingFsync(good=3)
+    store, persistence = _open(tmp_path, specs, fsync=fsync)
+    for _ in range(3):
+        store.train("stream.bn", torch.randn(4, 64))
+    with pytest.raises(JournalFailedError, match="fsync failed"):
+        store.train("stream.bn", torch.randn(4, 64))
+    calls = fsync.calls
+    with pytest.raises(JournalFailedError, match="refused"):
+        store.train("stream.bn", torch.randn(4, 64))
+    with pytest.raises(JournalFailedError):
+        store.reset("stream.bn")
+    assert fsync.calls == calls  # never retried
+    store.evaluate("stream.bn", torch.randn(4, 64))  # reads still work
+    assert persistence.status.startswith("failed: journal fsync failed")
+    again, _ = _open(tmp_path, specs)
+    # The three acknowledged steps survive; the unacknowledged one may or may not.
+    assert int(again.slot("stream.bn").layer.num_batches_tracked) in (3, 4)
+
+
+def test_failed_fsync_answers_503_and_stats_say_so(tmp_path: Path) -> None:
+    app = create_app(Settings(state_dir=tmp_path))
+    app.state.persistence = Persistence(tmp_path, fsync=FailingFsync(good=1))
+    body = {"layer": "stream.bn", "mode": "train",
+            "tensor": {"shape": [2, 64], "data": [0.5] * 64 + [1.5] * 64}}
+    with TestClient(app) as client:
+        assert client.get("/stats").json()["server"]["persistence"] == "durable"
+        assert client.post("/normalize", json=body).status_code == 200
+        failed = client.post("/normalize", json=body)
+        assert failed.status_code == 503
+        assert "fsync failed" in failed.json()["error"]
+        refused = client.post("/normalize", json=body)
+        assert refused.status_code == 503
+        assert "refused" in refused.json()["error"]
+        assert client.post("/normalize", json={**body, "mode": "eval"}).status_code == 200
+        assert client.get("/stats").json()["server"]["persistence"].startswith("failed")
+
+
+def test_memory_only_without_a_state_dir() -> None:
+    with TestClient(create_app(Settings())) as client:
+        assert client.get("/stats").json()["server"]["persistence"] == "memory"
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+def test_retry_after_restart_is_answered_and_not_applied_again(tmp_path: Path, specs) -> None:
+    store, _ = _open(tmp_path, specs)
+    x = torch.randn(8, 64)
+    first = store.train("stream.bn", x, request_id="retry-me")
+    store.train("stream.bn", torch.randn(8, 64))
+    again, _ = _open(tmp_path, specs)
+    before = again.slot("stream.bn").layer.state_dict()
+    retry = again.train("stream.bn", x.clone(), request_id="retry-me")
+    assert retry.num_batches_tracked == first.num_batches_tracked == 1
+    assert torch.equal(retry.result.output, first.result.output)
+    assert torch.equal(retry.result.mean, first.result.mean)
+    for key, value in again.slot("stream.bn").layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_reused_key_with_another_tensor_or_layer_is_a_conflict(specs) -> None:
+    store = Store(CPU)
+    for spec in specs:
+        store.put(spec, record=False)
+    x = torch.randn(4, 64)
+    store.train("stream.bn", x, request_id="k")
+    with pytest.raises(IdempotencyConflictError, match="different tensor"):
+        store.train("stream.bn", x + 1, request_id="k")
+    with pytest.raises(IdempotencyConflictError, match="stream.bn"):
+        store.train("digits.head.bn", x, request_id="k")
+    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
+
+
+def test_reused_key_answers_409() -> None:
+    body = {"layer": "stream.bn", "mode": "train", "request_id": "once",
+            "tensor": {"shape": [2, 64], "data": [0.5] * 64 + [1.5] * 64}}
+    with TestClient(create_app(Settings())) as client:
+        first = client.post("/normalize", json=body)
+        assert client.post("/normalize", json=body).json() == first.json()
+        body["tensor"]["data"][0] = 9.0
+        conflict = client.post("/normalize", json=body)
+        assert conflict.status_code == 409
+        assert "request_id" in conflict.json()["error"]
+
+
+def test_concurrent_retries_of_one_key_apply_once(tmp_path: Path, specs) -> None:
+    store, _ = _open(tmp_path, specs)
+    x = torch.randn(8, 64)
+    barrier = threading.Barrier(16)
+    answers = []
+
+    def client() -> None:
+        barrier.wait()
+        answers.append(store.train("stream.bn", x, request_id="same"))
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert [a.num_batches_tracked for a in answers] == [1] * 16
+    assert all(torch.equal(a.result.output, answers[0].result.output) for a in answers)
+    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
+
+
+def test_refused_step_frees_its_key(specs) -> None:
+    store = Store(CPU)
+    for spec in specs:
+        store.put(spec, record=False)
+    with pytest.raises(Exception, match="channels"):
+        store.train("stream.bn", torch.randn(4, 3), request_id="k")
+    assert store.train("stream.bn", torch.randn(4, 64), request_id="k").num_batches_tracked == 1
+
+
+def test_key_window_is_bounded_across_restarts(tmp_path: Path, specs) -> None:
+    store, persistence = _open(tmp_path, specs, idempotency_window=3)
+    for i in range(5):
+        store.train("stream.bn", torch.randn(2, 64), request_id=f"k{i}")
+    persistence.close()
+    again, _ = _open(tmp_path, specs, idempotency_window=3)
+    assert [key for key, _ in again.applied] == ["k2", "k3", "k4"]
+
+
+def test_uploaded_state_does_not_touch_the_layer_being_served(specs) -> None:
+    store = Store(CPU)
+    for spec in specs:
+        store.put(spec, record=False)
+    served = store.slot("digits.head.bn").layer
+    weight = served.weight.clone()
+    state = _upload(served)
+    state["weight"] = state["weight"] + 1
+    store.load_state("digits.head.bn", state)
+    assert torch.equal(served.weight, weight)  # an eval still holding it sees no change
+    assert torch.equal(store.slot("digits.head.bn").layer.weight, weight + 1)
+
+
+def test_engine_put_layer_with_a_checkpoint_survives_restart(tmp_path: Path, specs) -> None:
+    store, _ = _open(tmp_path, specs)
+    layer = make_layer("BatchNorm2d", {"num_features": 3})
+    layer.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    buffer = io.BytesIO(safetensors.torch.save({f"m.{k}": v for k, v in
+                                                layer.state_dict().items()}))
+    Engine(store).put_layer("up.bn", "BatchNorm2d", {"num_features": 3}, buffer.getvalue(),
+                            prefix="m.")
+    again, _ = _open(tmp_path, specs)
+    assert torch.equal(again.slot("up.bn").layer.running_mean, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_a_state_dir_serves_one_process_at_a_time(tmp_path: Path, specs) -> None:
+    hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "lock")], text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(StateFileError, match="in use by another server"):
+                _open(tmp_path, specs)
+        finally:
+            holder.kill()
+    _open(tmp_path, specs)  # the holder is gone, and so is its lock
