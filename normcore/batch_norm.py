@@ -39,6 +39,8 @@ class _BatchNorm(_NormBase):
         """
         self._check_input(input)
         use_batch_stats, update, momentum = self._step(self.training if train is None else train)
+        if update and input.numel() == 0:  # torch would fold NaN statistics in
+            raise InputError("a train step needs a non-empty batch")
         running = update or not use_batch_stats
         result = F._batch_norm(
             input,

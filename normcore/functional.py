@@ -108,6 +108,10 @@ def _var_mean(input: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     accuracy; there is no E[x^2] - E[x]^2 cancellation.
     """
     x = input.float() if input.dtype in _REDUCED else input
+    if x.numel() == 0:  # nothing to reduce: NaN statistics, as torch's kernels give
+        shape = [n for d, n in enumerate(x.shape) if d not in set(dims)]
+        nan = torch.full(shape, math.nan, dtype=x.dtype, device=x.device)
+        return nan, nan.clone()
     return torch.var_mean(x, dim=list(dims), correction=0)
 
 
@@ -320,7 +324,8 @@ def group_norm_with_stats(
     batch, channels = input.size(0), input.size(1)
     if input.dtype in _REDUCED or channels % num_groups:
         output = torch.group_norm(input, num_groups, weight, bias, eps)
-        grouped = input.reshape(batch, num_groups, -1)
+        per_group = channels // num_groups * math.prod(input.shape[2:])
+        grouped = input.reshape(batch, num_groups, per_group)
         var, mean = _var_mean(grouped, [2])
         return Normalized(output, mean, var)
     hxw = input.numel() // max(batch * channels, 1)

@@ -54,6 +54,8 @@ class _InstanceNorm(_NormBase):
         unbatched = input.dim() == self._spatial + 1
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = training or not self.track_running_stats
+        if training and self.track_running_stats and x.numel() == 0:  # NaN statistics
+            raise InputError("a train step needs a non-empty batch")
         result = F._instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,

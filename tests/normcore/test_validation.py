@@ -128,3 +128,26 @@ def test_group_norm_rejects_indivisible_channels_like_torch() -> None:
         torch.nn.GroupNorm(4, 6)
     with pytest.raises(ValueError, match="divisible"):
         normcore.GroupNorm(4, 6)
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [(normcore.BatchNorm1d(4), torch.zeros(0, 4)),
+     (normcore.BatchNorm2d(4), torch.zeros(0, 4, 2, 2)),
+     (normcore.InstanceNorm1d(4, track_running_stats=True), torch.zeros(0, 4, 3))],
+    ids=["bn1d", "bn2d", "in1d"],
+)
+def test_empty_train_batch_is_refused_without_change(layer, x) -> None:
+    before = _snapshot(layer)
+    with pytest.raises(InputError, match="non-empty batch"):
+        layer.normalize(x, train=True)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_empty_batch_normalizes_to_empty_like_torch(dtype) -> None:
+    x = torch.zeros(0, 32, 5, dtype=dtype)
+    result = normcore.GroupNorm(8, 32).normalize(x)
+    assert result.output.shape == torch.nn.GroupNorm(8, 32)(x).shape
+    assert result.mean.shape == (0, 8)
