@@ -42,34 +42,34 @@ from ..v2.schemas import (
 from .deps import ReadAccess, authorize_read, authorize_write, read_body, run_step
 
 
-class V2Route(APIRoute):
-    """Answers errors the way the protocol does.
+def answer_as_v2(handle: Callable[[Request], Coroutine[Any, Any, Response]]):
+    """Wrap a handler so its errors are answered the way the protocol does.
 
     NOTE: V2 clients expect 400 for every mistake in a request, where the rest of the API
     says 422, and tritonclient shows the message only from an ``{"error"}`` body.
     """
 
+    async def handle_v2(request: Request) -> Response:
+        try:
+            return await handle(request)
+        except HTTPException:
+            raise  # 401/403 from the token check: already {"error"}
+        except Exception as exc:
+            status = status_of(exc)
+            if status == 500:
+                raise  # logged by the app's handler
+            if isinstance(exc, LayerNotFoundError):
+                return error_response(404, f"unknown model {exc.name!r}")
+            return error_response(400 if status == 422 else status, str(exc))
+
+    return handle_v2
+
+
+class V2Route(APIRoute):
+    """Routes whose errors follow the protocol (``answer_as_v2``)."""
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
-
-        async def handle_v2(request: Request) -> Response:
-            try:
-                return await handle(request)
-            except HTTPException:
-                raise  # 401/403 from the token check: already {"error"}
-            except Exception as exc:
-                status = status_of(exc)
-                if status == 500 and isinstance(exc, ValueError):
-                    # NOTE: torch.nn, and so normcore, raises a plain ValueError for a batch
-                    # a train step cannot take (one value per channel): the client's mistake.
-                    status = 400
-                if status == 500:
-                    raise  # logged by the app's handler
-                if isinstance(exc, LayerNotFoundError):
-                    return error_response(404, f"unknown model {exc.name!r}")
-                return error_response(400 if status == 422 else status, str(exc))
-
-        return handle_v2
+        return answer_as_v2(super().get_route_handler())
 
 
 class BuffersResponse(Response):
@@ -179,6 +179,10 @@ async def infer(name: str, request: Request) -> Response:
     head, blobs = codec.encode_infer_response(name, parsed, outcome.output, outcome.stats,
                                               outcome.num_batches_tracked)
     return await _send(request, head, blobs)
+
+
+# The hot path, served without FastAPI's dependency machinery (see service/app.py).
+infer_directly = answer_as_v2(lambda request: infer(request.path_params["name"], request))
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="V2 infer (version)",
