@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from . import __version__
 from .api import admin, health, normalize, stats, v2
@@ -76,6 +76,17 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
              app.state.engine.store.default_device)
 
 
+class _DirectRoute(Route):
+    """A plain route that still names itself in the scope, as FastAPI's routes do, so
+    metrics are labelled by its path template."""
+
+    def matches(self, scope):
+        match, child_scope = super().matches(scope)
+        if match is Match.FULL:
+            child_scope["route"] = self
+        return match, child_scope
+
+
 def create_app(
     settings: Settings | None = None, *, specs: list[LayerSpec] | None = None,
     load_in_background: bool = False,
@@ -133,8 +144,8 @@ def create_app(
     # the per-request dependency solving and routing scan (the FastAPI routes above still
     # document them in the OpenAPI schema).
     app.router.routes[:0] = [
-        Route("/normalize", normalize.normalize, methods=["POST"]),
-        Route("/v2/models/{name}/infer", v2.infer_directly, methods=["POST"]),
+        _DirectRoute("/normalize", normalize.normalize, methods=["POST"]),
+        _DirectRoute("/v2/models/{name}/infer", v2.infer_directly, methods=["POST"]),
     ]
     # Added first, so it runs inside the metrics middleware and its 413s are counted.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
