@@ -34,6 +34,7 @@ __all__ = [
     "Normalized",
     "RMSNormalized",
     "batch_norm",
+    "batch_norm_stats",
     "batch_norm_with_stats",
     "group_norm",
     "group_norm_with_stats",
@@ -161,6 +162,13 @@ def _batch_norm(
     if update:
         _update_running(running_mean, running_var, mean, var, input.numel() // channels, momentum)
     return Normalized(output, mean, var)
+
+
+def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, var)`` of ``input`` (biased var, over every dim but 1), as a
+    train-mode ``batch_norm`` computes them; float32 for float16/bfloat16 input."""
+    var, mean = _var_mean(input, [0, *range(2, input.dim())])
+    return mean, var
 
 
 def batch_norm_with_stats(

@@ -17,6 +17,8 @@ from starlette.routing import Match, Route
 
 from . import __version__
 from .api import admin, health, normalize, stats, v2
+from .api.deps import run_step
+from .batching import EvalBatcher
 from .catalog import LayerSpec, load_catalog
 from .codec import Limits
 from .engine import Engine
@@ -129,6 +131,14 @@ def create_app(
     store = Store(resolve_device(settings.device), reject_non_finite=not settings.allow_non_finite,
                   idempotency_window=settings.idempotency_window)
     app.state.engine = Engine(store)
+    app.state.batcher = None
+    if settings.batch_max_size > 1:
+        app.state.batcher = EvalBatcher(
+            app.state.engine,
+            lambda elements, fn, *args: run_step(elements, False, fn, *args,
+                                                 timeout=settings.request_timeout),
+            settings.batch_max_size, settings.batch_max_delay_ms / 1000,
+        )
     app.state.persistence = None
     if settings.state_dir is not None:
         app.state.persistence = Persistence(settings.state_dir,

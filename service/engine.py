@@ -81,6 +81,26 @@ class Engine:
             raise RequestError(str(exc), 409) from None
         return Outcome(step.result.output, _stats(step.result), step.num_batches_tracked)
 
+    def can_batch(self, name: str, x: torch.Tensor) -> bool:
+        """Whether an eval request may be merged with others along dim 0: it must have a
+        batch dim the layer treats sample by sample (or, for BatchNorm, with running
+        statistics), and run natively (no float64-on-float32 widening)."""
+        slot = self.store.slot(name)
+        kind, layer = slot.spec.kind, slot.layer
+        if x.dtype == torch.float64 or x.dim() < 2:
+            return False
+        if kind.startswith("BatchNorm"):
+            return layer.running_mean is not None
+        if kind.startswith("InstanceNorm"):
+            return x.dim() == int(kind[-2]) + 2
+        if kind in ("LayerNorm", "RMSNorm"):
+            return x.dim() > len(layer.normalized_shape)
+        return True
+
+    def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
+        """Eval outcomes for inputs merged into one layer call (see ``can_batch``)."""
+        return [Outcome(r.output, _stats(r), None) for r in self.store.evaluate_many(name, xs)]
+
     # --- statistics ---------------------------------------------------------------------
 
     def layer_entry(self, name: str) -> dict[str, Any]:

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         description="Seconds a client has to send one request's headers and body; slower "
         "connections are closed.",
     )
+    batch_max_size: int = Field(
+        0, ge=0, le=4096,
+        description="Merge up to this many concurrent eval requests per layer (0 or 1: off).",
+    )
+    batch_max_delay_ms: float = Field(
+        2.0, gt=0, le=1000, description="Longest wait for a batch to fill, in milliseconds.",
+    )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0,
                          description="torch intra-op threads.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from normcore.checkpoint import layer_state_bytes, load_layer_state
-from normcore.functional import Normalized, RMSNormalized
+from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
 
 from .catalog import LayerSpec
 from .idempotency import Applied, KeyWindow, input_digest
@@ -249,6 +249,28 @@ class Store:
             result = layer.normalize(x.to(slot.device), train=False)
         slot.requests["eval"] += 1
         return result
+
+    def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Normalized | RMSNormalized]:
+        """``evaluate`` for several inputs that differ only in dim 0, in one layer call.
+
+        Outputs are exact either way: eval mode normalizes each sample on its own (or with
+        the running statistics). Per-sample statistics are split along dim 0; BatchNorm's
+        batch statistics belong to each request's own batch, so they are computed per input.
+        """
+        slot = self.slot(name)
+        layer = slot.layer
+        x = torch.cat(xs).to(slot.device)
+        with torch.inference_mode():
+            if slot.spec.kind.startswith("BatchNorm"):
+                outputs = layer(x).split([len(t) for t in xs])
+                results = [Normalized(out, *batch_norm_stats(t.to(slot.device)))
+                           for out, t in zip(outputs, xs, strict=True)]
+            else:
+                merged = layer.normalize(x, train=False)
+                parts = [value.split([len(t) for t in xs]) for value in merged]
+                results = [type(merged)(*values) for values in zip(*parts, strict=True)]
+        slot.requests["eval"] += len(xs)
+        return results
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None) -> TrainResult:
         """Take one train step on the layer; raises (changing nothing) if it is rejected.

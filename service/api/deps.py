@@ -92,6 +92,17 @@ async def run_step(elements: int, train: bool, fn, *args, timeout: float | None 
         raise RequestTimeoutError(timeout) from None
 
 
+async def normalize_tensor(request: Request, name: str, x, mode: str,
+                           request_id: str | None = None):
+    """The engine's normalize for a route: merged with concurrent eval requests when
+    dynamic batching is on, else inline or in the thread pool (``run_step``)."""
+    state = request.app.state
+    if mode == "eval" and state.batcher is not None and state.engine.can_batch(name, x):
+        return await state.batcher.evaluate(name, x)
+    return await run_step(x.numel(), mode == "train", state.engine.normalize, name, x, mode,
+                          request_id, timeout=state.settings.request_timeout)
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 # A layer name in a path; others are refused (422) before the route runs. ("$" is the
 # end of the text for pydantic and JSON Schema, unlike Python's re: no trailing newline.)

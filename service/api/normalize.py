@@ -9,7 +9,7 @@ from ..codec import ENCODINGS, CodecError, decode_tensor, dumps, encode_tensor, 
 from ..engine import MODES, Outcome
 from ..metrics import label
 from ..schemas import NormalizeRequest, NormalizeResponse, errors, json_body
-from .deps import authorize_read, authorize_write, read_body, run_step
+from .deps import authorize_read, authorize_write, normalize_tensor, read_body
 
 router = APIRouter(tags=["normalize"])
 
@@ -68,7 +68,6 @@ async def normalize(request: Request) -> Response:
     label(request.scope, "layer", layer)
     label(request.scope, "mode", mode)
     x, given_encoding = decode_tensor(payload.get("tensor"), request.app.state.limits)
-    outcome = await run_step(x.numel(), mode == "train", engine.normalize, layer, x, mode,
-                             request_id, timeout=request.app.state.settings.request_timeout)
+    outcome = await normalize_tensor(request, layer, x, mode, request_id)
     body = encode_outcome(layer, mode, outcome, encoding or given_encoding)
     return Response(dumps(body), media_type="application/json")

@@ -39,7 +39,7 @@ from ..v2.schemas import (
     MetadataServer,
     inline_schema,
 )
-from .deps import ReadAccess, authorize_read, authorize_write, read_body, run_step
+from .deps import ReadAccess, authorize_read, authorize_write, normalize_tensor, read_body
 
 
 def answer_as_v2(handle: Callable[[Request], Coroutine[Any, Any, Response]]):
@@ -173,9 +173,7 @@ async def infer(name: str, request: Request) -> Response:
     body, parsed = await _read_request(request, types.output_names(kind))
     _authorize(request, parsed.mode)
     x = codec.decode_input(parsed, body, request.app.state.limits)
-    outcome = await run_step(x.numel(), parsed.mode == "train", engine.normalize, name, x,
-                             parsed.mode, parsed.request_id,
-                             timeout=request.app.state.settings.request_timeout)
+    outcome = await normalize_tensor(request, name, x, parsed.mode, parsed.request_id)
     head, blobs = codec.encode_infer_response(name, parsed, outcome.output, outcome.stats,
                                               outcome.num_batches_tracked)
     return await _send(request, head, blobs)
