@@ -205,27 +205,27 @@ class Store:
 
     def reset(self, name: str) -> Slot:
         """Back to the checkpoint's statistics (torch's defaults without one)."""
-        slot = self._acquire(name)
-        try:
-            fresh = self._serve(slot.spec.build(slot.device), slot.device)
-            wait = self._record(Change("reset", name, fresh))
-            slot.layer = fresh
-            slot.last_update = time.time()
-        finally:
-            slot.lock.release()
-        if wait is not None:
-            wait()
-        return slot
+        return self._replace(name, "reset",
+                             lambda slot: self._serve(slot.spec.build(slot.device), slot.device))
 
     def load_state(self, name: str, state: dict[str, torch.Tensor]) -> Slot:
         """Replace the layer's state with checked values from ``state`` (torch.nn keys)."""
-        slot = self._acquire(name)
-        try:
+
+        def loaded(slot: Slot) -> nn.Module:
             # A full copy, not a fork: the upload may replace weight and bias, which a fork
             # shares with the layer being served (and with the journal's view of it).
             layer = copy.deepcopy(slot.layer)
             load_layer_state(layer, state, source="uploaded state")
-            wait = self._record(Change("load_state", name, layer))
+            return layer
+
+        return self._replace(name, "load_state", loaded)
+
+    def _replace(self, name: str, change: str, make: Callable[[Slot], nn.Module]) -> Slot:
+        """Serve ``make(slot)`` instead of the layer, recorded, under the layer's lock."""
+        slot = self._acquire(name)
+        try:
+            layer = make(slot)
+            wait = self._record(Change(change, name, layer))
             slot.layer = layer
             slot.last_update = time.time()
         finally:

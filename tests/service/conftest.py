@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -41,6 +42,20 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def server_url(server: ServerProcess) -> str:
     return server.url
+
+
+@pytest.fixture(scope="module")
+def triton(server_url: str):
+    """tritonclient's HTTP client on the session's server."""
+    from .v2_helpers import triton_client
+
+    return triton_client(server_url)
+
+
+@pytest.fixture(scope="module")
+def http(server_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server_url, trust_env=False, timeout=60) as client:
+        yield client
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,4 +1,4 @@
-"""KServe V2 errors against a real server: every client mistake is a 4xx with an
+"""KServe V2 errors against a real server: every triton mistake is a 4xx with an
 ``{"error": ...}`` body, so tritonclient raises an exception carrying the message."""
 
 from __future__ import annotations
@@ -7,52 +7,39 @@ import gzip
 import json
 import zlib
 
-import httpx
 import numpy as np
 import pytest
-import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from .v2_helpers import infer, triton_client
+from .v2_helpers import infer
 
 X = np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def client(server_url):
-    return triton_client(server_url)
-
-
-@pytest.fixture(scope="module")
-def http(server_url):
-    with httpx.Client(base_url=server_url, trust_env=False, timeout=60) as http:
-        yield http
-
-
 def _resized(shape):
-    def send(client):
+    def send(triton):
         tensor = triton.InferInput("x", list(X.shape), "FP32")
         tensor.set_data_from_numpy(X)
         tensor.set_shape(shape)  # the blob stays 4 x 64 values
-        return client.infer("features.ln", [tensor])
+        return triton.infer("features.ln", [tensor])
     return send
 
 
-def _shared_memory(client):
+def _shared_memory(triton):
     tensor = triton.InferInput("x", list(X.shape), "FP32")
     tensor.set_shared_memory("region", X.nbytes)
-    return client.infer("features.ln", [tensor])
+    return triton.infer("features.ln", [tensor])
 
 
-def _two_inputs(client):
+def _two_inputs(triton):
     tensors = [triton.InferInput(n, list(X.shape), "FP32") for n in ("a", "b")]
     for tensor in tensors:
         tensor.set_data_from_numpy(X)
-    return client.infer("features.ln", tensors)
+    return triton.infer("features.ln", tensors)
 
 
 def _train(name, x):
-    return lambda client: infer(client, name, x, "FP32", parameters={"mode": "train"})
+    return lambda triton: infer(triton, name, x, "FP32", parameters={"mode": "train"})
 
 
 # (id, call, status, part of the message)
@@ -94,9 +81,9 @@ TRITON_CASES = [
 
 @pytest.mark.parametrize(("call", "status", "message"),
                          [pytest.param(*case[1:], id=case[0]) for case in TRITON_CASES])
-def test_mistake_reaches_tritonclient_as_an_exception(client, call, status, message):
+def test_mistake_reaches_tritonclient_as_an_exception(triton, call, status, message):
     with pytest.raises(InferenceServerException) as caught:
-        call(client)
+        call(triton)
     assert caught.value.status() == status
     assert message in caught.value.message()
 
@@ -159,27 +146,27 @@ def test_malformed_request_is_400_with_an_error_body(http, body, headers, messag
     assert message in response.json()["error"]
 
 
-def test_rejected_train_request_leaves_stats_unchanged(client, http):
+def test_rejected_train_request_leaves_stats_unchanged(triton, http):
     before = http.get("/stats/stream.bn").json()
     with pytest.raises(InferenceServerException, match="last|expected"):
-        infer(client, "stream.bn", X[:, :32].copy(), "FP32", parameters={"mode": "train"})
+        infer(triton, "stream.bn", X[:, :32].copy(), "FP32", parameters={"mode": "train"})
     after = http.get("/stats/stream.bn").json()
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         assert after[key] == before[key]
 
 
-def test_body_over_the_limit_is_413(client):
+def test_body_over_the_limit_is_413(triton):
     big = np.zeros((1 << 18, 64), np.float32)  # 64 MiB, plus a header: over the limit
     with pytest.raises(InferenceServerException, match="exceeds the limit") as caught:
-        infer(client, "features.ln", big, "FP32")
+        infer(triton, "features.ln", big, "FP32")
     assert caught.value.status() == "413"
-    assert client.is_server_live()  # the connection and the server carry on
+    assert triton.is_server_live()  # the connection and the server carry on
 
 
-def test_compressed_body_that_inflates_past_the_limit_is_413(client):
+def test_compressed_body_that_inflates_past_the_limit_is_413(triton):
     zeros = np.zeros(((1 << 18) + 16, 64), np.float32)  # compresses to ~64 KiB
     with pytest.raises(InferenceServerException, match="decompressed request body") as caught:
-        infer(client, "features.ln", zeros, "FP32", request_compression_algorithm="deflate")
+        infer(triton, "features.ln", zeros, "FP32", request_compression_algorithm="deflate")
     assert caught.value.status() == "413"
 
 
