@@ -45,7 +45,7 @@ def server_url(server: ServerProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def triton(server_url: str):
+def v2_client(server_url: str):
     """tritonclient's HTTP client on the session's server."""
     from .v2_helpers import triton_client
 

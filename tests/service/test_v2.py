@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from .server_process import ServerProcess
@@ -62,35 +63,35 @@ def check_outputs(result, kind, layer, x, datatype, *, train=False):
 # --- health and metadata ----------------------------------------------------------------
 
 
-def test_server_is_live_and_ready(triton):
-    assert triton.is_server_live()
-    assert triton.is_server_ready()
+def test_server_is_live_and_ready(v2_client):
+    assert v2_client.is_server_live()
+    assert v2_client.is_server_ready()
 
 
-def test_server_metadata_names_the_binary_extension(triton):
-    meta = triton.get_server_metadata()
+def test_server_metadata_names_the_binary_extension(v2_client):
+    meta = v2_client.get_server_metadata()
     assert meta["name"] == "normcore"
     assert isinstance(meta["version"], str)
     assert "binary_tensor_data" in meta["extensions"]
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_every_catalog_layer_is_a_ready_model(triton, name):
-    assert triton.is_model_ready(name)
-    assert triton.is_model_ready(name, "1")
+def test_every_catalog_layer_is_a_ready_model(v2_client, name):
+    assert v2_client.is_model_ready(name)
+    assert v2_client.is_model_ready(name, "1")
 
 
 @pytest.mark.parametrize(("name", "version"), [("no.such.layer", ""), ("features.ln", "2")])
-def test_unknown_model_or_version_is_not_ready(triton, name, version):
-    assert not triton.is_model_ready(name, version)
+def test_unknown_model_or_version_is_not_ready(v2_client, name, version):
+    assert not v2_client.is_model_ready(name, version)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_model_metadata_gives_shapes_with_free_dims(triton, http, name):
+def test_model_metadata_gives_shapes_with_free_dims(v2_client, http, name):
     _, input_shape, stats_shape = LAYERS[name]
     kind, _ = reference_layer(http, name)
     for version in ("", "1"):
-        meta = triton.get_model_metadata(name, version)
+        meta = v2_client.get_model_metadata(name, version)
         assert meta["name"] == name
         assert meta["versions"] == ["1"]
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": input_shape}]
@@ -112,41 +113,41 @@ ENCODINGS = [("FP32", "binary"), ("FP32", "json"), ("FP16", "binary"), ("FP16", 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize(("datatype", "encoding"), ENCODINGS)
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_eval_matches_torch(triton, http, name, datatype, encoding):
+def test_eval_matches_torch(v2_client, http, name, datatype, encoding):
     kind, layer = reference_layer(http, name)
     x = (torch.randn(LAYERS[name][0]) * 3 + 1).to(torch.float32)
     x = to_torch(to_numpy(x, datatype))
-    result = infer(triton, name, to_numpy(x, datatype), datatype, binary=encoding == "binary",
+    result = infer(v2_client, name, to_numpy(x, datatype), datatype, binary=encoding == "binary",
                    outputs=["output", *stat_names(kind)], parameters={"mode": "eval"})
     check_outputs(result, kind, layer, x, datatype)
     assert result.get_response()["parameters"]["mode"] == "eval"
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_fp64_is_computed_in_float64(triton, http, name):
+def test_fp64_is_computed_in_float64(v2_client, http, name):
     kind, layer = reference_layer(http, name)
     x = torch.randn(LAYERS[name][0], dtype=torch.float64)
-    result = infer(triton, name, x.numpy(), "FP64", outputs=["output", *stat_names(kind)])
+    result = infer(v2_client, name, x.numpy(), "FP64", outputs=["output", *stat_names(kind)])
     check_outputs(result, kind, layer.double(), x, "FP64")
 
 
-def test_default_is_eval_and_the_output_alone_in_binary(triton, http):
+def test_default_is_eval_and_the_output_alone_in_binary(v2_client, http):
     _, layer = reference_layer(http, "digits.head.bn")
     x = torch.randn(8, 64)
-    result = infer(triton, "digits.head.bn", x.numpy(), "FP32")  # no outputs, no mode
+    result = infer(v2_client, "digits.head.bn", x.numpy(), "FP32")  # no outputs, no mode
     response = result.get_response()
     assert [o["name"] for o in response["outputs"]] == ["output"]
     assert "binary_data_size" in response["outputs"][0]["parameters"]
     torch.testing.assert_close(to_torch(result.as_numpy("output")), layer(x).detach())
 
 
-def test_outputs_are_binary_or_json_as_each_asks(triton):
+def test_outputs_are_binary_or_json_as_each_asks(v2_client):
     x = np.random.default_rng(1).standard_normal((4, 64), dtype=np.float32)
     tensor = triton.InferInput("x", [4, 64], "FP32")
     tensor.set_data_from_numpy(x)
     wanted = [triton.InferRequestedOutput(n, binary_data=b)
               for n, b in (("batch_var", False), ("output", True), ("batch_mean", False))]
-    result = triton.infer("features.ln", [tensor], outputs=wanted, request_id="req-7")
+    result = v2_client.infer("features.ln", [tensor], outputs=wanted, request_id="req-7")
     response = result.get_response()
     assert response["id"] == "req-7"
     assert response["model_name"] == "features.ln"
@@ -157,9 +158,9 @@ def test_outputs_are_binary_or_json_as_each_asks(triton):
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
-def test_bf16_output_is_binary_even_when_json_is_asked(triton):
+def test_bf16_output_is_binary_even_when_json_is_asked(v2_client):
     x = to_numpy(torch.randn(2, 64), "BF16")
-    result = infer(triton, "features.rms", x, "BF16", outputs=["output"], binary_outputs=False)
+    result = infer(v2_client, "features.rms", x, "BF16", outputs=["output"], binary_outputs=False)
     assert "binary_data_size" in result.get_output("output")["parameters"]
     assert result.as_numpy("output").dtype == x.dtype
 
@@ -175,9 +176,9 @@ def test_nested_json_data_is_accepted(http):
     torch.testing.assert_close(torch.tensor(output["data"]).reshape(2, 64), expected)
 
 
-def test_versioned_infer_path(triton):
+def test_versioned_infer_path(v2_client):
     x = np.ones((2, 64), np.float32)
-    result = infer(triton, "features.ln", x, "FP32", model_version="1")
+    result = infer(v2_client, "features.ln", x, "FP32", model_version="1")
     assert result.get_response()["model_version"] == "1"
 
 
@@ -187,11 +188,11 @@ def test_versioned_infer_path(triton):
 @pytest.mark.parametrize(("name", "shape"), [
     ("stream.bn", (16, 64)), ("digits.head.bn", (12, 64)), ("digits.bn1", (4, 16, 3, 3)),
 ])
-def test_train_updates_running_stats_like_torch(triton, http, name, shape):
+def test_train_updates_running_stats_like_torch(v2_client, http, name, shape):
     kind, layer = reference_layer(http, name)
     for step in range(3):
         x = torch.randn(shape) * (step + 1) + step
-        result = infer(triton, name, x.numpy(), "FP32", binary=step != 1,
+        result = infer(v2_client, name, x.numpy(), "FP32", binary=step != 1,
                        outputs=["output", *stat_names(kind)],
                        parameters={"mode": "train", "request_id": f"{name}-{step}"})
         check_outputs(result, kind, layer, x, "FP32", train=True)
@@ -210,10 +211,10 @@ def test_train_updates_running_stats_like_torch(triton, http, name, shape):
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_request_and_response(triton, http, algorithm, binary):
+def test_compressed_request_and_response(v2_client, http, algorithm, binary):
     kind, layer = reference_layer(http, "features.gn")
     x = torch.randn(4, 32, 6)
-    result = infer(triton, "features.gn", x.numpy(), "FP32", binary=binary,
+    result = infer(v2_client, "features.gn", x.numpy(), "FP32", binary=binary,
                    outputs=["output", *stat_names(kind)],
                    request_compression_algorithm=algorithm,
                    response_compression_algorithm=algorithm)
@@ -261,10 +262,10 @@ def guarded_url():
         yield server.url
 
 
-def test_4_mib_binary_tensor(triton, http):
+def test_4_mib_binary_tensor(v2_client, http):
     kind, layer = reference_layer(http, "digits.bn1")
     x = torch.randn(64, 16, 32, 32)  # 4 MiB of FP32
-    result = infer(triton, "digits.bn1", x.numpy(), "FP32",
+    result = infer(v2_client, "digits.bn1", x.numpy(), "FP32",
                    outputs=["output", *stat_names(kind)])
     check_outputs(result, kind, layer, x, "FP32")
 
@@ -278,19 +279,19 @@ def test_64_mib_binary_tensor(guarded_url):
 
 
 def test_train_needs_the_token_and_eval_does_not(guarded_url):
-    triton = triton_client(guarded_url)
+    v2_client = triton_client(guarded_url)
     x = np.random.default_rng(2).standard_normal((8, 64), dtype=np.float32)
-    infer(triton, "stream.bn", x, "FP32")
+    infer(v2_client, "stream.bn", x, "FP32")
     with pytest.raises(InferenceServerException, match="missing bearer token") as missing:
-        infer(triton, "stream.bn", x, "FP32", parameters={"mode": "train"})
+        infer(v2_client, "stream.bn", x, "FP32", parameters={"mode": "train"})
     assert missing.value.status() == "401"
     with pytest.raises(InferenceServerException, match="invalid bearer token") as wrong:
-        infer(triton, "stream.bn", x, "FP32", parameters={"mode": "train"},
+        infer(v2_client, "stream.bn", x, "FP32", parameters={"mode": "train"},
               headers={"Authorization": "Bearer nope"})
     assert wrong.value.status() == "403"
     with httpx.Client(base_url=guarded_url, trust_env=False) as http:
         assert http.get("/stats/stream.bn").json()["num_batches_tracked"] == 0
-        result = infer(triton, "stream.bn", x, "FP32", parameters={"mode": "train"},
+        result = infer(v2_client, "stream.bn", x, "FP32", parameters={"mode": "train"},
                        headers={"Authorization": f"Bearer {TOKEN}"})
         assert result.get_response()["parameters"]["num_batches_tracked"] == 1
         assert http.get("/stats/stream.bn").json()["num_batches_tracked"] == 1
@@ -306,20 +307,20 @@ def protected_url():
 
 
 def test_protected_reads_need_the_token(protected_url):
-    triton = triton_client(protected_url)
+    v2_client = triton_client(protected_url)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     x = np.ones((2, 64), np.float32)
-    assert triton.is_server_live()
-    assert triton.is_server_ready()
-    assert not triton.is_model_ready("features.ln")
-    assert triton.is_model_ready("features.ln", headers=dict(auth))
+    assert v2_client.is_server_live()
+    assert v2_client.is_server_ready()
+    assert not v2_client.is_model_ready("features.ln")
+    assert v2_client.is_model_ready("features.ln", headers=dict(auth))
     with pytest.raises(InferenceServerException, match="missing bearer token"):
-        triton.get_model_metadata("features.ln")
-    assert triton.get_model_metadata("features.ln", headers=dict(auth))["name"] == "features.ln"
+        v2_client.get_model_metadata("features.ln")
+    assert v2_client.get_model_metadata("features.ln", headers=dict(auth))["name"] == "features.ln"
     with pytest.raises(InferenceServerException, match="missing bearer token"):
-        infer(triton, "features.ln", x, "FP32")
+        infer(v2_client, "features.ln", x, "FP32")
     # infer() adds its own headers to the dict it is given: a fresh one per call.
-    result = infer(triton, "features.ln", x, "FP32", headers=dict(auth))
+    result = infer(v2_client, "features.ln", x, "FP32", headers=dict(auth))
     assert result.as_numpy("output").shape == (2, 64)
 
 

@@ -1,4 +1,4 @@
-"""KServe V2 errors against a real server: every triton mistake is a 4xx with an
+"""KServe V2 errors against a real server: every v2_client mistake is a 4xx with an
 ``{"error": ...}`` body, so tritonclient raises an exception carrying the message."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from .v2_helpers import infer
@@ -17,29 +18,29 @@ X = np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)
 
 
 def _resized(shape):
-    def send(triton):
+    def send(v2_client):
         tensor = triton.InferInput("x", list(X.shape), "FP32")
         tensor.set_data_from_numpy(X)
         tensor.set_shape(shape)  # the blob stays 4 x 64 values
-        return triton.infer("features.ln", [tensor])
+        return v2_client.infer("features.ln", [tensor])
     return send
 
 
-def _shared_memory(triton):
+def _shared_memory(v2_client):
     tensor = triton.InferInput("x", list(X.shape), "FP32")
     tensor.set_shared_memory("region", X.nbytes)
-    return triton.infer("features.ln", [tensor])
+    return v2_client.infer("features.ln", [tensor])
 
 
-def _two_inputs(triton):
+def _two_inputs(v2_client):
     tensors = [triton.InferInput(n, list(X.shape), "FP32") for n in ("a", "b")]
     for tensor in tensors:
         tensor.set_data_from_numpy(X)
-    return triton.infer("features.ln", tensors)
+    return v2_client.infer("features.ln", tensors)
 
 
 def _train(name, x):
-    return lambda triton: infer(triton, name, x, "FP32", parameters={"mode": "train"})
+    return lambda v2_client: infer(v2_client, name, x, "FP32", parameters={"mode": "train"})
 
 
 # (id, call, status, part of the message)
@@ -81,9 +82,9 @@ TRITON_CASES = [
 
 @pytest.mark.parametrize(("call", "status", "message"),
                          [pytest.param(*case[1:], id=case[0]) for case in TRITON_CASES])
-def test_mistake_reaches_tritonclient_as_an_exception(triton, call, status, message):
+def test_mistake_reaches_tritonclient_as_an_exception(v2_client, call, status, message):
     with pytest.raises(InferenceServerException) as caught:
-        call(triton)
+        call(v2_client)
     assert caught.value.status() == status
     assert message in caught.value.message()
 
@@ -146,27 +147,27 @@ def test_malformed_request_is_400_with_an_error_body(http, body, headers, messag
     assert message in response.json()["error"]
 
 
-def test_rejected_train_request_leaves_stats_unchanged(triton, http):
+def test_rejected_train_request_leaves_stats_unchanged(v2_client, http):
     before = http.get("/stats/stream.bn").json()
     with pytest.raises(InferenceServerException, match="last|expected"):
-        infer(triton, "stream.bn", X[:, :32].copy(), "FP32", parameters={"mode": "train"})
+        infer(v2_client, "stream.bn", X[:, :32].copy(), "FP32", parameters={"mode": "train"})
     after = http.get("/stats/stream.bn").json()
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         assert after[key] == before[key]
 
 
-def test_body_over_the_limit_is_413(triton):
+def test_body_over_the_limit_is_413(v2_client):
     big = np.zeros((1 << 18, 64), np.float32)  # 64 MiB, plus a header: over the limit
     with pytest.raises(InferenceServerException, match="exceeds the limit") as caught:
-        infer(triton, "features.ln", big, "FP32")
+        infer(v2_client, "features.ln", big, "FP32")
     assert caught.value.status() == "413"
-    assert triton.is_server_live()  # the connection and the server carry on
+    assert v2_client.is_server_live()  # the connection and the server carry on
 
 
-def test_compressed_body_that_inflates_past_the_limit_is_413(triton):
+def test_compressed_body_that_inflates_past_the_limit_is_413(v2_client):
     zeros = np.zeros(((1 << 18) + 16, 64), np.float32)  # compresses to ~64 KiB
     with pytest.raises(InferenceServerException, match="decompressed request body") as caught:
-        infer(triton, "features.ln", zeros, "FP32", request_compression_algorithm="deflate")
+        infer(v2_client, "features.ln", zeros, "FP32", request_compression_algorithm="deflate")
     assert caught.value.status() == "413"
 
 
