@@ -2,7 +2,7 @@
 
 Run from the repository root (``make test`` builds .venv):
 
-    .venv/bin/python bench/kernels.py                    # full run, a few minutes
+    .venv/bin/python bench/kernels.py                    # full run, 3-10 minutes
     .venv/bin/python bench/kernels.py --quick            # smoke run
     .venv/bin/python bench/kernels.py --filter BatchNorm2d --threads 1 --json /tmp/bn.json
 
@@ -27,17 +27,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
+HERE = Path(__file__).resolve().parent
+# bench/ also holds http.py, which would shadow the standard library's http package that
+# torch imports; the repository root goes first instead, to run from a plain checkout.
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 import normcore  # noqa: E402
 
 MB = 1 << 20
 TARGETS_MB = (4, 8, 16, 32)
 LIMIT = 1.10
 SMALL_BYTES = 64 * 1024
-NOISY = 0.25  # interquartile range / median above which a case is flagged
+NOISY = 0.25  # median / best - 1 above which a case is measured again, then flagged
 
 
 def _pair(name: str, *args, **kwargs) -> tuple[nn.Module, nn.Module]:
@@ -72,8 +76,8 @@ def shapes(sample: tuple[int, ...], small: tuple[int, ...]) -> list[tuple[int, .
     return [small] + [(max(1, round(mb * MB / per)), *sample) for mb in TARGETS_MB]
 
 
-def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, float, int]:
-    """Median seconds per call of each fn, the worst relative spread, calls per sample."""
+def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, dict, float, int]:
+    """Median and best seconds per call of each fn, the noise, and calls per sample."""
     # Warm-up: first calls fault pages in, fill allocator caches and pick kernels.
     for fn in fns.values():
         end, n = time.perf_counter() + warmup_s, 0
@@ -99,16 +103,15 @@ def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, float, int]:
                 samples[name].append((time.perf_counter() - t0) / inner)
     finally:
         gc.enable()
-    # Spread = interquartile range / median: a noisy box shows up here, not as a bias.
-    spread = max((q[2] - q[0]) / q[1] for q in map(_quartiles, samples.values()))
-    return {name: statistics.median(v) for name, v in samples.items()}, spread, inner
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    best = {name: min(v) for name, v in samples.items()}
+    # Noise = how far the typical sample is above the best one. A busy spell that covers
+    # every sample shifts the whole distribution, so a spread (IQR) would not show it.
+    noise = max(med[name] / best[name] - 1 for name in names)
+    return med, best, noise, inner
 
 
-def _quartiles(v: list[float]) -> list[float]:
-    return statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
-
-
-def run_case(family: str, mode: str, shape, reps: int, warmup_s: float) -> dict:
+def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries: int) -> dict:
     make = FAMILIES[family][0]
     ours, ref = make(shape)
     ours.train(mode == "train")
@@ -121,18 +124,28 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float) -> dict:
         "normalize": lambda: ours.normalize(x),
         "copy": lambda: dst.copy_(x),
     }
-    med, spread, inner = measure(fns, reps, warmup_s)
+    # A busy spell on a shared box can cover most of a case's samples; measure again then,
+    # and keep the calmest attempt (the others are not averaged in).
+    med, best, noise, inner = measure(fns, reps, warmup_s)
+    for _ in range(retries):
+        if noise <= NOISY:
+            break
+        again = measure(fns, reps, warmup_s)
+        if again[2] < noise:
+            med, best, noise, inner = again
     return {
         "family": family,
         "mode": mode,
         "shape": list(shape),
         "mb": x.numel() * x.element_size() / MB,
         "inner": inner,
-        "spread": spread,
+        "noise": noise,
         **{f"{name}_ms": t * 1e3 for name, t in med.items()},
+        **{f"{name}_best_ms": t * 1e3 for name, t in best.items()},
         "ratio_torch": med["normcore"] / med["torch"],
         "ratio_copy": med["normcore"] / med["copy"],
         "normalize_ratio_torch": med["normalize"] / med["torch"],
+        "best_ratio_torch": best["normcore"] / best["torch"],
     }
 
 
@@ -147,7 +160,8 @@ COLUMNS = [  # header, width, row -> text
     ("vs torch", 8, lambda r: f"{r['ratio_torch']:.3f}"),
     ("vs copy", 7, lambda r: f"{r['ratio_copy']:.2f}"),
     ("normalize vs torch", 18, lambda r: f"{r['normalize_ratio_torch']:.3f}"),
-    ("spread", 6, lambda r: f"{r['spread']:.0%}"),
+    ("best vs torch", 13, lambda r: f"{r['best_ratio_torch']:.3f}"),
+    ("noise", 6, lambda r: f"{r['noise']:.0%}"),
 ]
 
 
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few reps, short warm-up (smoke run)")
     p.add_argument("--repeat", type=int, default=None, help="samples per contender (40)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (torch's default)")
+    p.add_argument("--retries", type=int, default=2, help="re-measures of a noisy case (2)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--filter", default="", help="only cases whose 'family mode shape' has this")
     args = p.parse_args(argv)
@@ -193,13 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     want = args.filter.lower()
     cases = [c for c in cases if want in f"{c[0]} {c[1]} {'x'.join(map(str, c[2]))}".lower()]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} reps, "
-          f"median per call; ratios are normcore (or normalize) time / the other's time")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} reps, "
+        f"median per call; ratios are normcore (or normalize) time / the other's time"
+    )
     print(fmt([h for h, _, _ in COLUMNS]))
     rows = []
     with torch.inference_mode():
         for family, mode, shape in cases:
-            row = run_case(family, mode, shape, reps, warmup_s)
+            row = run_case(family, mode, shape, reps, warmup_s, args.retries)
             rows.append(row)
             print(fmt([f(row) for _, _, f in COLUMNS]), flush=True)
 
@@ -207,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     small = [r for r in rows if r["mb"] * MB < SMALL_BYTES]
     print()
     print(claim("forward, 4-32 MB", big, "ratio_torch", rule=True))
+    # The same claim from the fastest samples: steadier when the box is busy.
+    print(claim("forward, 4-32 MB, fastest samples", big, "best_ratio_torch", rule=True))
     print(claim("forward, < 64 KB, dispatch overhead", small, "ratio_torch"))
     print(claim("normalize, 4-32 MB", big, "normalize_ratio_torch"))
-    noisy = [r for r in rows if r["spread"] > NOISY]
+    noisy = [r for r in rows if r["noise"] > NOISY]
     if noisy:  # their medians may still be fine; rerun them with --filter to be sure
-        print(f"{len(noisy)} case(s) with spread > {NOISY:.0%}: the machine was busy")
+        print(f"{len(noisy)} case(s) with noise > {NOISY:.0%}: the machine was busy")
     if args.json:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": reps}
         args.json.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
