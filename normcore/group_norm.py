@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._base import check_floating
+from ._base import _tensors, check_floating
 from .errors import InputError
 
 
@@ -58,11 +58,13 @@ class GroupNorm(nn.Module):
         ``train`` is accepted for a uniform interface: there are no running statistics.
         """
         self._check_input(input)
-        return F.group_norm_with_stats(input, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias, _, _ = _tensors(self)
+        return F.group_norm_with_stats(input, self.num_groups, weight, bias, self.eps)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias, _, _ = _tensors(self)
+        return F.group_norm(input, self.num_groups, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

@@ -54,8 +54,9 @@ class _InstanceNorm(_NormBase):
         unbatched = input.dim() == self._spatial + 1
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = training or not self.track_running_stats
+        weight, bias, running_mean, running_var = self._tensors()
         result = F._instance_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+            x, running_mean, running_var, weight, bias, use_input_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,
             with_stats=with_stats, reject_non_finite=self.reject_non_finite and training,
         )
