@@ -55,15 +55,17 @@ def _ptr(t: Tensor | None) -> int:
 
 def _channels(input: Tensor) -> tuple[int, int, int] | None:
     """[N, C, HW] of a float32 CPU input; channels_last as [N*H*W, C, 1]; else None."""
-    if input.dtype is not _F32 or not input.is_cpu or input.dim() < 2:
+    if input.dtype is not _F32 or not input.is_cpu:
         return None
+    shape = input.shape
     numel = input.numel()
-    if numel == 0:
+    if len(shape) < 2 or numel == 0:
         return None
-    n, c = input.shape[:2]
+    n = shape[0]
+    c = shape[1]
     if input.is_contiguous():
         return n, c, numel // (n * c)
-    last = _LAST.get(input.dim())
+    last = _LAST.get(len(shape))
     if last is not None and input.is_contiguous(memory_format=last):
         return numel // c, c, 1
     return None
@@ -156,14 +158,18 @@ def group_norm(
     ``output=False`` computes the statistics only, ``stats=False`` the output only. Declines
     one value per group (training's error), like torch's group-size check.
     """
-    layout = _channels(input)
-    if layout is None or (layout[2] == 1 and not input.is_contiguous()):
-        return None  # channels_last is not a GroupNorm layout
-    n, c, hw = layout
-    if (num_groups <= 0 or c % num_groups or n * (c // num_groups) * hw == 1
-            or _wants_grad(input, weight, bias) or _tracing()):
+    if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
         return None
-    if not _vectors(c, weight, bias):
+    shape = input.shape
+    numel = input.numel()
+    if len(shape) < 2 or numel == 0:
+        return None
+    n = shape[0]
+    c = shape[1]
+    hw = numel // (n * c)
+    if num_groups <= 0 or c % num_groups or n * (c // num_groups) * hw == 1:
+        return None
+    if _wants_grad(input, weight, bias) or _tracing() or not _vectors(c, weight, bias):
         return None
     kernels = ops()
     if kernels is None:
@@ -215,9 +221,13 @@ def instance_norm(
 def _rows(input: Tensor, shape: tuple[int, ...], weight: Tensor | None,
           bias: Tensor | None = None) -> int:
     """Length of the rows over the last ``len(shape)`` dims; 0 if the kernels don't take them."""
-    if (input.dtype is not _F32 or not input.is_cpu or not shape or input.numel() == 0
-            or input.shape[-len(shape):] != shape or input.dim() < len(shape)
-            or not input.is_contiguous()):
+    if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
+        return 0
+    k = len(shape)
+    have = input.shape
+    if k == 0 or len(have) < k or input.numel() == 0:
+        return 0
+    if have[-1] != shape[0] if k == 1 else have[-k:] != shape:
         return 0
     if weight is not None and (weight.dtype is not _F32 or not weight.is_cpu
                                or weight.shape != shape or not weight.is_contiguous()):

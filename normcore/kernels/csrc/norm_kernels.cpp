@@ -21,6 +21,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -35,6 +36,15 @@ constexpr int kColumnRows = 128;     // rows summed in float32 per column before
 constexpr int64_t kColumnScratch = int64_t{1} << 22;  // Sums of per-chunk column partials
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// f(std::true_type) if an output of this many values is streamed, else f(std::false_type).
+template <class F>
+void with_stream(int64_t values, const F& f) {
+  if (streaming(values * static_cast<int64_t>(sizeof(float))))
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
 
 // --- per-channel statistics of [N, C, HW] (dim 1 against all others) ---------------------
 
@@ -103,14 +113,17 @@ void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
   const int64_t total = N * C * HW;
   if (HW >= kPlanarMin) {
     const int64_t chunks = std::max<int64_t>(1, total / kChunk);
-    parallel_chunks(chunks, threads, [&](int64_t chunk) {
-      int64_t lo = total * chunk / chunks;
-      const int64_t hi = total * (chunk + 1) / chunks;
-      while (lo < hi) {  // a chunk may start or end inside a plane
-        const int64_t c = lo / HW % C, len = std::min(HW - lo % HW, hi - lo);
-        affine(x + lo, y + lo, len, k[c], a[c], b[c]);
-        lo += len;
-      }
+    with_stream(total, [&](auto stream) {
+      parallel_chunks(chunks, threads, [&](int64_t chunk) {
+        int64_t lo = total * chunk / chunks;
+        const int64_t hi = total * (chunk + 1) / chunks;
+        while (lo < hi) {  // a chunk may start or end inside a plane
+          const int64_t c = lo / HW % C, len = std::min(HW - lo % HW, hi - lo);
+          affine<stream>(x + lo, y + lo, len, k[c], a[c], b[c]);
+          lo += len;
+        }
+        if (stream) stream_fence();
+      });
     });
     return;
   }
@@ -120,10 +133,14 @@ void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
   spread(a, C, HW, ac.data());
   spread(b, C, HW, bc.data());
   const int64_t rows = std::max<int64_t>(1, kChunk / width);
-  parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
-    const int64_t end = std::min(N, (chunk + 1) * rows);
-    for (int64_t row = chunk * rows; row < end; ++row)
-      affine_row(x + row * width, y + row * width, width, kc.data(), ac.data(), bc.data());
+  with_stream(total, [&](auto stream) {
+    parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
+      const int64_t end = std::min(N, (chunk + 1) * rows);
+      for (int64_t row = chunk * rows; row < end; ++row)
+        affine_row<stream>(x + row * width, y + row * width, width, kc.data(), ac.data(),
+                           bc.data());
+      if (stream) stream_fence();
+    });
   });
 }
 
@@ -142,7 +159,7 @@ struct Rows {
 // Statistics of every row, then apply(r, i0, i1, k, moments) for its values [i0, i1).
 // kCenter: mean and variance around k = the row's first value; otherwise the mean square
 // (as var) around 0.
-template <bool kCenter, class Apply>
+template <bool kCenter, bool kStream, class Apply>
 void run_rows(const Rows& p, const Apply& apply, int threads) {
   auto shift = [&](int64_t r) { return kCenter ? p.x[r * p.L] : 0.0f; };
   auto finish = [&](int64_t r, const Sums& s) {
@@ -164,6 +181,7 @@ void run_rows(const Rows& p, const Apply& apply, int threads) {
         const Moments m = finish(r, s);
         if (p.y) apply(r, 0, p.L, k, m);
       }
+      if (kStream) stream_fence();
     });
     return;
   }
@@ -184,54 +202,61 @@ void run_rows(const Rows& p, const Apply& apply, int threads) {
   parallel_chunks(pieces, threads, [&](int64_t q) {
     const int64_t r = q / segs, lo = q % segs * seg;
     apply(r, lo, std::min(lo + seg, p.L), shift(r), ms[r]);
+    if (kStream) stream_fence();
   });
 }
 
 void layer_rows(const Rows& p, const float* w, const float* b, int threads) {
-  run_rows<true>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
-    const double rstd = rstd_of(m.var, p.eps);
-    const float s = static_cast<float>(rstd), o = static_cast<float>(-m.dm * rstd);
-    const float* x = p.x + r * p.L;
-    float* y = p.y + r * p.L;
-    if (w && b)
-      scale_row<true, true>(x, y, i0, i1, k, s, o, w, b);
-    else if (w)
-      scale_row<true, false>(x, y, i0, i1, k, s, o, w, b);
-    else if (b)
-      scale_row<false, true>(x, y, i0, i1, k, s, o, w, b);
-    else
-      scale_row<false, false>(x, y, i0, i1, k, s, o, w, b);
-  }, threads);
+  with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
+    run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
+      const double rstd = rstd_of(m.var, p.eps);
+      const float s = static_cast<float>(rstd), o = static_cast<float>(-m.dm * rstd);
+      const float* x = p.x + r * p.L;
+      float* y = p.y + r * p.L;
+      if (w && b)
+        scale_row<stream, true, true>(x, y, i0, i1, k, s, o, w, b);
+      else if (w)
+        scale_row<stream, true, false>(x, y, i0, i1, k, s, o, w, b);
+      else if (b)
+        scale_row<stream, false, true>(x, y, i0, i1, k, s, o, w, b);
+      else
+        scale_row<stream, false, false>(x, y, i0, i1, k, s, o, w, b);
+    }, threads);
+  });
 }
 
 void rms_rows(const Rows& p, const float* w, int threads) {
-  run_rows<false>(p, [&](int64_t r, int64_t i0, int64_t i1, float, const Moments& m) {
-    const float s = static_cast<float>(rstd_of(m.var, p.eps));
-    const float* x = p.x + r * p.L;
-    float* y = p.y + r * p.L;
-    if (w)
-      scale_row<true, false>(x, y, i0, i1, 0.0f, s, 0.0f, w, nullptr);
-    else
-      scale_row<false, false>(x, y, i0, i1, 0.0f, s, 0.0f, nullptr, nullptr);
-  }, threads);
+  with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
+    run_rows<false, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float, const Moments& m) {
+      const float s = static_cast<float>(rstd_of(m.var, p.eps));
+      const float* x = p.x + r * p.L;
+      float* y = p.y + r * p.L;
+      if (w)
+        scale_row<stream, true, false>(x, y, i0, i1, 0.0f, s, 0.0f, w, nullptr);
+      else
+        scale_row<stream, false, false>(x, y, i0, i1, 0.0f, s, 0.0f, nullptr, nullptr);
+    }, threads);
+  });
 }
 
 // A row is one (sample, group) plane of Cg channels of HW values, weight and bias per
 // channel: GroupNorm, and InstanceNorm as Cg = 1.
 void group_rows(const Rows& p, const float* w, const float* b, int64_t G, int64_t Cg,
                 int64_t HW, int threads) {
-  run_rows<true>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
-    const double rstd = rstd_of(m.var, p.eps);
-    const int64_t c0 = r % G * Cg;
-    while (i0 < i1) {
-      const int64_t j = i0 / HW, len = std::min(HW - i0 % HW, i1 - i0);
-      const double a = rstd * (w ? w[c0 + j] : 1.0f);
-      const double o = (b ? b[c0 + j] : 0.0f) - m.dm * a;
-      affine(p.x + r * p.L + i0, p.y + r * p.L + i0, len, k, static_cast<float>(a),
-             static_cast<float>(o));
-      i0 += len;
-    }
-  }, threads);
+  with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
+    run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
+      const double rstd = rstd_of(m.var, p.eps);
+      const int64_t c0 = r % G * Cg;
+      while (i0 < i1) {
+        const int64_t j = i0 / HW, len = std::min(HW - i0 % HW, i1 - i0);
+        const double a = rstd * (w ? w[c0 + j] : 1.0f);
+        const double o = (b ? b[c0 + j] : 0.0f) - m.dm * a;
+        affine<stream>(p.x + r * p.L + i0, p.y + r * p.L + i0, len, k, static_cast<float>(a),
+                       static_cast<float>(o));
+        i0 += len;
+      }
+    }, threads);
+  });
 }
 
 // --- Python bindings -----------------------------------------------------------------------
@@ -452,6 +477,15 @@ PyObject* stalls(PyObject*, PyObject* const*, Py_ssize_t) {
                        static_cast<long long>(Backoff::get().span()));
 }
 
+// stream_threshold(bytes=-1) -> bytes: outputs from this size on are streamed; a
+// non-negative argument sets it (for benchmarks that compare both kinds of store).
+PyObject* stream_threshold_(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t bytes;
+  if (!parse(args, nargs, "stream_threshold", "n", &bytes)) return nullptr;
+  if (bytes >= 0) stream_threshold() = bytes;
+  return PyLong_FromLongLong(stream_threshold());
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 constexpr PyMethodDef method(const char* name) {
   return {name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F)), METH_FASTCALL,
@@ -466,6 +500,7 @@ PyMethodDef methods[] = {
     method<group_norm>("group_norm"),
     method<instance_norm_train>("instance_norm_train"),
     method<stalls>("stalls"),
+    method<stream_threshold_>("stream_threshold"),
     {nullptr, nullptr, 0, nullptr},
 };
 
