@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from normcore import kernels
+
 from . import __version__
 from .api import admin, health, normalize, stats
 from .catalog import LayerSpec, load_catalog
@@ -36,9 +38,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
-    """Build every catalog layer, then declare the app ready."""
+    """Build the kernels and every catalog layer, then declare the app ready."""
+    settings = app.state.settings
+    kernels.set_enabled(settings.kernels)
+    # Compiles on a machine's first start (seconds), loads the cached build after; a failed
+    # build is logged and leaves the plain torch path, it does not stop the service.
+    log.info("fused kernels: %s", "on" if kernels.warm_up() else "off")
     try:
-        for spec in specs if specs is not None else load_catalog(app.state.settings.catalog):
+        for spec in specs if specs is not None else load_catalog(settings.catalog):
             app.state.engine.store.put(spec)
     except Exception as exc:
         app.state.failure = str(exc)
