@@ -45,8 +45,10 @@ class GroupNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check_input(self, input: Tensor) -> None:
-        check_floating(input)
-        if input.dim() < 2 or input.size(1) != self.num_channels:
+        if not input.is_floating_point():
+            check_floating(input)  # raises
+        shape = input.shape
+        if len(shape) < 2 or shape[1] != self.num_channels:
             raise InputError(
                 f"expected input of shape [N, {self.num_channels}, *], "
                 f"got {list(input.shape)}"

@@ -245,14 +245,15 @@ void group_rows(const Rows& p, const float* w, const float* b, int64_t G, int64_
                 int64_t HW, int threads) {
   with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
     run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
-      const double rstd = rstd_of(m.var, p.eps);
+      // dm and a are a few units at most: float loses nothing here.
+      const float rstd = static_cast<float>(rstd_of(m.var, p.eps));
+      const float dm = static_cast<float>(m.dm);
       const int64_t c0 = r % G * Cg;
       while (i0 < i1) {
         const int64_t j = i0 / HW, len = std::min(HW - i0 % HW, i1 - i0);
-        const double a = rstd * (w ? w[c0 + j] : 1.0f);
-        const double o = (b ? b[c0 + j] : 0.0f) - m.dm * a;
-        affine<stream>(p.x + r * p.L + i0, p.y + r * p.L + i0, len, k, static_cast<float>(a),
-                       static_cast<float>(o));
+        const float a = w ? rstd * w[c0 + j] : rstd;
+        const float o = (b ? b[c0 + j] : 0.0f) - dm * a;
+        affine<stream>(p.x + r * p.L + i0, p.y + r * p.L + i0, len, k, a, o);
         i0 += len;
       }
     }, threads);
