@@ -379,8 +379,9 @@ def group_norm_with_stats(
     bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Normalized:
     """``group_norm`` that also returns the per-group statistics, shape ``[N, G]``."""
-    fast = _fast.group_norm(input, num_groups, weight, bias, eps)  # declines what
-    if fast is not None:  # _check_group_norm refuses
+    # The kernels decline every input that _check_group_norm would refuse.
+    fast = _fast.group_norm(input, num_groups, weight, bias, eps)
+    if fast is not None:
         return Normalized(*fast)
     _check_group_norm(input, num_groups)
     batch, channels = input.size(0), input.size(1)
@@ -401,8 +402,9 @@ def group_norm(
     bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Tensor:
     """Normalize each sample over groups of ``C / num_groups`` channels and all spatial dims."""
+    # The kernels decline every input that _check_group_norm would refuse.
     fast = _fast.group_norm(input, num_groups, weight, bias, eps, stats=False)
-    if fast is not None:  # it declines what _check_group_norm refuses
+    if fast is not None:
         return fast[0]
     _check_group_norm(input, num_groups)
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)

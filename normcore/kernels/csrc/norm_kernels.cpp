@@ -114,9 +114,10 @@ void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
   if (HW >= kPlanarMin) {
     const int64_t chunks = std::max<int64_t>(1, total / kChunk);
     with_stream(total, [&](auto stream) {
+      const int64_t base = total / chunks, extra = total % chunks;
       parallel_chunks(chunks, threads, [&](int64_t chunk) {
-        int64_t lo = total * chunk / chunks;
-        const int64_t hi = total * (chunk + 1) / chunks;
+        int64_t lo = chunk * base + std::min(chunk, extra);
+        const int64_t hi = lo + base + (chunk < extra);
         while (lo < hi) {  // a chunk may start or end inside a plane
           const int64_t c = lo / HW % C, len = std::min(HW - lo % HW, hi - lo);
           affine<stream>(x + lo, y + lo, len, k[c], a[c], b[c]);

@@ -1,7 +1,9 @@
 // Chunked parallel loops on torch's OpenMP threads, backing off when the machine is busy.
 //
-// A job is n chunks that the team claims one at a time from a shared counter, so a thread
-// that starts late simply takes fewer. The team is OpenMP's, the runtime torch already
+// A job is n chunks. Each thread of the team first works through its own share, in order,
+// as a static schedule would (so repeated calls on one tensor find each share in the cache
+// of the core that had it last time), then takes chunks left in the others' shares: a
+// thread that starts late simply does less. The team is OpenMP's, the runtime torch already
 // loaded (same soname, so one set of threads): right after a torch operation its workers
 // are still spinning and start at once, where threads of our own would have to share the
 // cores with them.
@@ -22,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 
 namespace normcore {
 
@@ -80,15 +83,27 @@ void parallel_chunks(int64_t n, int threads, const Body& body) {
     for (int64_t i = 0; i < n; ++i) body(i);
     return;
   }
-  std::atomic<int64_t> next{0};
+  struct alignas(64) Share {  // one cache line each: claims on one share do not slow another
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::unique_ptr<Share[]> shares(new Share[team]);
+  for (int t = 0; t < team; ++t) {
+    shares[t].next.store(n * t / team, std::memory_order_relaxed);
+    shares[t].end = n * (t + 1) / team;
+  }
   const double start = seconds();
   double done = start;
 #pragma omp parallel num_threads(team)
   {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      body(i);
-    if (omp_get_thread_num() == 0) done = seconds();
+    const int self = omp_get_thread_num();
+    for (int k = 0; k < team; ++k) {  // its own share first, then the others'
+      Share& share = shares[(self + k) % team];
+      for (int64_t i = share.next.fetch_add(1, std::memory_order_relaxed); i < share.end;
+           i = share.next.fetch_add(1, std::memory_order_relaxed))
+        body(i);
+    }
+    if (self == 0) done = seconds();
   }
   Backoff::get().record(seconds() - done, done - start);
 }
