@@ -5,7 +5,7 @@ state dict keys, outputs, running-statistic updates) and adds ``normalize(x)``, 
 returns the statistics of ``x`` computed in the same pass.
 """
 
-from . import checkpoint, functional
+from . import checkpoint, functional, kernels
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .errors import CheckpointError, InputError, NonFiniteError, NormcoreError
 from .functional import Normalized, RMSNormalized
@@ -31,4 +31,5 @@ __all__ = [
     "RMSNormalized",
     "checkpoint",
     "functional",
+    "kernels",
 ]

@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from .errors import InputError
 
 
+def _tensors(module: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | None,
+                                         Tensor | None]:
+    # nn.Module.__getattr__ runs only after a failed attribute lookup, about a microsecond
+    # per parameter or buffer, which is most of the time a small input takes; it reads
+    # these same dicts.
+    params, buffers = module._parameters, module._buffers
+    return (params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+            buffers.get("running_var"))
+
+
 def check_floating(input: Tensor) -> None:
     """Reject integer, bool and complex tensors with a clear message."""
     if not input.is_floating_point():
@@ -87,6 +97,10 @@ class _NormBase(nn.Module):
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
+
+    def _tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """(weight, bias, running_mean, running_var), read without ``Module.__getattr__``."""
+        return _tensors(self)
 
     def _check_channels(self, input: Tensor, dim: int) -> None:
         if input.size(dim) != self.num_features:

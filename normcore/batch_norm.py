@@ -19,14 +19,15 @@ class _BatchNorm(_NormBase):
             raise InputError(f"expected {wanted} input (got {input.dim()}D input)")
         self._check_channels(input, 1)
 
-    def _step(self, training: bool) -> tuple[bool, bool, float]:
+    def _step(self, training: bool, running_mean: Tensor | None) -> tuple[bool, bool, float]:
         """(normalize with batch statistics?, update running statistics?, momentum)."""
-        use_batch_stats = training or self.running_mean is None
+        use_batch_stats = training or running_mean is None
         update = training and self.track_running_stats
         if not update:
             return use_batch_stats, False, 0.0
         if self.momentum is None:  # cumulative average, counting this step
-            return use_batch_stats, True, 1.0 / float(self.num_batches_tracked.item() + 1)
+            tracked = self._buffers["num_batches_tracked"]
+            return use_batch_stats, True, 1.0 / float(tracked.item() + 1)
         return use_batch_stats, True, self.momentum
 
     def normalize(self, input: Tensor, train: bool | None = None) -> F.Normalized:
@@ -37,30 +38,31 @@ class _BatchNorm(_NormBase):
         statistics are returned for monitoring. ``train`` overrides ``self.training`` for
         this call only, so a shared layer never has to be switched between modes.
         """
+        return self._run(input, self.training if train is None else train, True)
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight, bias, running_mean, running_var = self._tensors()
+        if self.training or running_mean is None:  # batch statistics
+            return self._run(input, self.training, False)
+        self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass
+        return F.batch_norm(
+            input, running_mean, running_var, weight, bias, False, 0.0, self.eps
+        )
+
+    def _run(self, input: Tensor, training: bool, with_stats: bool) -> F.Normalized | Tensor:
         self._check_input(input)
-        use_batch_stats, update, momentum = self._step(self.training if train is None else train)
+        weight, bias, running_mean, running_var = self._tensors()
+        use_batch_stats, update, momentum = self._step(training, running_mean)
         if update and input.numel() == 0:  # torch would fold NaN statistics in
             raise InputError("a train step needs a non-empty batch")
         running = update or not use_batch_stats
-        result = F._batch_norm(
+        return F._batch_norm(
             input,
-            self.running_mean if running else None,
-            self.running_var if running else None,
-            self.weight, self.bias, use_batch_stats, momentum, self.eps,
-            reject_non_finite=self.reject_non_finite,
-        )
-        if update:
-            self.num_batches_tracked.add_(1)
-        return result
-
-    def forward(self, input: Tensor) -> Tensor:
-        use_batch_stats, _, _ = self._step(self.training)
-        if use_batch_stats:
-            return self.normalize(input).output
-        self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass
-        return F.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-            self.eps,
+            running_mean if running else None,
+            running_var if running else None,
+            weight, bias, use_batch_stats, momentum, self.eps,
+            reject_non_finite=self.reject_non_finite, with_stats=with_stats,
+            num_batches_tracked=self._buffers["num_batches_tracked"] if update else None,
         )
 
 

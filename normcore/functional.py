@@ -5,6 +5,10 @@ exactly the arguments of their ``torch.nn.functional`` namesakes, return the sam
 update running statistics in place the same way and raise the same errors, so code written
 against torch can switch by changing one import.
 
+Float32 CPU tensors go through the fused kernels of ``normcore.kernels`` when they are
+built and switched on; everything else, and everything when they are off, through the
+plain torch code below. Both give the same results to torch.nn's tolerances.
+
 The ``*_with_stats`` variants also return the statistics of the input, computed in the
 same pass that normalizes it: ``Normalized(output, mean, var)`` with the biased variance,
 or ``RMSNormalized(output, mean_square)``. Statistics are float32 for float16/bfloat16
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, NonFiniteError
+from .kernels import cpu as _fast
 
 __all__ = [
     "Normalized",
@@ -93,10 +98,14 @@ def _check_finite(*stats: Tensor) -> None:
     # NaN/Inf in the input always reaches the mean or variance, so checking the few
     # per-channel statistics costs nothing next to scanning the whole input.
     if not all(bool(torch.isfinite(s).all()) for s in stats):
-        raise NonFiniteError(
-            "input has non-finite values (NaN or Inf) or statistics that overflow; "
-            "refusing to fold them into the running statistics"
-        )
+        _raise_non_finite()
+
+
+def _raise_non_finite() -> None:
+    raise NonFiniteError(
+        "input has non-finite values (NaN or Inf) or statistics that overflow; "
+        "refusing to fold them into the running statistics"
+    )
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -137,21 +146,37 @@ def _stat_dtype(input: Tensor, like: Tensor | None) -> torch.dtype:
 def _batch_norm(
     input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float, eps: float,
-    *, reject_non_finite: bool = False,
-) -> Normalized:
+    *, reject_non_finite: bool = False, with_stats: bool = True,
+    num_batches_tracked: Tensor | None = None,
+) -> Normalized | Tensor:
+    """The output, with the batch statistics if ``with_stats``.
+
+    A training step that updates the running statistics also adds one to
+    ``num_batches_tracked`` if it is given.
+    """
+    # The kernels decline every input that the checks below would refuse.
+    fast = _fast.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        reject_non_finite, with_stats, num_batches_tracked,
+    )
+    if fast is not None:  # running statistics already updated, unless rejected
+        output, mean, var, rejected = fast
+        if rejected:
+            _raise_non_finite()
+        return Normalized(output, mean, var) if with_stats else output
     if training:
         _verify_batch_size(input.size())
     channels = input.size(1) if input.dim() > 1 else 1
     _check_per_channel(
         channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
+    update = training and running_mean is not None and running_var is not None
     dims = [0, *range(2, input.dim())]
     var, mean = _var_mean(input, dims)
     if not training and running_mean is not None and running_var is not None:
         norm_mean, norm_var = running_mean, running_var
     else:
         norm_mean, norm_var = mean, var
-    update = training and running_mean is not None and running_var is not None
     if update and reject_non_finite:
         _check_finite(mean, var)
     dtype = _stat_dtype(input, weight)
@@ -161,7 +186,9 @@ def _batch_norm(
     )
     if update:
         _update_running(running_mean, running_var, mean, var, input.numel() // channels, momentum)
-    return Normalized(output, mean, var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    return Normalized(output, mean, var) if with_stats else output
 
 
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,13 +221,17 @@ def batch_norm(
     statistics are updated; otherwise the running statistics normalize.
     """
     if not training:
+        fast = _fast.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+        if fast is not None:
+            return fast
         return torch.batch_norm(
             input, weight, bias, running_mean, running_var, False, momentum, eps,
             torch.backends.cudnn.enabled,
         )
     return _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
-    ).output
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        with_stats=False,
+    )
 
 
 # --- instance norm ------------------------------------------------------------------------
@@ -212,17 +243,32 @@ def _instance_norm(
     eps: float, *, with_stats: bool, reject_non_finite: bool = False,
 ) -> Normalized | Tensor:
     if use_input_stats:
+        # The kernels decline every input that the checks below would refuse.
+        fast = _fast.instance_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, reject_non_finite,
+            with_stats,
+        )
+        if fast is not None:  # running statistics already updated, unless rejected
+            output, mean, var, rejected = fast
+            if rejected:
+                _raise_non_finite()
+            return Normalized(output, mean, var) if with_stats else output
         _verify_spatial_size(input.size())
     batch, channels = input.size(0), input.size(1)
     _check_per_channel(
         channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     if not use_input_stats and not with_stats:
-        return torch.instance_norm(
-            input, weight, bias, running_mean, running_var, False, momentum, eps,
-            torch.backends.cudnn.enabled,
-        )
-    var, mean = _var_mean(input, range(2, input.dim()))  # [N, C] each
+        return _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
+    # Eval mode with statistics: InstanceNorm's statistics are GroupNorm's, one channel a
+    # group.
+    fast = None if use_input_stats else _fast.group_norm(
+        input, channels, None, None, eps, output=False
+    )
+    if fast is not None:
+        _, mean, var = fast
+    else:
+        var, mean = _var_mean(input, range(2, input.dim()))  # [N, C] each
     update = use_input_stats and running_mean is not None and running_var is not None
     if update and reject_non_finite:
         _check_finite(mean, var)
@@ -237,15 +283,25 @@ def _instance_norm(
             torch.backends.cudnn.enabled,
         ).view_as(input)
     else:
-        output = torch.instance_norm(
-            input, weight, bias, running_mean, running_var, False, momentum, eps,
-            torch.backends.cudnn.enabled,
-        )
+        output = _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
     if update:
         count = input.numel() // (batch * channels)
         # torch updates one copy of the running stats per sample and keeps their average.
         _update_running(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
     return Normalized(output, mean, var) if with_stats else output
+
+
+def _instance_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+) -> Tensor:
+    fast = _fast.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    if fast is not None:
+        return fast
+    return torch.instance_norm(
+        input, weight, bias, running_mean, running_var, False, momentum, eps,
+        torch.backends.cudnn.enabled,
+    )
 
 
 def instance_norm(
@@ -293,6 +349,9 @@ def layer_norm_with_stats(
 ) -> Normalized:
     """``layer_norm`` that also returns the statistics, of shape ``input.shape[:-k]``."""
     shape = _as_shape(normalized_shape)
+    fast = _fast.layer_norm(input, shape, weight, bias, eps, stats=True)
+    if fast is not None:
+        return Normalized(*fast)
     lead = input.shape[: input.dim() - len(shape)]
     if input.dtype in _REDUCED:
         output = torch.layer_norm(input, shape, weight, bias, eps)
@@ -307,7 +366,11 @@ def layer_norm(
     bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Tensor:
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last ``len(shape)`` dims."""
-    return torch.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
+    shape = _as_shape(normalized_shape)
+    fast = _fast.layer_norm(input, shape, weight, bias, eps, stats=False)
+    if fast is not None:
+        return fast[0]
+    return torch.layer_norm(input, shape, weight, bias, eps)
 
 
 # --- group norm ---------------------------------------------------------------------------
@@ -328,6 +391,10 @@ def group_norm_with_stats(
     bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Normalized:
     """``group_norm`` that also returns the per-group statistics, shape ``[N, G]``."""
+    # The kernels decline every input that _check_group_norm would refuse.
+    fast = _fast.group_norm(input, num_groups, weight, bias, eps)
+    if fast is not None:
+        return Normalized(*fast)
     _check_group_norm(input, num_groups)
     batch, channels = input.size(0), input.size(1)
     if input.dtype in _REDUCED or channels % num_groups:
@@ -348,6 +415,10 @@ def group_norm(
     bias: Tensor | None = None, eps: float = 1e-5,
 ) -> Tensor:
     """Normalize each sample over groups of ``C / num_groups`` channels and all spatial dims."""
+    # The kernels decline every input that _check_group_norm would refuse.
+    fast = _fast.group_norm(input, num_groups, weight, bias, eps, stats=False)
+    if fast is not None:
+        return fast[0]
     _check_group_norm(input, num_groups)
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
 
@@ -368,8 +439,11 @@ def rms_norm_with_stats(
 ) -> RMSNormalized:
     """``rms_norm`` that also returns the mean square, of shape ``input.shape[:-k]``."""
     shape = _as_shape(normalized_shape)
-    lead = input.shape[: input.dim() - len(shape)]
     eps_value = _rms_eps(input, eps)
+    fast = _fast.rms_norm(input, shape, weight, eps_value, stats=True)
+    if fast is not None:
+        return RMSNormalized(*fast)
+    lead = input.shape[: input.dim() - len(shape)]
     fused = getattr(torch.ops.aten, "_fused_rms_norm", None)
     if fused is not None:
         output, rstd = fused(input, list(shape), weight, eps_value)
@@ -387,4 +461,8 @@ def rms_norm(
     eps: float | None = None,
 ) -> Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight over the last ``len(shape)`` dims."""
-    return torch.rms_norm(input, list(_as_shape(normalized_shape)), weight, eps)
+    shape = _as_shape(normalized_shape)
+    fast = _fast.rms_norm(input, shape, weight, _rms_eps(input, eps), stats=False)
+    if fast is not None:
+        return fast[0]
+    return torch.rms_norm(input, list(shape), weight, eps)

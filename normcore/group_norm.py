@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._base import check_floating
+from ._base import _tensors, check_floating
 from .errors import InputError
 
 
@@ -45,8 +45,10 @@ class GroupNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check_input(self, input: Tensor) -> None:
-        check_floating(input)
-        if input.dim() < 2 or input.size(1) != self.num_channels:
+        if not input.is_floating_point():
+            check_floating(input)  # raises
+        shape = input.shape
+        if len(shape) < 2 or shape[1] != self.num_channels:
             raise InputError(
                 f"expected input of shape [N, {self.num_channels}, *], "
                 f"got {list(input.shape)}"
@@ -58,11 +60,13 @@ class GroupNorm(nn.Module):
         ``train`` is accepted for a uniform interface: there are no running statistics.
         """
         self._check_input(input)
-        return F.group_norm_with_stats(input, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias, _, _ = _tensors(self)
+        return F.group_norm_with_stats(input, self.num_groups, weight, bias, self.eps)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias, _, _ = _tensors(self)
+        return F.group_norm(input, self.num_groups, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

@@ -56,8 +56,9 @@ class _InstanceNorm(_NormBase):
         use_input_stats = training or not self.track_running_stats
         if training and self.track_running_stats and x.numel() == 0:  # NaN statistics
             raise InputError("a train step needs a non-empty batch")
+        weight, bias, running_mean, running_var = self._tensors()
         result = F._instance_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+            x, running_mean, running_var, weight, bias, use_input_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,
             with_stats=with_stats, reject_non_finite=self.reject_non_finite and training,
         )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._base import check_floating
+from ._base import _tensors, check_floating
 from .errors import InputError
 
 
@@ -25,9 +25,11 @@ class _LastDimsNorm(nn.Module):
     normalized_shape: tuple[int, ...]
 
     def _check_input(self, input: Tensor) -> None:
-        check_floating(input)
+        if not input.is_floating_point():
+            check_floating(input)  # raises
+        # Shorter inputs give a shorter slice, which differs as well.
         k = len(self.normalized_shape)
-        if input.dim() < k or tuple(input.shape[input.dim() - k :]) != self.normalized_shape:
+        if input.shape[input.dim() - k :] != self.normalized_shape:
             raise InputError(
                 f"expected input whose last {k} dims are {list(self.normalized_shape)}, "
                 f"got shape {list(input.shape)}"
@@ -75,13 +77,13 @@ class LayerNorm(_LastDimsNorm):
         ``train`` is accepted for a uniform interface: there are no running statistics.
         """
         self._check_input(input)
-        return F.layer_norm_with_stats(
-            input, self.normalized_shape, self.weight, self.bias, self.eps
-        )
+        weight, bias, _, _ = _tensors(self)
+        return F.layer_norm_with_stats(input, self.normalized_shape, weight, bias, self.eps)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight, bias, _, _ = _tensors(self)
+        return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return (
@@ -123,11 +125,13 @@ class RMSNorm(_LastDimsNorm):
         ``train`` is accepted for a uniform interface: there are no running statistics.
         """
         self._check_input(input)
-        return F.rms_norm_with_stats(input, self.normalized_shape, self.weight, self.eps)
+        weight, _, _, _ = _tensors(self)
+        return F.rms_norm_with_stats(input, self.normalized_shape, weight, self.eps)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        weight, _, _, _ = _tensors(self)
+        return F.rms_norm(input, self.normalized_shape, weight, self.eps)
 
     def extra_repr(self) -> str:
         return (

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
                         else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.tune_allocator:
+        from normcore.kernels import tune_allocator
+
+        tune_allocator()  # before the first large tensor: a process-wide malloc setting
     try:
         specs = load_catalog(settings.catalog)  # fail fast, with one clear message
         app = create_app(settings, specs=specs, load_in_background=True)

@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match, Route
 
+from normcore import kernels
+
 from . import __version__
 from .api import admin, health, normalize, stats, v2
 from .api.deps import run_step
@@ -53,10 +55,16 @@ def _warn_about(settings: Settings) -> None:
 
 
 def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
-    """Build every catalog layer, restore the state dir over it, then declare the app ready."""
+    """Build the kernels and every catalog layer, restore the state dir over them, then
+    declare the app ready."""
+    settings = app.state.settings
+    kernels.set_enabled(settings.kernels)
+    # Compiles on a machine's first start (seconds), loads the cached build after; a failed
+    # build is logged and leaves the plain torch path, it does not stop the service.
+    log.info("fused kernels: %s", "on" if kernels.warm_up() else "off")
     store = app.state.engine.store
     try:
-        specs = specs if specs is not None else load_catalog(app.state.settings.catalog)
+        specs = specs if specs is not None else load_catalog(settings.catalog)
         if app.state.persistence is not None:
             app.state.persistence.restore(store, specs)
         else:

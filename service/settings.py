@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0,
                          description="torch intra-op threads.")
+    kernels: bool = Field(True, description="Fused C++ kernels for float32 CPU tensors, "
+                          "compiled (once per machine) before /readyz turns 200; off: the "
+                          "plain torch path.")
+    tune_allocator: bool = Field(True, description="Keep freed tensor memory in the process "
+                                 "(python -m service only): large outputs skip page faults, "
+                                 "resident memory stays near its peak.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("device")

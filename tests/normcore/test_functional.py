@@ -9,6 +9,8 @@ import torch.nn.functional as TF
 
 import normcore.functional as F
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def _buffers(c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(c), torch.rand(c) + 0.5

@@ -7,6 +7,8 @@ import torch
 
 import normcore
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).abs().max())

@@ -10,6 +10,8 @@ from tests.conftest import DEVICES
 
 from .cases import CASES, Case
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 ATOL = 1e-5
 
 

@@ -11,6 +11,8 @@ import torch
 import normcore
 from normcore import InputError, NonFiniteError
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def _snapshot(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in layer.state_dict().items()}

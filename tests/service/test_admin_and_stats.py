@@ -135,6 +135,20 @@ def test_readyz_is_503_until_the_catalog_is_loaded() -> None:
     assert client.get("/healthz").status_code == 200
 
 
+def test_kernels_are_built_before_ready_and_follow_the_setting(monkeypatch) -> None:
+    from normcore import kernels
+    from normcore.kernels import _loader
+    from service.settings import Settings
+
+    with make_client() as client:
+        assert client.get("/readyz").status_code == 200
+        # Loaded (or known to be unavailable, with the reason logged) before ready.
+        assert _loader._state.module is not None or _loader._state.failure is not None
+        assert kernels.enabled()
+    monkeypatch.setenv("NORMCORE_KERNELS", "0")
+    assert Settings().kernels is False
+
+
 def test_openapi_documents_every_route_with_bodies_and_examples(client) -> None:
     schema = client.get("/openapi.json").json()
     post = schema["paths"]["/normalize"]["post"]

@@ -198,3 +198,24 @@ def test_eval_changes_nothing(client) -> None:
     x = RNG.normal(size=(4, 16, 3, 3)).astype(np.float32)
     assert _post(client, "digits.bn1", x).status_code == 200
     assert _stats(client, "digits.bn1") == before
+
+
+@pytest.mark.parametrize("layer", SHAPES)
+def test_kernels_switched_off_give_the_same_numbers(layer: str) -> None:
+    from normcore import kernels
+
+    from .conftest import make_client
+
+    x = RNG.normal(1.5, 2.0, SHAPES[layer]).astype(np.float32)
+    with make_client() as on:
+        fast = _post(on, layer, x, "train").json()
+    try:
+        with make_client(kernels=False) as off:
+            assert not kernels.enabled()
+            plain = _post(off, layer, x, "train").json()
+    finally:
+        kernels.set_enabled(True)
+    np.testing.assert_allclose(array(fast["output"]), array(plain["output"]), atol=1e-5)
+    for name, value in plain["batch_stats"].items():
+        np.testing.assert_allclose(array(fast["batch_stats"][name]), array(value), atol=1e-5,
+                                   rtol=1e-5)

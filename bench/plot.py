@@ -1,0 +1,73 @@
+"""Plot time against input size from ``bench/kernels.py --json``: one panel per family and
+mode, one line per contender (normcore's fast path, its torch fallback, torch.nn, copy).
+
+    .venv/bin/python bench/kernels.py --json /tmp/kernels.json
+    .venv/bin/python bench/plot.py /tmp/kernels.json -o /tmp/kernels.png
+
+Needs matplotlib (``.venv/bin/pip install matplotlib``); nothing else in the project does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CONTENDERS = [  # key in the JSON rows, label, line style
+    ("normcore_ms", "normcore (kernels)", {"color": "tab:blue", "marker": "o"}),
+    ("fallback_ms", "normcore (torch path)", {"color": "tab:cyan", "marker": ".", "ls": ":"}),
+    ("torch_ms", "torch.nn", {"color": "tab:orange", "marker": "s"}),
+    ("copy_ms", "copy into a buffer", {"color": "gray", "marker": "", "ls": "--"}),
+]
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = data["results"]
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(len(families), len(modes), squeeze=False,
+                             figsize=(5 * len(modes), 2.8 * len(families)))
+    for i, family in enumerate(families):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            mine = sorted((r for r in rows if r["family"] == family and r["mode"] == mode),
+                          key=lambda r: r["mb"])
+            sizes = [r["mb"] for r in mine]
+            for key, label, style in CONTENDERS:
+                if mine and key in mine[0]:
+                    ax.plot(sizes, [r[key] for r in mine], label=label, **style)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{family} {mode}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(families) - 1:
+                ax.set_xlabel("input size (MB)")
+            if j == 0:
+                ax.set_ylabel("median time per call (ms)")
+    axes[0][0].legend(fontsize=8)
+    tuned = "allocator tuned" if data.get("allocator_tuned") else "allocator as is"
+    fig.suptitle(f"torch {data.get('torch')}, {data.get('threads')} threads, {tuned}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", type=Path, help="results written by bench/kernels.py --json")
+    p.add_argument("-o", "--out", type=Path, default=None, help="PNG file (default: JSON's name)")
+    args = p.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    out = args.out or args.json.with_suffix(".png")
+    plot(data, out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

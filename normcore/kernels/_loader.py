@@ -1,0 +1,165 @@
+"""Build ``csrc/norm_kernels.cpp`` once per machine, load it once per process, and switch it.
+
+The shared library goes to ``$TORCH_EXTENSIONS_DIR`` (torch's directory for compiled
+extensions, ``~/.cache/torch_extensions`` by default) under ``normcore_<key>/``. The key
+hashes the sources, the compiler flags, the Python ABI and the CPU's feature flags
+(``-march=native``): a new source, interpreter or machine builds anew (a second or two),
+anything else loads the cached file in milliseconds. A build writes a temporary file and
+renames it into place, so concurrent processes (test workers, service replicas) never see
+half a library and never wait on a lock that a killed process left behind.
+
+If there is no compiler or the build fails, one warning is logged and normcore keeps using
+its plain torch path; nothing raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("normcore.kernels")
+
+SOURCES = Path(__file__).with_name("csrc")
+SOURCE = SOURCES / "norm_kernels.cpp"  # includes the headers next to it
+NAME = "normcore_kernels"  # the module name compiled into the source (PyInit_normcore_kernels)
+COMPILERS = ("c++", "g++", "clang++")
+FLAGS = (
+    "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
+    "-fvisibility=hidden", "-fopenmp",
+)
+BUILD_TIMEOUT_S = 300
+
+
+class KernelBuildError(RuntimeError):
+    """The kernels could not be compiled or loaded; normcore falls back to torch."""
+
+
+class _State:
+    enabled = True
+    module: ModuleType | None = None  # loaded extension
+    failure: str | None = None  # why it could not be loaded (then it is not tried again)
+    active: ModuleType | None = None  # module if enabled, else None: the hot path's read
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+def ops() -> ModuleType | None:
+    """The kernels extension, built or loaded on first use; None when off or unavailable."""
+    active = _state.active
+    if active is not None or not _state.enabled or _state.failure is not None:
+        return active
+    return _load()
+
+
+def enabled() -> bool:
+    """Whether normcore may use the kernels (they may still be unavailable)."""
+    return _state.enabled
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the kernels on or off for the whole process; returns the previous setting.
+
+    Off, every call takes the plain torch path of ``normcore.functional``.
+    """
+    with _lock:
+        previous, _state.enabled = _state.enabled, bool(flag)
+        _state.active = _state.module if _state.enabled else None
+    return previous
+
+
+def warm_up() -> bool:
+    """Build (if needed) and load the kernels now rather than on first use.
+
+    Returns whether the fast path is in use: False when it is switched off or could not be
+    built (the reason was logged once).
+    """
+    return ops() is not None
+
+
+def _load() -> ModuleType | None:
+    with _lock:
+        if _state.module is None and _state.failure is None:
+            try:
+                _state.module = _import(build())
+            except (KernelBuildError, OSError, ImportError, subprocess.SubprocessError) as exc:
+                _state.failure = str(exc)
+                log.warning("normcore kernels unavailable, using the torch path: %s", exc)
+        _state.active = _state.module if _state.enabled else None
+        return _state.active
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        import platform
+
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def build_directory() -> Path:
+    """Where this machine's build of the current source lives."""
+    key = hashlib.sha256()
+    sources = [p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".cpp", ".h")]
+    for part in (*sources, " ".join(FLAGS).encode(), sys.version.encode(),
+                 str(sysconfig.get_config_var("EXT_SUFFIX")).encode(), _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _default_root()
+    return Path(root) / f"normcore_{key.hexdigest()[:16]}"
+
+
+def _default_root() -> str:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return get_default_build_root()
+
+
+def build() -> Path:
+    """Compile the kernels unless this machine's build is cached; returns the library."""
+    directory = build_directory()
+    target = directory / f"{NAME}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if target.exists():
+        return target
+    compiler = next((c for c in map(shutil.which, COMPILERS) if c), None)
+    if compiler is None:
+        raise KernelBuildError(f"no C++ compiler found (tried {', '.join(COMPILERS)})")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{NAME}-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, f"-I{sysconfig.get_paths()['include']}", str(SOURCE),
+                   "-o", tmp]
+        done = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise KernelBuildError(
+                f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}"
+            )
+        os.replace(tmp, target)  # atomic: readers see no file or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        raise KernelBuildError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

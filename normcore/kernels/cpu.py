@@ -1,0 +1,277 @@
+"""Calls into the fused C++ kernels, for the inputs they take; ``None`` for all others.
+
+They take float32 CPU tensors, C-contiguous (BatchNorm: channels_last too), with contiguous
+float32 parameters and running statistics, when no gradient is wanted and nothing is being
+traced. Anything else (other dtypes and devices, strided views, empty tensors, the kernels
+switched off or not built) gets ``None`` and ``normcore.functional`` takes its torch path.
+
+Each function also declines every input that one of functional's checks would refuse
+(sizes of per-channel tensors, one value per channel in training, shapes torch rejects), so
+functional may ask here first and run its checks only on the torch path: a call taken
+here has passed them all, and the kernels write no running statistic unless it has.
+
+The checks are written out flat: on small tensors Python's per-call overhead is what gets
+measured against torch.nn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import increment_version
+
+from ._loader import ops
+
+_F32 = torch.float32
+_I64 = torch.int64
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+_grad_enabled = torch.is_grad_enabled
+_tracing = torch.jit.is_tracing
+_threads = torch.get_num_threads
+
+
+def _wants_grad(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return _grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+def _vectors(n: int, *tensors: Tensor | None) -> bool:
+    """Each tensor None, or n contiguous float32 values on the CPU."""
+    for t in tensors:
+        if t is not None and (t.dtype is not _F32 or not t.is_cpu or t.numel() != n
+                              or not t.is_contiguous()):
+            return False
+    return True
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _channels(input: Tensor) -> tuple[int, int, int] | None:
+    """[N, C, HW] of a float32 CPU input; channels_last as [N*H*W, C, 1]; else None."""
+    if input.dtype is not _F32 or not input.is_cpu:
+        return None
+    shape = input.shape
+    numel = input.numel()
+    if len(shape) < 2 or numel == 0:
+        return None
+    n = shape[0]
+    c = shape[1]
+    if input.is_contiguous():
+        return n, c, numel // (n * c)
+    last = _LAST.get(len(shape))
+    if last is not None and input.is_contiguous(memory_format=last):
+        return numel // c, c, 1
+    return None
+
+
+def batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float, eps: float,
+    reject_non_finite: bool, with_stats: bool, num_batches_tracked: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, bool] | None:
+    """(output, batch mean, batch var, rejected) as ``functional._batch_norm``.
+
+    A training step updates the running statistics (when both are given) and adds one to
+    ``num_batches_tracked`` (when given). With ``reject_non_finite``, a NaN or Inf batch
+    statistic leaves all three untouched and ``rejected`` is True. Batch statistics are
+    returned if ``with_stats``, or always in eval mode with running statistics (then they
+    are computed only for the caller).
+    """
+    layout = _channels(input)
+    if layout is None or _wants_grad(input, weight, bias) or _tracing():
+        return None
+    n, c, hw = layout
+    if training and n * hw == 1:
+        return None  # one value per channel: functional raises torch's error
+    if not _vectors(c, weight, bias, running_mean, running_var):
+        return None
+    running = running_mean is not None and running_var is not None
+    update = training and running
+    count = num_batches_tracked if update else None
+    if count is not None and (count.dtype is not _I64 or not count.is_cpu or count.numel() != 1):
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    threads = _threads()
+    output = torch.empty_like(input)
+    use_batch = training or not running
+    mean = torch.empty(c) if with_stats or not use_batch else None
+    var = torch.empty(c) if with_stats or not use_batch else None
+    ok = kernels.batch_norm_train(
+        input.data_ptr(), output.data_ptr() if use_batch else 0, n, c, hw, _ptr(weight),
+        _ptr(bias), eps, _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
+        _ptr(running_var) if update else 0, _ptr(count), momentum,
+        update and reject_non_finite, threads,
+    )
+    if not ok:
+        return output, mean, var, True
+    if update:
+        bumped = (running_mean, running_var) if count is None else (
+            running_mean, running_var, count)
+        increment_version(bumped)  # written through pointers: tell autograd
+    if not use_batch:
+        kernels.batch_norm_eval(
+            input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+            running_mean.data_ptr(), running_var.data_ptr(), eps, threads,
+        )
+    return output, mean, var, False
+
+
+def batch_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> Tensor | None:
+    """y = x * scale + shift per channel, the running statistics folded into both."""
+    if running_mean is None or running_var is None:
+        return None
+    layout = _channels(input)
+    if layout is None or _wants_grad(input, weight, bias) or _tracing():
+        return None
+    n, c, hw = layout
+    if not _vectors(c, weight, bias, running_mean, running_var):
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    output = torch.empty_like(input)
+    kernels.batch_norm_eval(
+        input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+        running_mean.data_ptr(), running_var.data_ptr(), eps, _threads(),
+    )
+    return output
+
+
+def group_norm(
+    input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+    *, output: bool = True, stats: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:
+    """(output, mean, var), the statistics of shape [N, G]; InstanceNorm is G = C.
+
+    ``output=False`` computes the statistics only, ``stats=False`` the output only. Declines
+    one value per group (training's error), like torch's group-size check.
+    """
+    if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
+        return None
+    shape = input.shape
+    numel = input.numel()
+    if len(shape) < 2 or numel == 0:
+        return None
+    n = shape[0]
+    c = shape[1]
+    hw = numel // (n * c)
+    if num_groups <= 0 or c % num_groups or n * (c // num_groups) * hw == 1:
+        return None
+    if _wants_grad(input, weight, bias) or _tracing() or not _vectors(c, weight, bias):
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    out = torch.empty_like(input) if output else None
+    mean = torch.empty(n, num_groups) if stats else None
+    var = torch.empty(n, num_groups) if stats else None
+    kernels.group_norm(
+        input.data_ptr(), _ptr(out), n, c, hw, num_groups, _ptr(weight), _ptr(bias), eps,
+        _ptr(mean), _ptr(var), _threads(),
+    )
+    return out, mean, var
+
+
+def instance_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+    reject_non_finite: bool, with_stats: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, bool] | None:
+    """(output, mean, var, rejected), input statistics [N, C], as ``_instance_norm`` in
+    training: the running statistics (when both given) move towards the batch average of
+    the per-instance statistics, unless ``reject_non_finite`` finds one NaN or Inf."""
+    layout = _channels(input)
+    if layout is None or not input.is_contiguous():
+        return None
+    n, c, hw = layout
+    if hw == 1 or _wants_grad(input, weight, bias) or _tracing():
+        return None  # hw == 1: one value per instance, functional raises torch's error
+    if not _vectors(c, weight, bias, running_mean, running_var):
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    update = running_mean is not None and running_var is not None
+    output = torch.empty_like(input)
+    mean = torch.empty(n, c) if with_stats else None
+    var = torch.empty(n, c) if with_stats else None
+    ok = kernels.instance_norm_train(
+        input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias), eps,
+        _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
+        _ptr(running_var) if update else 0, momentum, update and reject_non_finite,
+        _threads(),
+    )
+    if ok and update:
+        increment_version((running_mean, running_var))
+    return output, mean, var, not ok
+
+
+def _rows(input: Tensor, shape: tuple[int, ...], weight: Tensor | None,
+          bias: Tensor | None = None) -> int:
+    """Length of the rows over the last ``len(shape)`` dims; 0 if the kernels don't take them."""
+    if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
+        return 0
+    k = len(shape)
+    have = input.shape
+    if k == 0 or len(have) < k or input.numel() == 0:
+        return 0
+    if have[-1] != shape[0] if k == 1 else have[-k:] != shape:
+        return 0
+    if weight is not None and (weight.dtype is not _F32 or not weight.is_cpu
+                               or weight.shape != shape or not weight.is_contiguous()):
+        return 0
+    if bias is not None and (bias.dtype is not _F32 or not bias.is_cpu
+                             or bias.shape != shape or not bias.is_contiguous()):
+        return 0
+    if _wants_grad(input, weight, bias) or _tracing():
+        return 0
+    return math.prod(shape)
+
+
+def layer_norm(
+    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
+    eps: float, *, stats: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """(output, mean, var), statistics of shape ``input.shape[:-len(shape)]`` if wanted."""
+    length = _rows(input, shape, weight, bias)
+    kernels = ops() if length else None
+    if kernels is None:
+        return None
+    output = torch.empty_like(input)
+    lead = input.shape[: input.dim() - len(shape)] if stats else None
+    mean = torch.empty(lead) if stats else None
+    var = torch.empty(lead) if stats else None
+    kernels.layer_norm(
+        input.data_ptr(), output.data_ptr(), input.numel() // length, length, _ptr(weight),
+        _ptr(bias), eps, _ptr(mean), _ptr(var), _threads(),
+    )
+    return output, mean, var
+
+
+def rms_norm(
+    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float, *, stats: bool,
+) -> tuple[Tensor, Tensor | None] | None:
+    """(output, mean square), the latter of shape ``input.shape[:-len(shape)]`` if wanted."""
+    length = _rows(input, shape, weight)
+    kernels = ops() if length else None
+    if kernels is None:
+        return None
+    output = torch.empty_like(input)
+    mean_square = torch.empty(input.shape[: input.dim() - len(shape)]) if stats else None
+    kernels.rms_norm(
+        input.data_ptr(), output.data_ptr(), input.numel() // length, length, _ptr(weight),
+        eps, _ptr(mean_square), _threads(),
+    )
+    return output, mean_square

@@ -1,0 +1,300 @@
+"""The fused kernels: where they apply, where they decline, how they fail, and the shapes
+that exercise their edges (one value pair per channel, huge channel counts, planes and rows
+split across chunks, channels_last), each against torch.nn."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+import normcore
+from normcore import kernels
+from normcore.kernels import _loader
+
+ATOL = 1e-5
+
+
+class _Spy:
+    """Counts the calls that reach the extension module."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._module = module
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._module, name)
+
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+
+        return call
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Spy]:
+    if not kernels.warm_up():
+        pytest.skip("the kernels are not available here")
+    previous = kernels.set_enabled(True)
+    watcher = _Spy(_loader.ops())
+    monkeypatch.setattr(_loader._state, "module", watcher)
+    monkeypatch.setattr(_loader._state, "active", watcher)
+    yield watcher
+    kernels.set_enabled(previous)
+
+
+def _pair(kind: str, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+    ref = getattr(torch.nn, kind)(**kwargs)
+    with torch.no_grad():
+        for name, tensor in ref.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor))
+    ours = getattr(normcore, kind)(**kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def _assert_same(ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> None:
+    """Two train steps then eval, outputs and every buffer as torch.nn's."""
+    with torch.no_grad():
+        for mode in (True, True, False):
+            ours.train(mode)
+            ref.train(mode)
+            torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=0)
+            for key, value in ref.state_dict().items():
+                torch.testing.assert_close(ours.state_dict()[key], value, atol=ATOL, rtol=1e-5,
+                                           msg=key)
+
+
+# --- building and switching ----------------------------------------------------------------
+
+
+def test_kernels_build_where_there_is_a_compiler() -> None:
+    if not any(map(shutil.which, _loader.COMPILERS)):
+        pytest.skip("no C++ compiler on this machine")
+    assert kernels.warm_up(), _loader._state.failure
+
+
+def test_a_failed_build_logs_one_warning_and_leaves_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_loader, "COMPILERS", ("normcore-no-such-compiler",))
+    monkeypatch.setattr(_loader, "_state", _loader._State())
+    x = torch.randn(16, 4, 3)
+    ours, ref = _pair("BatchNorm1d", num_features=4)
+    with caplog.at_level(logging.WARNING, logger="normcore.kernels"):
+        assert not kernels.warm_up()
+        _assert_same(ours, ref, x)
+        assert not kernels.warm_up()
+    warnings = [r for r in caplog.records if r.name == "normcore.kernels"]
+    assert len(warnings) == 1
+    assert "no C++ compiler" in warnings[0].getMessage()
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_without_a_compiler_on_path_a_fresh_process_falls_back(tmp_path) -> None:
+    # The whole first-use path in a clean interpreter: nothing raises, one warning, results.
+    code = (
+        "import torch, normcore\n"
+        "x = torch.randn(8, 3)\n"
+        "out = normcore.BatchNorm1d(3)(x)\n"
+        "torch.testing.assert_close(out, torch.nn.BatchNorm1d(3)(x))\n"
+        "print(normcore.kernels.warm_up())\n"
+    )
+    env = {"PATH": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path),
+           "PYTHONPATH": str(_loader.SOURCES.parents[2]), "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert done.stderr.count("normcore kernels unavailable") == 1
+
+
+def test_switching_off_takes_the_torch_path(spy: _Spy) -> None:
+    ours, ref = _pair("LayerNorm", normalized_shape=[8])
+    x = torch.randn(4, 8)
+    assert kernels.set_enabled(False) is True
+    assert not kernels.enabled()
+    _assert_same(ours, ref, x)
+    assert not spy.calls
+    kernels.set_enabled(True)
+    _assert_same(ours, ref, x)
+    assert spy.calls["layer_norm"] == 3
+
+
+def test_the_build_is_cached_per_source(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not kernels.warm_up():
+        pytest.skip("the kernels are not available here")
+    built = _loader.build()
+    assert built.exists()
+    assert _loader.build() == built  # a second call finds it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert _loader.build_directory().parent == tmp_path
+
+
+# --- what the kernels take and what they leave to torch ------------------------------------
+
+EDGES = [
+    # (family, kwargs, input shape): each one a boundary of the kernels' loops
+    ("BatchNorm1d", {"num_features": 3}, (2, 3)),  # two values per channel
+    ("BatchNorm2d", {"num_features": 3}, (1, 3, 1, 2)),  # two values, one sample
+    ("BatchNorm1d", {"num_features": 1}, (64, 1)),  # C = 1
+    ("BatchNorm2d", {"num_features": 1}, (4, 1, 16, 16)),  # C = 1, planes
+    ("BatchNorm1d", {"num_features": 5000}, (8, 5000)),  # huge C, as columns
+    ("BatchNorm2d", {"num_features": 2048}, (2, 2048, 8, 8)),  # huge C, as planes
+    ("BatchNorm1d", {"num_features": 37}, (3000, 37, 3)),  # odd widths, many column chunks
+    ("BatchNorm2d", {"num_features": 3}, (2, 3, 300, 300)),  # planes split in pieces
+    ("LayerNorm", {"normalized_shape": [300_000]}, (1, 300_000)),  # one row, split
+    ("LayerNorm", {"normalized_shape": [3]}, (5000, 3)),  # rows shorter than a vector
+    ("LayerNorm", {"normalized_shape": [4, 5], "bias": False}, (7, 4, 5)),
+    ("RMSNorm", {"normalized_shape": [200_000]}, (2, 200_000)),  # two long rows
+    ("GroupNorm", {"num_groups": 1, "num_channels": 4}, (1, 4, 200, 200)),  # one huge group
+    ("GroupNorm", {"num_groups": 3, "num_channels": 6}, (2, 6)),  # no spatial dims
+    ("InstanceNorm2d", {"num_features": 3, "affine": True, "track_running_stats": True},
+     (2, 3, 300, 300)),
+    ("InstanceNorm1d", {"num_features": 2, "track_running_stats": True}, (3, 2, 2)),
+]
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "shape"), EDGES,
+                         ids=[f"{k}-{'x'.join(map(str, s))}" for k, _, s in EDGES])
+def test_edge_shapes_match_torch_through_the_kernels(spy: _Spy, kind, kwargs, shape) -> None:
+    ours, ref = _pair(kind, **kwargs)
+    _assert_same(ours, ref, torch.randn(shape) * 2 + 1)
+    assert sum(spy.calls.values()) == 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "fmt"),
+    [("BatchNorm2d", (4, 8, 5, 6), torch.channels_last),
+     ("BatchNorm3d", (2, 8, 3, 4, 5), torch.channels_last_3d)],
+)
+def test_channels_last_input_is_normalized_in_place_of_layout(spy: _Spy, kind, shape, fmt) -> None:
+    ours, ref = _pair(kind, num_features=8)
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    _assert_same(ours, ref, x)
+    with torch.no_grad():
+        assert ours.train()(x).is_contiguous(memory_format=fmt)
+    assert spy.calls["batch_norm_train"] == 3  # two train steps in _assert_same, one here
+    assert spy.calls["batch_norm_eval"] == 1
+
+
+DECLINED = {
+    "non-contiguous": lambda: torch.randn(4, 8, 6, 5).transpose(2, 3),
+    "float64": lambda: torch.randn(4, 8, 6, 5, dtype=torch.float64),
+    "bfloat16": lambda: torch.randn(4, 8, 6, 5).bfloat16(),
+}
+
+
+@pytest.mark.parametrize("case", DECLINED)
+def test_inputs_the_kernels_do_not_take_go_to_torch(spy: _Spy, case: str) -> None:
+    x = DECLINED[case]()
+    ours, ref = _pair("BatchNorm2d", num_features=8)
+    ours, ref = ours.to(x.dtype), ref.to(x.dtype)
+    tol = 2e-2 if x.dtype is torch.bfloat16 else ATOL
+    with torch.no_grad():
+        for mode in (True, False):
+            ours.train(mode)
+            ref.train(mode)
+            torch.testing.assert_close(ours(x), ref(x), atol=tol, rtol=tol)
+    assert not spy.calls
+
+
+def test_channels_last_group_norm_goes_to_torch(spy: _Spy) -> None:
+    ours, ref = _pair("GroupNorm", num_groups=2, num_channels=8)
+    x = torch.randn(4, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=0)
+    assert not spy.calls
+
+
+def test_autograd_takes_the_torch_path_and_gets_torch_gradients(spy: _Spy) -> None:
+    ours, ref = _pair("LayerNorm", normalized_shape=[16])
+    x = torch.randn(8, 16, requires_grad=True)
+    y = torch.randn(8, 16)
+    (ours(x) * y).sum().backward()
+    grad, x.grad = x.grad, None
+    (ref(x) * y).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert not spy.calls
+
+
+def test_running_statistics_written_by_the_kernels_bump_their_version(spy: _Spy) -> None:
+    layer = normcore.BatchNorm2d(4)
+    before = layer.running_mean._version, layer.running_var._version
+    with torch.no_grad():
+        layer(torch.randn(8, 4, 3, 3))
+    assert spy.calls["batch_norm_train"] == 1
+    assert layer.running_mean._version > before[0]
+    assert layer.running_var._version > before[1]
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "shape"),
+    [("BatchNorm2d", {"num_features": 16}, (8, 16, 64, 64)),
+     ("LayerNorm", {"normalized_shape": [1024]}, (2048, 1024)),
+     ("GroupNorm", {"num_groups": 4, "num_channels": 16}, (8, 16, 64, 64))],
+)
+def test_results_do_not_depend_on_the_thread_count(spy: _Spy, kind, kwargs, shape) -> None:
+    # Partial sums are kept per chunk and added in a fixed order.
+    x = torch.randn(shape) + 3
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            layer = getattr(normcore, kind)(**kwargs)
+            with torch.no_grad():
+                results.append((layer.normalize(x), layer.state_dict()))
+    finally:
+        torch.set_num_threads(threads)
+    (first, first_state), *rest = results
+    for result, state in rest:
+        for a, b in zip(first, result, strict=True):
+            assert torch.equal(a, b)
+        for key, value in first_state.items():
+            assert torch.equal(state[key], value), key
+
+
+def test_concurrent_callers_get_their_own_results(spy: _Spy) -> None:
+    # The kernels release the GIL; several Python threads may run them at once.
+    layer = normcore.BatchNorm2d(8).eval()
+    inputs = [torch.randn(16, 8, 64, 64) * (i + 1) for i in range(4)]
+    with torch.no_grad():
+        expected = [torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var)
+                    for x in inputs]
+    outputs: list[torch.Tensor | None] = [None] * len(inputs)
+
+    def run(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                outputs[i] = layer(inputs[i])
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_tune_allocator_is_idempotent() -> None:
+    first = kernels.tune_allocator()
+    assert kernels.tune_allocator() == first
+    with pytest.raises(ValueError, match="keep_bytes"):
+        kernels.tune_allocator(-1)
