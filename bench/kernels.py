@@ -127,6 +127,29 @@ def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, dict, float, i
     return med, best, noise, inner
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot (Linux)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return values[3] + values[4], sum(values)
+
+
+def wait_idle(limit_s: float, idle_share: float = 0.85) -> float:
+    """Wait (up to ``limit_s``) until other processes leave the CPUs mostly idle.
+
+    On a shared machine a case measured while others compute mostly measures them; this
+    waits for a calm half second before each case. Returns the seconds waited.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        idle0, total0 = _cpu_times()
+        time.sleep(0.5)
+        idle1, total1 = _cpu_times()
+        if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle_share:
+            break
+    return time.perf_counter() - start
+
+
 def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries: int) -> dict:
     make = FAMILIES[family][0]
     ours, ref = make(shape)
@@ -238,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter", default="", help="only cases whose 'family mode shape' has this")
     p.add_argument("--sizes", choices=("all", "small", "big"), default="all",
                    help="only the small (< 64 KB) or the big (4-32 MB) inputs")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each case, wait up to this long for idle CPUs (shared boxes)")
     p.add_argument("--no-tune", action="store_true",
                    help="leave glibc's allocator as it is (fresh outputs page-fault)")
     args = p.parse_args(argv)
@@ -269,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with torch.inference_mode():
         for family, mode, shape in cases:
+            if args.wait_idle and Path("/proc/stat").exists():
+                wait_idle(args.wait_idle)
             row = run_case(family, mode, shape, reps, warmup_s, args.retries)
             rows.append(row)
             print(fmt([f(row) for _, _, f in COLUMNS]), flush=True)

@@ -53,7 +53,7 @@ def plot(data: dict, out: Path) -> None:
     axes[0][0].legend(fontsize=8)
     tuned = "allocator tuned" if data.get("allocator_tuned") else "allocator as is"
     fig.suptitle(f"torch {data.get('torch')}, {data.get('threads')} threads, {tuned}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # room for the title
     fig.savefig(out, dpi=110)
 
 

@@ -332,6 +332,8 @@ def instance_norm_with_stats(
 
 
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if type(normalized_shape) is tuple:  # the modules' own, on every call
+        return normalized_shape
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
     return tuple(normalized_shape)

@@ -8,7 +8,7 @@ right after computing its statistics, while it is still in cache. Statistics use
 sums in float32 lanes and double across blocks, accurate for |mean|/std up to 1e4 and
 beyond.
 
-The kernels compile on first use (about a second, then cached per machine; see
+The kernels compile on first use (a few seconds, then cached per machine; see
 ``_loader``) or at ``warm_up()``. ``normcore.functional`` falls back to its plain torch path
 by itself for every input they do not take (other dtypes or devices, strided views,
 autograd), when they are switched off with ``set_enabled(False)``, and when they cannot be

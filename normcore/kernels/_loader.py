@@ -3,7 +3,7 @@
 The shared library goes to ``$TORCH_EXTENSIONS_DIR`` (torch's directory for compiled
 extensions, ``~/.cache/torch_extensions`` by default) under ``normcore_<key>/``. The key
 hashes the sources, the compiler flags, the Python ABI and the CPU's feature flags
-(``-march=native``): a new source, interpreter or machine builds anew (a second or two),
+(``-march=native``): a new source, interpreter or machine builds anew (a few seconds),
 anything else loads the cached file in milliseconds. A build writes a temporary file and
 renames it into place, so concurrent processes (test workers, service replicas) never see
 half a library and never wait on a lock that a killed process left behind.

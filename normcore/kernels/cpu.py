@@ -28,7 +28,8 @@ _F32 = torch.float32
 _I64 = torch.int64
 _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _grad_enabled = torch.is_grad_enabled
-_tracing = torch.jit.is_tracing
+# What torch.jit.is_tracing() returns outside TorchScript, without its Python frame.
+_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 _threads = torch.get_num_threads
 
 
@@ -219,25 +220,27 @@ def instance_norm(
 
 
 def _rows(input: Tensor, shape: tuple[int, ...], weight: Tensor | None,
-          bias: Tensor | None = None) -> int:
-    """Length of the rows over the last ``len(shape)`` dims; 0 if the kernels don't take them."""
+          bias: Tensor | None = None) -> tuple[int, int]:
+    """(rows, length) over the last ``len(shape)`` dims; (0, 0) if the kernels don't take them."""
     if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
-        return 0
+        return 0, 0
     k = len(shape)
     have = input.shape
-    if k == 0 or len(have) < k or input.numel() == 0:
-        return 0
+    numel = input.numel()
+    if k == 0 or len(have) < k or numel == 0:
+        return 0, 0
     if have[-1] != shape[0] if k == 1 else have[-k:] != shape:
-        return 0
+        return 0, 0
     if weight is not None and (weight.dtype is not _F32 or not weight.is_cpu
                                or weight.shape != shape or not weight.is_contiguous()):
-        return 0
+        return 0, 0
     if bias is not None and (bias.dtype is not _F32 or not bias.is_cpu
                              or bias.shape != shape or not bias.is_contiguous()):
-        return 0
+        return 0, 0
     if _wants_grad(input, weight, bias) or _tracing():
-        return 0
-    return math.prod(shape)
+        return 0, 0
+    length = have[-1] if k == 1 else math.prod(shape)
+    return numel // length, length
 
 
 def layer_norm(
@@ -245,17 +248,23 @@ def layer_norm(
     eps: float, *, stats: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """(output, mean, var), statistics of shape ``input.shape[:-len(shape)]`` if wanted."""
-    length = _rows(input, shape, weight, bias)
+    rows, length = _rows(input, shape, weight, bias)
     kernels = ops() if length else None
     if kernels is None:
         return None
     output = torch.empty_like(input)
-    lead = input.shape[: input.dim() - len(shape)] if stats else None
-    mean = torch.empty(lead) if stats else None
-    var = torch.empty(lead) if stats else None
+    if not stats:
+        kernels.layer_norm(
+            input.data_ptr(), output.data_ptr(), rows, length,
+            0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            eps, 0, 0, _threads(),
+        )
+        return output, None, None
+    lead = input.shape[: input.dim() - len(shape)]
+    mean, var = torch.empty(lead), torch.empty(lead)
     kernels.layer_norm(
-        input.data_ptr(), output.data_ptr(), input.numel() // length, length, _ptr(weight),
-        _ptr(bias), eps, _ptr(mean), _ptr(var), _threads(),
+        input.data_ptr(), output.data_ptr(), rows, length, _ptr(weight), _ptr(bias), eps,
+        mean.data_ptr(), var.data_ptr(), _threads(),
     )
     return output, mean, var
 
@@ -264,14 +273,14 @@ def rms_norm(
     input: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float, *, stats: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
     """(output, mean square), the latter of shape ``input.shape[:-len(shape)]`` if wanted."""
-    length = _rows(input, shape, weight)
+    rows, length = _rows(input, shape, weight)
     kernels = ops() if length else None
     if kernels is None:
         return None
     output = torch.empty_like(input)
     mean_square = torch.empty(input.shape[: input.dim() - len(shape)]) if stats else None
     kernels.rms_norm(
-        input.data_ptr(), output.data_ptr(), input.numel() // length, length, _ptr(weight),
-        eps, _ptr(mean_square), _threads(),
+        input.data_ptr(), output.data_ptr(), rows, length, _ptr(weight), eps,
+        _ptr(mean_square), _threads(),
     )
     return output, mean_square

@@ -52,6 +52,17 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Spy]:
     kernels.set_enabled(previous)
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The kernels' parallel paths: the suite otherwise runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _pair(kind: str, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
     ref = getattr(torch.nn, kind)(**kwargs)
     with torch.no_grad():
@@ -168,6 +179,7 @@ EDGES = [
 ]
 
 
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize(("kind", "kwargs", "shape"), EDGES,
                          ids=[f"{k}-{'x'.join(map(str, s))}" for k, _, s in EDGES])
 def test_edge_shapes_match_torch_through_the_kernels(spy: _Spy, kind, kwargs, shape) -> None:
@@ -270,6 +282,7 @@ def test_results_do_not_depend_on_the_thread_count(spy: _Spy, kind, kwargs, shap
             assert torch.equal(state[key], value), key
 
 
+@pytest.mark.usefixtures("two_threads")
 def test_concurrent_callers_get_their_own_results(spy: _Spy) -> None:
     # The kernels release the GIL; several Python threads may run them at once.
     layer = normcore.BatchNorm2d(8).eval()

@@ -28,6 +28,10 @@
 
 namespace normcore {
 
+constexpr int64_t kChunk = 65536;  // values per chunk of work
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 class Backoff {
  public:
   static Backoff& get() {

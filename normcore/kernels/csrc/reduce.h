@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace normcore {
 
@@ -93,6 +94,15 @@ inline int64_t& stream_threshold() {
 }
 
 inline bool streaming(int64_t bytes) { return bytes >= stream_threshold(); }
+
+// f(std::true_type) if an output of this many values is streamed, else f(std::false_type).
+template <class F>
+void with_stream(int64_t values, const F& f) {
+  if (streaming(values * static_cast<int64_t>(sizeof(float))))
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
 
 inline vec splat(float v) { return vec{} + v; }
 

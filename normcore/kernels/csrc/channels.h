@@ -1,0 +1,119 @@
+// Per-channel statistics and scale-and-shift of [N, C, HW]: BatchNorm (and InstanceNorm's
+// eval mode). Channels of at least kPlanarMin values per sample are handled plane by plane;
+// shorter ones (BatchNorm1d on [N, C], channels_last inputs) as the columns of an
+// [N, C*HW] matrix, vectorized along its rows.
+
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "parallel.h"
+#include "reduce.h"
+
+namespace normcore {
+
+constexpr int64_t kPlanarMin = 64;  // shorter channel planes are reduced as columns
+constexpr int kColumnRows = 128;    // rows summed in float32 per column before a double add
+constexpr int64_t kColumnScratch = int64_t{1} << 22;  // Sums of per-chunk column partials
+
+// Channels of HW >= kPlanarMin values are reduced plane by plane, cut into pieces of at
+// most about kChunk values; shorter ones (BatchNorm1d on [N, C], channels_last) as the
+// columns of an [N, C*HW] matrix, vectorized along its rows. Every value is shifted by its
+// channel's k[c], so partial sums add up directly.
+inline std::vector<Sums> channel_sums(const float* x, int64_t N, int64_t C, int64_t HW,
+                               const float* k, int threads) {
+  std::vector<Sums> out(C);
+  if (HW >= kPlanarMin) {
+    const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
+    const int64_t pieces = N * C * segs, per_chunk = std::max<int64_t>(1, kChunk / seg);
+    std::vector<Sums> part(pieces);
+    parallel_chunks(ceil_div(pieces, per_chunk), threads, [&](int64_t chunk) {
+      const int64_t end = std::min(pieces, (chunk + 1) * per_chunk);
+      for (int64_t q = chunk * per_chunk; q < end; ++q) {
+        const int64_t plane = q / segs, lo = q % segs * seg, len = std::min(seg, HW - lo);
+        add_sums<true>(x + plane * HW + lo, len, k[plane % C], part[q]);
+      }
+    });
+    for (int64_t q = 0; q < pieces; ++q) out[q / segs % C] += part[q];
+    return out;
+  }
+  const int64_t width = C * HW;
+  std::vector<float> kc(width);
+  spread(k, C, HW, kc.data());
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min(N * width / kChunk, kColumnScratch / width));
+  const int64_t rows = ceil_div(N, chunks);
+  std::vector<Sums> part(chunks * width);
+  parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
+    std::vector<float> a1(width), a2(width);
+    Sums* acc = part.data() + chunk * width;
+    const int64_t end = std::min(N, (chunk + 1) * rows);
+    for (int64_t row = chunk * rows; row < end;) {
+      const int64_t stop = std::min(end, row + kColumnRows);
+      std::fill(a1.begin(), a1.end(), 0.0f);
+      std::fill(a2.begin(), a2.end(), 0.0f);
+      for (; row < stop; ++row) {
+        const float* r = x + row * width;
+        int64_t j = 0;
+        for (; j + kLanes <= width; j += kLanes) {
+          const vec d = load(r + j) - load(kc.data() + j);
+          store(a1.data() + j, load(a1.data() + j) + d);
+          store(a2.data() + j, load(a2.data() + j) + d * d);
+        }
+        for (; j < width; ++j) {
+          const float d = r[j] - kc[j];
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) acc[j] += Sums{a1[j], a2[j]};
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < HW; ++i) out[c] += part[(chunk * C + c) * HW + i];
+  return out;
+}
+
+// y = (x - k[c]) * a[c] + b[c] for every value of channel c of [N, C, HW].
+inline void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
+                    const float* k, const float* a, const float* b, int threads) {
+  const int64_t total = N * C * HW;
+  if (HW >= kPlanarMin) {
+    const int64_t chunks = std::max<int64_t>(1, total / kChunk);
+    with_stream(total, [&](auto stream) {
+      const int64_t base = total / chunks, extra = total % chunks;
+      parallel_chunks(chunks, threads, [&](int64_t chunk) {
+        int64_t lo = chunk * base + std::min(chunk, extra);
+        const int64_t hi = lo + base + (chunk < extra);
+        while (lo < hi) {  // a chunk may start or end inside a plane
+          const int64_t c = lo / HW % C, len = std::min(HW - lo % HW, hi - lo);
+          affine<stream>(x + lo, y + lo, len, k[c], a[c], b[c]);
+          lo += len;
+        }
+        if (stream) stream_fence();
+      });
+    });
+    return;
+  }
+  const int64_t width = C * HW;
+  std::vector<float> kc(width), ac(width), bc(width);
+  spread(k, C, HW, kc.data());
+  spread(a, C, HW, ac.data());
+  spread(b, C, HW, bc.data());
+  const int64_t rows = std::max<int64_t>(1, kChunk / width);
+  with_stream(total, [&](auto stream) {
+    parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
+      const int64_t end = std::min(N, (chunk + 1) * rows);
+      for (int64_t row = chunk * rows; row < end; ++row)
+        affine_row<stream>(x + row * width, y + row * width, width, kc.data(), ac.data(),
+                           bc.data());
+      if (stream) stream_fence();
+    });
+  });
+}
+
+}  // namespace normcore

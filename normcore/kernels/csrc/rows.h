@@ -1,0 +1,132 @@
+// Statistics and normalization of rows: LayerNorm and RMSNorm (the last dims), GroupNorm
+// and InstanceNorm ((sample, group) planes). Each row is normalized right after its
+// statistics, while it is still in cache; a few rows too long for one chunk are cut into
+// pieces for both passes instead.
+
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "parallel.h"
+#include "reduce.h"
+
+namespace normcore {
+
+// R rows of L contiguous values, each normalized with its own statistics.
+struct Rows {
+  const float* x;
+  float* y;  // null: statistics only
+  int64_t R, L;
+  double eps;
+  float* mean_out;  // [R] or null
+  float* var_out;   // [R] or null (RMSNorm: the mean square)
+};
+
+// Statistics of every row, then apply(r, i0, i1, k, moments) for its values [i0, i1).
+// kCenter: mean and variance around k = the row's first value; otherwise the mean square
+// (as var) around 0.
+template <bool kCenter, bool kStream, class Apply>
+void run_rows(const Rows& p, const Apply& apply, int threads) {
+  auto shift = [&](int64_t r) { return kCenter ? p.x[r * p.L] : 0.0f; };
+  auto finish = [&](int64_t r, const Sums& s) {
+    const Moments m = kCenter ? moments(s, p.L, shift(r)) : Moments{0.0, 0.0, s.s2 / p.L};
+    if (p.mean_out) p.mean_out[r] = static_cast<float>(m.mean);
+    if (p.var_out) p.var_out[r] = static_cast<float>(m.var);
+    return m;
+  };
+  const int64_t segs = std::max<int64_t>(1, p.L / kChunk);
+  if (segs == 1 || p.R >= 2 * threads) {
+    // Whole rows per chunk: the second pass reads each row back from cache.
+    const int64_t rows = std::max<int64_t>(1, kChunk / p.L);
+    parallel_chunks(ceil_div(p.R, rows), threads, [&](int64_t chunk) {
+      const int64_t end = std::min(p.R, (chunk + 1) * rows);
+      for (int64_t r = chunk * rows; r < end; ++r) {
+        Sums s;
+        const float k = shift(r);
+        add_sums<kCenter>(p.x + r * p.L, p.L, k, s);
+        const Moments m = finish(r, s);
+        if (p.y) apply(r, 0, p.L, k, m);
+      }
+      if (kStream) stream_fence();
+    });
+    return;
+  }
+  // A few long rows: statistics of all their pieces, then the output of all their pieces.
+  const int64_t seg = ceil_div(p.L, segs), pieces = p.R * segs;
+  std::vector<Sums> part(pieces);
+  parallel_chunks(pieces, threads, [&](int64_t q) {
+    const int64_t r = q / segs, lo = q % segs * seg;
+    add_sums<kCenter>(p.x + r * p.L + lo, std::min(seg, p.L - lo), shift(r), part[q]);
+  });
+  std::vector<Moments> ms(p.R);
+  for (int64_t r = 0; r < p.R; ++r) {
+    Sums s;
+    for (int64_t i = 0; i < segs; ++i) s += part[r * segs + i];
+    ms[r] = finish(r, s);
+  }
+  if (!p.y) return;
+  parallel_chunks(pieces, threads, [&](int64_t q) {
+    const int64_t r = q / segs, lo = q % segs * seg;
+    apply(r, lo, std::min(lo + seg, p.L), shift(r), ms[r]);
+    if (kStream) stream_fence();
+  });
+}
+
+inline void layer_rows(const Rows& p, const float* w, const float* b, int threads) {
+  with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
+    run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
+      const double rstd = rstd_of(m.var, p.eps);
+      const float s = static_cast<float>(rstd), o = static_cast<float>(-m.dm * rstd);
+      const float* x = p.x + r * p.L;
+      float* y = p.y + r * p.L;
+      if (w && b)
+        scale_row<stream, true, true>(x, y, i0, i1, k, s, o, w, b);
+      else if (w)
+        scale_row<stream, true, false>(x, y, i0, i1, k, s, o, w, b);
+      else if (b)
+        scale_row<stream, false, true>(x, y, i0, i1, k, s, o, w, b);
+      else
+        scale_row<stream, false, false>(x, y, i0, i1, k, s, o, w, b);
+    }, threads);
+  });
+}
+
+inline void rms_rows(const Rows& p, const float* w, int threads) {
+  with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
+    run_rows<false, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float, const Moments& m) {
+      const float s = static_cast<float>(rstd_of(m.var, p.eps));
+      const float* x = p.x + r * p.L;
+      float* y = p.y + r * p.L;
+      if (w)
+        scale_row<stream, true, false>(x, y, i0, i1, 0.0f, s, 0.0f, w, nullptr);
+      else
+        scale_row<stream, false, false>(x, y, i0, i1, 0.0f, s, 0.0f, nullptr, nullptr);
+    }, threads);
+  });
+}
+
+// A row is one (sample, group) plane of Cg channels of HW values, weight and bias per
+// channel: GroupNorm, and InstanceNorm as Cg = 1.
+inline void group_rows(const Rows& p, const float* w, const float* b, int64_t G, int64_t Cg,
+                int64_t HW, int threads) {
+  with_stream(p.y ? p.R * p.L : 0, [&](auto stream) {
+    run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, float k, const Moments& m) {
+      // dm and a are a few units at most: float loses nothing here.
+      const float rstd = static_cast<float>(rstd_of(m.var, p.eps));
+      const float dm = static_cast<float>(m.dm);
+      const int64_t c0 = r % G * Cg;
+      while (i0 < i1) {
+        const int64_t j = i0 / HW, len = std::min(HW - i0 % HW, i1 - i0);
+        const float a = w ? rstd * w[c0 + j] : rstd;
+        const float o = (b ? b[c0 + j] : 0.0f) - dm * a;
+        affine<stream>(p.x + r * p.L + i0, p.y + r * p.L + i0, len, k, a, o);
+        i0 += len;
+      }
+    }, threads);
+  });
+}
+
+}  // namespace normcore
