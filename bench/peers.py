@@ -152,10 +152,7 @@ def v2_body(x) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3, help="rounds per server (3)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (5)")
-    p.add_argument("--connections", type=int, default=16, help="keep-alive connections (16)")
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    hb.add_load_options(p)
     p.add_argument("--only", action="append", choices=sorted(PINS), help="peers to run")
     p.add_argument("--mlserver-workers", type=int, metavar="N",
                    help="MLServer parallel_workers (default: MLServer's own, 1; 0 = in-process)")

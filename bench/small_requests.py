@@ -234,12 +234,17 @@ def check_layernorm(x, output, what: str) -> None:
 # --- this benchmark ---------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The load generator's options, shared with bench/peers.py."""
     p.add_argument("--rounds", type=int, default=3, help="rounds per server (3)")
     p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (5)")
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections (16)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_options(p)
     p.add_argument("--warmup", type=int, default=3, help="seconds of wrk per server first (3)")
     p.add_argument("--json", metavar="PATH", help="write the rounds and summary here")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
