@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
-    from .catalog import CatalogError, load_catalog
-    from .protocol import guarded_http_protocol
+    from .core.catalog import CatalogError, load_catalog
+    from .http.protocol import guarded_http_protocol
     from .settings import Settings
 
     try:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = load_catalog(settings.catalog)  # fail fast, with one clear message
         app = create_app(settings, specs=specs, load_in_background=True)
-    except (CatalogError, RuntimeError) as exc:
+    except (CatalogError, ValueError) as exc:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
     app.state.exit_on_failure = True

@@ -18,31 +18,23 @@ from starlette.routing import Match, Route
 from normcore import kernels
 
 from . import __version__
-from .api import admin, health, normalize, stats, v2
-from .api.deps import run_step
-from .batching import EvalBatcher
-from .catalog import LayerSpec, load_catalog
-from .codec import Limits
-from .engine import Engine
-from .errors import install_error_handlers
-from .limits import BodyLimitMiddleware
-from .metrics import Metrics, MetricsMiddleware
-from .persistence import Persistence
-from .schemas import with_request_models
+from .core.batching import EvalBatcher
+from .core.catalog import LayerSpec, load_catalog
+from .core.devices import resolve_device
+from .core.engine import Engine
+from .http.body_limit import BodyLimitMiddleware
+from .http.deps import run_step
+from .http.errors import install_error_handlers
+from .http.metrics import Metrics, MetricsMiddleware
+from .http.routes import admin, health, normalize, stats, v2
+from .http.schemas import with_request_models
 from .settings import Settings
-from .store import Store
+from .state.changes import ChangeLog
+from .state.persistence import Persistence
+from .state.store import Store
+from .wire.tensors import Limits
 
 log = logging.getLogger("normcore.service")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def _warn_about(settings: Settings) -> None:
@@ -62,14 +54,9 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
     # Compiles on a machine's first start (seconds), loads the cached build after; a failed
     # build is logged and leaves the plain torch path, it does not stop the service.
     log.info("fused kernels: %s", "on" if kernels.warm_up() else "off")
-    store = app.state.engine.store
+    engine = app.state.engine
     try:
-        specs = specs if specs is not None else load_catalog(settings.catalog)
-        if app.state.persistence is not None:
-            app.state.persistence.restore(store, specs)
-        else:
-            for spec in specs:
-                store.put(spec, record=False)
+        engine.load(specs if specs is not None else load_catalog(settings.catalog))
     except Exception as exc:
         app.state.failure = str(exc)
         log.error("normcore cannot start: %s", exc)
@@ -82,8 +69,8 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
     gc.collect()
     gc.freeze()
     app.state.ready = True
-    log.info("serving %d layers on %s", len(app.state.engine.store),
-             app.state.engine.store.default_device)
+    log.info("serving %d layers on %s", engine.layer_count(),
+             engine.server_info().default_device)
 
 
 class _DirectRoute(Route):
@@ -99,9 +86,12 @@ class _DirectRoute(Route):
 
 def create_app(
     settings: Settings | None = None, *, specs: list[LayerSpec] | None = None,
-    load_in_background: bool = False,
+    load_in_background: bool = False, change_log: ChangeLog | None = None,
 ) -> FastAPI:
     """The service for ``settings``, serving ``specs`` (the catalog file's if None).
+
+    State changes go to ``change_log`` if given, else to the one the settings name (the
+    state dir's journal, or none: memory only).
 
     With ``load_in_background`` the server answers /healthz at once and /readyz turns 200
     when the layers are loaded; otherwise start-up waits for them.
@@ -120,8 +110,7 @@ def create_app(
             _load(app, specs)
         yield
         # uvicorn has finished the requests in flight: sync the journal, write a snapshot.
-        if app.state.persistence is not None:
-            await run_in_threadpool(app.state.persistence.close)
+        await run_in_threadpool(app.state.engine.close)
 
     app = FastAPI(
         title="normcore",
@@ -136,7 +125,12 @@ def create_app(
     app.state.ready = False
     app.state.failure = None
     app.state.exit_on_failure = False
-    store = Store(resolve_device(settings.device), reject_non_finite=not settings.allow_non_finite,
+    # The one place where the store meets its change log: changes are refused until the
+    # log has restored the state dir (at start-up, in _load).
+    if change_log is None and settings.state_dir is not None:
+        change_log = Persistence(settings.state_dir, snapshot_every=settings.snapshot_every)
+    store = Store(resolve_device(settings.device), log=change_log,
+                  reject_non_finite=not settings.allow_non_finite,
                   idempotency_window=settings.idempotency_window)
     app.state.engine = Engine(store)
     app.state.batcher = None
@@ -147,12 +141,6 @@ def create_app(
                                                  timeout=settings.request_timeout),
             settings.batch_max_size, settings.batch_max_delay_ms / 1000,
         )
-    app.state.persistence = None
-    if settings.state_dir is not None:
-        app.state.persistence = Persistence(settings.state_dir,
-                                            snapshot_every=settings.snapshot_every,
-                                            idempotency_window=settings.idempotency_window)
-        store.on_update = app.state.persistence  # refuses changes until restored
     install_error_handlers(app)
     app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
     for router in (health.router, normalize.router, stats.router, admin.router):

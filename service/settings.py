@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)\Z")
+from .core.devices import DEVICE_HELP, DEVICE_OR_AUTO
 
 
 class Settings(BaseSettings):
@@ -60,8 +59,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        if not DEVICE_OR_AUTO.match(value):
+            raise ValueError(f"device must be auto, {DEVICE_HELP}")
         return value
 
     @field_validator("api_token")

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from service.catalog import CatalogError, default_catalog, load_catalog
+from service.core.catalog import CatalogError, default_catalog, load_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 

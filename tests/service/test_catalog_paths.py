@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from service.catalog import CatalogError, load_catalog, resolve_inside
+from service.core.catalog import CatalogError, load_catalog, resolve_inside
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from normcore import BatchNorm1d
-from service.catalog import load_catalog
-from service.store import Store
+from service.core.catalog import load_catalog
+from service.state.store import Store
 
 from .server_process import ServerProcess
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from service.catalog import load_catalog
+from service.core.catalog import load_catalog
 
 from .server_process import ServerProcess
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.journal import Journal, JournalFailedError, journal_path, replay
-from service.records import StateFileError, decode_record, encode_record, frame, read_frames
-from service.snapshot import read_snapshot, snapshot_path, write_snapshot
+from service.state.journal import Journal, JournalFailedError, journal_path, replay
+from service.state.records import StateFileError, decode_record, encode_record, frame, read_frames
+from service.state.snapshot import read_snapshot, snapshot_path, write_snapshot
 
 
 def _records(n: int) -> list[bytes]:

@@ -14,16 +14,17 @@ import pytest
 import safetensors.torch
 import torch
 
+from normcore.errors import InputError
 from service.app import create_app
-from service.catalog import LayerSpec, load_catalog, make_layer
-from service.engine import Engine
-from service.idempotency import IdempotencyConflictError
-from service.journal import JournalFailedError, journal_generations
-from service.persistence import Persistence
-from service.records import StateFileError
+from service.core.catalog import LayerSpec, load_catalog, make_layer
+from service.core.engine import Engine
+from service.state.idempotency import IdempotencyConflictError
+from service.state.journal import JournalFailedError, journal_generations
+from service.state.persistence import Persistence
+from service.state.records import StateFileError
 from service.settings import Settings
-from service.snapshot import snapshot_path
-from service.store import Store
+from service.state.snapshot import snapshot_path
+from service.state.store import Store
 
 with warnings.catch_warnings():  # starlette nudges towards httpx2, which is not installed
     warnings.simplefilter("ignore")
@@ -38,10 +39,11 @@ def specs() -> list[LayerSpec]:
 
 
 def _open(folder: Path, specs: list[LayerSpec], **options) -> tuple[Store, Persistence]:
-    store = Store(CPU, idempotency_window=options.pop("idempotency_window", 10_000))
+    window = options.pop("idempotency_window", 10_000)
     persistence = Persistence(folder, snapshot_every=options.pop("snapshot_every", 10**6),
                               **options)
-    persistence.restore(store, specs)
+    store = Store(CPU, log=persistence, idempotency_window=window)
+    store.load(specs)
     return store, persistence
 
 
@@ -150,9 +152,9 @@ def test_corrupt_snapshot_stops_restore_and_serves_nothing(tmp_path: Path, specs
     data = bytearray(path.read_bytes())
     data[100] ^= 0x04
     path.write_bytes(bytes(data))
-    store = Store(CPU)
+    store = Store(CPU, log=Persistence(tmp_path))
     with pytest.raises(StateFileError, match=str(path)):
-        Persistence(tmp_path).restore(store, specs)
+        store.load(specs)
     assert len(store) == 0
 
 
@@ -190,8 +192,8 @@ def test_failed_fsync_is_not_acknowledged_and_train_is_refused(tmp_path: Path, s
 
 
 def test_failed_fsync_answers_503_and_stats_say_so(tmp_path: Path) -> None:
-    app = create_app(Settings(state_dir=tmp_path))
-    app.state.persistence = Persistence(tmp_path, fsync=FailingFsync(good=1))
+    app = create_app(Settings(state_dir=tmp_path),
+                     change_log=Persistence(tmp_path, fsync=FailingFsync(good=1)))
     body = {"layer": "stream.bn", "mode": "train",
             "tensor": {"shape": [2, 64], "data": [0.5] * 64 + [1.5] * 64}}
     with TestClient(app) as client:
@@ -223,16 +225,15 @@ def test_retry_after_restart_is_answered_and_not_applied_again(tmp_path: Path, s
     before = again.slot("stream.bn").layer.state_dict()
     retry = again.train("stream.bn", x.clone(), request_id="retry-me")
     assert retry.num_batches_tracked == first.num_batches_tracked == 1
-    assert torch.equal(retry.result.output, first.result.output)
-    assert torch.equal(retry.result.mean, first.result.mean)
+    assert torch.equal(retry.output, first.output)
+    assert torch.equal(retry.stats["mean"], first.stats["mean"])
     for key, value in again.slot("stream.bn").layer.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
 def test_reused_key_with_another_tensor_or_layer_is_a_conflict(specs) -> None:
     store = Store(CPU)
-    for spec in specs:
-        store.put(spec, record=False)
+    store.load(specs)
     x = torch.randn(4, 64)
     store.train("stream.bn", x, request_id="k")
     with pytest.raises(IdempotencyConflictError, match="different tensor"):
@@ -270,15 +271,14 @@ def test_concurrent_retries_of_one_key_apply_once(tmp_path: Path, specs) -> None
     for thread in threads:
         thread.join(10)
     assert [a.num_batches_tracked for a in answers] == [1] * 16
-    assert all(torch.equal(a.result.output, answers[0].result.output) for a in answers)
+    assert all(torch.equal(a.output, answers[0].output) for a in answers)
     assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
 
 
 def test_refused_step_frees_its_key(specs) -> None:
     store = Store(CPU)
-    for spec in specs:
-        store.put(spec, record=False)
-    with pytest.raises(Exception, match="channels"):
+    store.load(specs)
+    with pytest.raises(InputError, match="channels"):
         store.train("stream.bn", torch.randn(4, 3), request_id="k")
     assert store.train("stream.bn", torch.randn(4, 64), request_id="k").num_batches_tracked == 1
 
@@ -294,8 +294,7 @@ def test_key_window_is_bounded_across_restarts(tmp_path: Path, specs) -> None:
 
 def test_uploaded_state_does_not_touch_the_layer_being_served(specs) -> None:
     store = Store(CPU)
-    for spec in specs:
-        store.put(spec, record=False)
+    store.load(specs)
     served = store.slot("digits.head.bn").layer
     weight = served.weight.clone()
     state = _upload(served)

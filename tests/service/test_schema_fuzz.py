@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
-from service.catalog import load_catalog
+from service.core.catalog import load_catalog
 from service.settings import Settings
 
 pytestmark = pytest.mark.slow

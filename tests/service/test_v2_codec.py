@@ -12,8 +12,12 @@ import orjson
 import pytest
 import torch
 
-from service.codec import CodecError, Limits
-from service.v2 import codec, types
+from service.core.errors import ServiceError
+from service.http.errors import status_of
+from service.wire import compression
+from service.wire import v2 as codec
+from service.wire import v2_types as types
+from service.wire.tensors import Limits
 
 OUTPUTS = ("output", "batch_mean", "batch_var")
 
@@ -37,19 +41,19 @@ def _binary_input(shape, datatype="FP32", size=None, pad_name="x"):
 ])
 def test_decompress_undoes_the_content_encoding(encoding, pack):
     body = b"tensor bytes " * 1000
-    assert codec.decompress(bytearray(pack(body)), encoding, 1 << 20) == body
+    assert compression.decompress(bytearray(pack(body)), encoding, 1 << 20) == body
 
 
 def test_decompress_reads_every_gzip_member():
     body = bytearray(gzip.compress(b"head") + gzip.compress(b"blob"))
-    assert codec.decompress(body, "gzip", 100) == b"headblob"
+    assert compression.decompress(body, "gzip", 100) == b"headblob"
 
 
 def test_decompress_stops_at_the_limit_with_413():
     bomb = bytearray(zlib.compress(bytes(1 << 20)))
-    with pytest.raises(CodecError, match="exceeds the limit of 1000 bytes") as caught:
-        codec.decompress(bomb, "deflate", 1000)
-    assert caught.value.status == 413
+    with pytest.raises(ServiceError, match="exceeds the limit of 1000 bytes") as caught:
+        compression.decompress(bomb, "deflate", 1000)
+    assert status_of(caught.value, "v2") == 413
 
 
 @pytest.mark.parametrize(("body", "encoding", "message"), [
@@ -59,9 +63,9 @@ def test_decompress_stops_at_the_limit_with_413():
     (b"x", "br", "unsupported Content-Encoding"),
 ])
 def test_decompress_refuses_bad_bodies_with_400(body, encoding, message):
-    with pytest.raises(CodecError, match=message) as caught:
-        codec.decompress(bytearray(body), encoding, 1 << 20)
-    assert caught.value.status == 400
+    with pytest.raises(ServiceError, match=message) as caught:
+        compression.decompress(bytearray(body), encoding, 1 << 20)
+    assert status_of(caught.value, "v2") == 400
 
 
 @pytest.mark.parametrize(("accept", "chosen"), [
@@ -70,14 +74,14 @@ def test_decompress_refuses_bad_bodies_with_400(body, encoding, message):
     ("*", None), ("identity", None),
 ])
 def test_response_is_compressed_only_with_an_offered_encoding(accept, chosen):
-    assert codec.response_encoding(accept) == chosen
+    assert compression.response_encoding(accept) == chosen
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_compress_streams_the_parts(encoding):
     parts = [b"head", memoryview(np.arange(10, dtype=np.float32)).cast("B")]
     inflate = gzip.decompress if encoding == "gzip" else zlib.decompress
-    assert inflate(codec.compress(parts, encoding)) == b"head" + bytes(parts[1])
+    assert inflate(compression.compress(parts, encoding)) == b"head" + bytes(parts[1])
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -125,9 +129,9 @@ def test_request_parameters_and_outputs():
 def test_limits_apply_to_binary_inputs():
     body, length = _request(_binary_input((2, 3, 4), size=96), bytes(96))
     request = codec.decode_infer_request(body, length, OUTPUTS)
-    with pytest.raises(CodecError, match="rank 3 exceeds the limit of 2"):
+    with pytest.raises(ServiceError, match="rank 3 exceeds the limit of 2"):
         codec.decode_input(request, body, Limits(max_rank=2))
-    with pytest.raises(CodecError, match="24 elements exceeds the limit of 10"):
+    with pytest.raises(ServiceError, match="24 elements exceeds the limit of 10"):
         codec.decode_input(request, body, Limits(max_elements=10))
 
 

@@ -5,7 +5,11 @@ and bias (it normalizes with the batch's own statistics), so a key needs to reme
 which layer took the step, a digest of the input, and the ``num_batches_tracked`` that the
 step produced. A retry with the same key and the same input is answered by normalizing the
 input again without updating anything; the same key with another input or layer is a
-conflict. Keys are kept for a bounded window (the most recent ``size`` keys).
+conflict. Keys are kept for a bounded window (the most recent ``size`` keys); a key whose
+step is still under way is never evicted, so a retry waiting on it cannot apply it again.
+
+One window per store. A change log marks the keys whose steps it has recorded, so that a
+snapshot it writes holds exactly the keys of the steps it covers.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.errors import ConflictError
 
-class IdempotencyConflictError(ValueError):
+
+class IdempotencyConflictError(ConflictError):
     """A request_id that was already used for another input or layer."""
 
 
@@ -41,6 +47,7 @@ class Applied:
     digest: str
     num_batches_tracked: int | None = None
     settled: bool = True  # False while the step that reserved the key is still running
+    recorded: bool = False  # the change log holds the step's record
     # Set once the step is settled (taken or refused); until then a retry waits on it.
     done: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     # Blocks until the original step's journal record is safe (None: it already is).
@@ -57,6 +64,8 @@ class Applied:
 
 class KeyWindow:
     """The most recent ``size`` keys and what they applied; safe to share between threads."""
+
+    MAX_KEY = 128  # characters in one key
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -96,6 +105,18 @@ class KeyWindow:
             entry.settled = True
             entry.done.set()
 
+    def mark_recorded(self, key: str, num_batches_tracked: int | None) -> None:
+        """The change log has recorded the step that holds ``key`` (under its own lock)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.num_batches_tracked = num_batches_tracked
+            entry.recorded = True
+
+    def recorded(self) -> list[tuple[str, Applied]]:
+        """The keys whose steps the change log has recorded, oldest first."""
+        with self._lock:
+            return [(k, e) for k, e in self._entries.items() if e.recorded]
+
     def release(self, key: str) -> None:
         """The reserved step was refused: forget the key (a retry may apply it)."""
         with self._lock:
@@ -104,7 +125,7 @@ class KeyWindow:
             entry.done.set()
 
     def add(self, key: str, entry: Applied) -> None:
-        """Remember a settled entry (restored from disk, or mirrored by the journal)."""
+        """Remember a settled entry (one restored from disk)."""
         entry.done.set()
         with self._lock:
             self._entries[key] = entry
@@ -112,6 +133,15 @@ class KeyWindow:
             self._evict()
 
     def _evict(self) -> None:
-        while len(self._entries) > self.size:
-            _, old = self._entries.popitem(last=False)
-            old.done.set()  # a retry still waiting on an evicted key must not hang
+        excess = len(self._entries) - self.size
+        if excess <= 0:
+            return
+        # The oldest settled keys go; keys in flight stay until their step settles.
+        victims = []
+        for key, entry in self._entries.items():  # oldest first: usually the first ones
+            if entry.settled:
+                victims.append(key)
+                if len(victims) == excess:
+                    break
+        for key in victims:
+            self._entries.pop(key).done.set()

@@ -20,7 +20,7 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .codec import dumps
+from ..wire.tensors import dumps
 
 log = logging.getLogger("normcore.service")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,13 +33,13 @@ import normcore
 from normcore.checkpoint import find_norm_layers, load_layer_state, load_state_dict
 from normcore.errors import CheckpointError, NormcoreError
 
+from .devices import DEVICE, DEVICE_HELP
+from .errors import NAME, shown
+
 KINDS = (
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
 )
-# \Z, not $: "$" also matches before a trailing newline.
-NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
-DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)\Z")
 _LAYER_KEYS = {"name", "kind", "checkpoint", "prefix", "device"}
 _MODEL_KEYS = {"checkpoint", "name_prefix", "kind", "device", "eps", "momentum"}
 
@@ -104,14 +103,6 @@ _ARG_CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
-def shown(name: object) -> str:
-    """A name from a request or file, fit to repeat in an error message: itself when it is
-    a short plain name, else a placeholder (messages never echo arbitrary input)."""
-    if isinstance(name, str) and len(name) <= 64 and NAME.match(name):
-        return name
-    return "(not shown)"
-
-
 def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     """Build a layer from its kind and torch.nn-named arguments; ValueError if invalid."""
     if kind not in KINDS:
@@ -131,6 +122,22 @@ def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
         return getattr(normcore, kind)(**args)
     except (TypeError, ValueError, RuntimeError, NormcoreError) as exc:
         raise ValueError(f"invalid arguments for {kind}: {exc}") from None
+
+
+def layer_config(layer: torch.nn.Module, kind: str) -> dict[str, Any]:
+    """The constructor arguments a layer was built with, as a catalog entry gives them
+    (the inverse of ``make_layer``; JSON-ready)."""
+    config: dict[str, Any] = {}
+    for name in constructor_args(kind):
+        value = getattr(layer, name, None)
+        if name == "bias":  # LayerNorm's bias flag shares its name with the parameter
+            value = value is not None
+        elif name == "momentum" and value is None:
+            value = "cumulative"
+        elif isinstance(value, tuple):
+            value = list(value)
+        config[name] = value
+    return config
 
 
 def default_catalog() -> Path:
@@ -218,7 +225,7 @@ class _Loader:
             raise self.fail(where, f"layer name {spec.name!r} must match [A-Za-z0-9._-]+")
         if spec.device is not None and not (isinstance(spec.device, str)
                                             and DEVICE.match(spec.device)):
-            raise self.fail(where, f"device must be cpu, cuda or cuda:N, not {spec.device!r}")
+            raise self.fail(where, f"device must be {DEVICE_HELP}, not {spec.device!r}")
         try:
             spec.build(torch.device("cpu")) if spec.state is not None else make_layer(
                 spec.kind, spec.kwargs)

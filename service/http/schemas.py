@@ -1,6 +1,6 @@
 """Request and response models for the OpenAPI schema (``/openapi.json``, ``/docs``).
 
-The hot routes parse bodies with orjson and check them in ``service.codec`` rather than
+The hot routes parse bodies with orjson and check them in ``service.wire`` rather than
 validating every element through pydantic; these models document the same contract.
 """
 
@@ -111,19 +111,6 @@ class LayerEntry(BaseModel):
 class StatsResponse(BaseModel):
     layers: dict[str, LayerEntry]
     server: dict[str, Any]
-
-
-class LayerCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"example": {"kind": "BatchNorm1d", "config": {"num_features": 8}}},
-    )
-
-    kind: str = Field(description="A normcore layer class, e.g. BatchNorm2d.")
-    config: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments.")
-    checkpoint_b64: str | None = Field(None, description="Base64 of a safetensors file.")
-    prefix: str = Field("", max_length=512, description="Key prefix inside the checkpoint.")
-    device: str | None = None
 
 
 class Deleted(BaseModel):

@@ -10,12 +10,17 @@ import anyio
 import anyio.to_thread
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
-from ..codec import Limits
-from ..engine import Engine
-from ..errors import BodyTooLargeError, RequestTimeoutError
+from ..core.engine import Engine, Outcome
+from ..core.errors import (
+    NAME_PATTERN,
+    BodyTooLargeError,
+    InvalidTokenError,
+    MissingTokenError,
+    RequestTimeoutError,
+)
 from ..settings import Settings
+from ..wire.tensors import Limits
 
 # Tensors up to this many elements are normalized on the event loop: the hop to a worker
 # thread costs more than the work. Larger ones, and every train step (which may wait on
@@ -56,9 +61,9 @@ def _check_token(request: Request) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given:
-        raise HTTPException(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        raise MissingTokenError
     if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise HTTPException(403, "invalid bearer token")
+        raise InvalidTokenError
 
 
 def authorize_write(request: Request) -> None:
@@ -70,6 +75,14 @@ def authorize_read(request: Request) -> None:
     """Reads need the token only when the service is told to protect them."""
     if request.app.state.settings.protect_reads:
         _check_token(request)
+
+
+def authorize_mode(request: Request, mode: str) -> None:
+    """Train changes state and needs write access; anything else needs read access."""
+    if mode == "train":
+        authorize_write(request)
+    else:
+        authorize_read(request)
 
 
 async def run_step(elements: int, train: bool, fn, *args, timeout: float | None = None):
@@ -93,7 +106,7 @@ async def run_step(elements: int, train: bool, fn, *args, timeout: float | None 
 
 
 async def normalize_tensor(request: Request, name: str, x, mode: str,
-                           request_id: str | None = None):
+                           request_id: str | None = None) -> Outcome:
     """The engine's normalize for a route: merged with concurrent eval requests when
     dynamic batching is on, else inline or in the thread pool (``run_step``)."""
     state = request.app.state
@@ -106,7 +119,7 @@ async def normalize_tensor(request: Request, name: str, x, mode: str,
 EngineDep = Annotated[Engine, Depends(get_engine)]
 # A layer name in a path; others are refused (422) before the route runs. ("$" is the
 # end of the text for pydantic and JSON Schema, unlike Python's re: no trailing newline.)
-LayerName = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$",
+LayerName = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$",
                                 description="A layer name: 1 to 128 of A-Z a-z 0-9 . _ -")]
 WriteAccess = Depends(authorize_write)
 ReadAccess = Depends(authorize_read)

@@ -7,9 +7,10 @@ run concurrently, never switch a shared module between modes, and never see a
 half-applied update; a rejected step leaves the served layer exactly as it was. A layer
 object, once served, is never modified again, so the journal may keep and read it.
 
-Every change (train step, reset, uploaded state, layer put or deleted) goes to
-``on_update`` as a ``Change`` before it is served, in the order the changes apply, and the
-reply waits until the journal says the record is safe.
+Every change (train step, reset, uploaded state, layer put or deleted) goes to the store's
+``ChangeLog`` (``service.state.changes``), if it has one, as a ``Change`` before it is
+served, in the order the changes apply, and the reply waits until the log says the record
+is safe.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
@@ -28,19 +28,10 @@ from torch import nn
 from normcore.checkpoint import layer_state_bytes, load_layer_state
 from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
 
-from .catalog import LayerSpec
+from ..core.catalog import LayerSpec
+from ..core.errors import LayerNotFoundError
+from .changes import Change, ChangeLog, Waiter
 from .idempotency import Applied, KeyWindow, input_digest
-
-
-class LayerNotFoundError(KeyError):
-    """No layer of that name is served."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-    def __str__(self) -> str:
-        return f"unknown layer {self.name!r}"
 
 
 @dataclass
@@ -58,27 +49,17 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class TrainResult:
-    result: Normalized | RMSNormalized
-    num_batches_tracked: int | None
+class Outcome:
+    """What one normalize call produced."""
 
+    output: torch.Tensor
+    stats: dict[str, torch.Tensor]  # mean/var, or mean_square for RMSNorm
+    num_batches_tracked: int | None = None  # after a train step on a layer that counts them
 
-@dataclass(frozen=True)
-class Change:
-    """One change of served state, as the journal records it."""
-
-    op: Literal["train", "reset", "load_state", "put", "delete"]
-    name: str
-    layer: nn.Module | None = None  # as it will be served; None for delete
-    spec: LayerSpec | None = None  # put: what the layer resets to
-    key: str | None = None  # train with a request_id: the key ...
-    applied: Applied | None = None  # ... and what a retry of it is answered from
-
-
-# Called with each change under the lock that orders it, before the change is served;
-# returns None or a function that blocks until the record is safe (and raises if it
-# cannot be made safe). The durable journal (``service.persistence``) plugs in here.
-UpdateHook = Callable[[Change], Callable[[], None] | None]
+    @classmethod
+    def of(cls, result: Normalized | RMSNormalized, count: int | None = None) -> Outcome:
+        stats = result._asdict()
+        return cls(stats.pop("output"), stats, count)
 
 
 def fork(layer: nn.Module) -> nn.Module:
@@ -116,13 +97,13 @@ def _restore_dtype(computed: nn.Module, like: nn.Module) -> nn.Module:
 class Store:
     """The served layers by name."""
 
-    def __init__(self, default_device: torch.device, *, reject_non_finite: bool = True,
-                 idempotency_window: int = 10_000) -> None:
+    def __init__(self, default_device: torch.device, *, log: ChangeLog | None = None,
+                 reject_non_finite: bool = True, idempotency_window: int = 10_000) -> None:
         self.default_device = default_device
         self.reject_non_finite = reject_non_finite
         self._slots: dict[str, Slot] = {}
         self._admin = threading.Lock()  # serializes adding, replacing and removing layers
-        self.on_update: UpdateHook | None = None
+        self._log = log
         self.applied = KeyWindow(idempotency_window)  # request_id -> what it applied
 
     def __contains__(self, name: str) -> bool:
@@ -142,13 +123,25 @@ class Store:
 
     @property
     def persistence(self) -> str:
-        """"memory" without a journal, else the journal's status ("durable" or why not)."""
-        if self.on_update is None:
-            return "memory"
-        return getattr(self.on_update, "status", "durable")
+        """"memory" without a change log, else the log's status ("durable" or why not)."""
+        return "memory" if self._log is None else self._log.status
 
-    def _record(self, change: Change) -> Callable[[], None] | None:
-        return self.on_update(change) if self.on_update is not None else None
+    def _record(self, change: Change) -> Waiter | None:
+        return self._log.record(change) if self._log is not None else None
+
+    def load(self, specs: list[LayerSpec]) -> None:
+        """Serve ``specs`` at start, with the change log's saved state over them."""
+        if self._log is None:
+            for spec in specs:
+                self.put(spec, record=False)
+            return
+        for spec, layer in self._log.restore(specs, self.applied):
+            self.put(spec, layer, record=False)
+
+    def close(self) -> None:
+        """Make every change safe (at a graceful stop); later changes are refused."""
+        if self._log is not None:
+            self._log.close()
 
     def _acquire(self, name: str) -> Slot:
         """The layer's current slot, its lock held (released by the caller)."""
@@ -174,8 +167,8 @@ class Store:
             record: bool = True) -> Slot:
         """Serve ``spec`` (built from its checkpoint unless ``layer`` is given).
 
-        ``record=False`` is for layers that come from the catalog or the state dir at start,
-        which the journal already knows.
+        ``record=False`` is for layers that come from the catalog or the change log at
+        start (``load``), which the log already knows.
         """
         device = self.device_for(spec)
         layer = self._serve(layer if layer is not None else spec.build(device), device)
@@ -240,7 +233,7 @@ class Store:
 
     # --- steps --------------------------------------------------------------------------
 
-    def evaluate(self, name: str, x: torch.Tensor) -> Normalized | RMSNormalized:
+    def evaluate(self, name: str, x: torch.Tensor) -> Outcome:
         """Normalize with the current layer in eval mode; changes nothing."""
         slot = self.slot(name)
         layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
@@ -248,9 +241,9 @@ class Store:
         with torch.inference_mode():
             result = layer.normalize(x.to(slot.device), train=False)
         slot.requests["eval"] += 1
-        return result
+        return Outcome.of(result)
 
-    def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Normalized | RMSNormalized]:
+    def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
         """``evaluate`` for several inputs that differ only in dim 0, in one layer call.
 
         Outputs are exact either way: eval mode normalizes each sample on its own (or with
@@ -270,9 +263,9 @@ class Store:
                 parts = [value.split([len(t) for t in xs]) for value in merged]
                 results = [type(merged)(*values) for values in zip(*parts, strict=True)]
         slot.requests["eval"] += len(xs)
-        return results
+        return [Outcome.of(result) for result in results]
 
-    def train(self, name: str, x: torch.Tensor, request_id: str | None = None) -> TrainResult:
+    def train(self, name: str, x: torch.Tensor, request_id: str | None = None) -> Outcome:
         """Take one train step on the layer; raises (changing nothing) if it is rejected.
 
         With a ``request_id`` seen before (same layer, same tensor), the step is not taken
@@ -300,7 +293,7 @@ class Store:
         return step
 
     def _step(self, name: str, x: torch.Tensor, request_id: str | None,
-              digest: str | None) -> tuple[TrainResult, Callable[[], None] | None]:
+              digest: str | None) -> tuple[Outcome, Waiter | None]:
         slot = self._acquire(name)
         try:
             wide = _computing_copy(slot.layer, x)
@@ -323,9 +316,9 @@ class Store:
             slot.last_update = time.time()
         finally:
             slot.lock.release()
-        return TrainResult(result, count), wait
+        return Outcome.of(result, count), wait
 
-    def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> TrainResult:
+    def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> Outcome:
         if prior.wait is not None:
             prior.wait()  # the first step is acknowledged only once its record is safe
         slot = self.slot(name)
@@ -333,4 +326,4 @@ class Store:
         layer = _computing_copy(slot.layer, x) or fork(slot.layer)
         with torch.inference_mode():
             result = layer.normalize(x.to(slot.device), train=True)
-        return TrainResult(result, prior.num_batches_tracked)
+        return Outcome.of(result, prior.num_batches_tracked)

@@ -17,7 +17,8 @@ import torch
 
 from .engine import Engine, Outcome
 
-# Runs fn(*args) inline or in the thread pool, with the request timeout (deps.run_step).
+# Runs fn(*args) inline or in the thread pool, with the request timeout (the HTTP layer's
+# run_step): the batcher itself knows nothing of threads or timeouts.
 Runner = Callable[..., Awaitable[list[Outcome]]]
 
 

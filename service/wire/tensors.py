@@ -3,7 +3,7 @@
 A tensor travels as ``{"shape": [...], "dtype": "float32", "data": [...]}`` with ``data``
 flat or nested, or with ``"b64"`` instead of ``data``: the little-endian bytes in row-major
 order, base64-encoded. Decoding checks everything a client can get wrong and raises
-``CodecError`` with a message that names the problem and never echoes the payload.
+``InvalidRequestError`` with a message that names the problem and never echoes the payload.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import numpy as np
 import orjson
 import torch
 
+from ..core.errors import InvalidRequestError, MalformedRequestError
+
 # name -> (torch dtype, little-endian numpy dtype of the wire bytes)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "float32": (torch.float32, np.dtype("<f4")),
@@ -30,14 +32,6 @@ ENCODINGS = ("list", "b64")
 _FINITE_MAX = {name: float(torch.finfo(t).max) for name, (t, _) in DTYPES.items()}
 
 
-class CodecError(ValueError):
-    """The request body or a tensor in it is malformed (``status`` says how, for HTTP)."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass(frozen=True)
 class Limits:
     max_rank: int = 8
@@ -45,31 +39,33 @@ class Limits:
 
 
 def parse_json(body: bytes | bytearray) -> Any:
-    """Parse a JSON body; 400 if it is not JSON, 422 if it only uses NaN/Infinity."""
+    """Parse a JSON body: ``MalformedRequestError`` if it is not JSON, ``InvalidRequestError``
+    if it only uses NaN/Infinity."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if "infinity" in str(exc):
-            raise CodecError("a number in the JSON overflows to infinity") from None
+            raise InvalidRequestError("a number in the JSON overflows to infinity") from None
         # NOTE: orjson stops at the first token it refuses and reports where; looking there
         # (rather than re-parsing with the stdlib) keeps a huge malformed body cheap.
         if body[exc.pos:exc.pos + 8].startswith((b"NaN", b"Infinity")):
-            raise CodecError("NaN and Infinity are not valid JSON numbers") from None
-        raise CodecError(f"malformed JSON: {exc}", status=400) from None
+            raise InvalidRequestError("NaN and Infinity are not valid JSON numbers") from None
+        raise MalformedRequestError(f"malformed JSON: {exc}") from None
 
 
 def _shape(value: Any, limits: Limits) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         type(d) is int and d >= 0 for d in value
     ):
-        raise CodecError("tensor shape must be a list of non-negative integers")
+        raise InvalidRequestError("tensor shape must be a list of non-negative integers")
     if len(value) > limits.max_rank:
-        raise CodecError(f"tensor rank {len(value)} exceeds the limit of {limits.max_rank}")
+        raise InvalidRequestError(
+            f"tensor rank {len(value)} exceeds the limit of {limits.max_rank}")
     # Each dimension too: with a zero elsewhere the product stays 0 however large one is.
     if any(d > limits.max_elements for d in value):
-        raise CodecError(f"a tensor dimension exceeds the limit of {limits.max_elements}")
+        raise InvalidRequestError(f"a tensor dimension exceeds the limit of {limits.max_elements}")
     if math.prod(value) > limits.max_elements:
-        raise CodecError(
+        raise InvalidRequestError(
             f"tensor of {math.prod(value)} elements exceeds the limit of {limits.max_elements}"
         )
     return tuple(value)
@@ -91,38 +87,38 @@ def _check_numbers(data: list) -> None:
         if kinds == {list}:
             stack.extend(items)
         elif bool in kinds:
-            raise CodecError("tensor data must be numbers, not booleans")
+            raise InvalidRequestError("tensor data must be numbers, not booleans")
         else:
-            raise CodecError("tensor data must be a (nested) list of numbers")
+            raise InvalidRequestError("tensor data must be a (nested) list of numbers")
 
 
 def _from_list(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     if not isinstance(data, list):
-        raise CodecError("tensor data must be a list of numbers")
+        raise InvalidRequestError("tensor data must be a list of numbers")
     _check_numbers(data)
     try:
         array = np.array(data, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
-        raise CodecError("tensor data must be a (nested) list of numbers") from None
+        raise InvalidRequestError("tensor data must be a (nested) list of numbers") from None
     if array.size != math.prod(shape):
-        raise CodecError(f"tensor data has {array.size} values; shape {list(shape)} needs "
-                         f"{math.prod(shape)}")
+        raise InvalidRequestError(f"tensor data has {array.size} values; shape {list(shape)} "
+                                  f"needs {math.prod(shape)}")
     if array.ndim != 1 and array.shape != shape:
-        raise CodecError(f"nested data of shape {list(array.shape)} does not match shape "
-                         f"{list(shape)}")
+        raise InvalidRequestError(f"nested data of shape {list(array.shape)} does not match "
+                                  f"shape {list(shape)}")
     if array.size and float(np.abs(array).max()) > _FINITE_MAX[dtype]:
-        raise CodecError(f"a value overflows {dtype}")
+        raise InvalidRequestError(f"a value overflows {dtype}")
     tensor = torch.from_numpy(array.reshape(shape))
     return tensor.to(DTYPES[dtype][0])
 
 
 def _from_b64(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     if not isinstance(data, str):
-        raise CodecError("tensor b64 must be a base64 string")
+        raise InvalidRequestError("tensor b64 must be a base64 string")
     try:
         raw = bytearray(binascii.a2b_base64(data, strict_mode=True))
     except (binascii.Error, ValueError):
-        raise CodecError("tensor b64 is not valid base64") from None
+        raise InvalidRequestError("tensor b64 is not valid base64") from None
     return from_bytes(raw, shape, dtype)
 
 
@@ -131,8 +127,8 @@ def from_bytes(raw: bytearray | memoryview, shape: tuple[int, ...], dtype: str) 
     torch_dtype, wire = DTYPES[dtype]
     expected = math.prod(shape) * wire.itemsize
     if len(raw) != expected:
-        raise CodecError(f"tensor bytes are {len(raw)} long; shape {list(shape)} of {dtype} "
-                         f"needs {expected}")
+        raise InvalidRequestError(
+            f"tensor bytes are {len(raw)} long; shape {list(shape)} of {dtype} needs {expected}")
     if expected == 0:
         return torch.empty(shape, dtype=torch_dtype)
     return torch.frombuffer(raw, dtype=torch_dtype).reshape(shape)
@@ -141,15 +137,16 @@ def from_bytes(raw: bytearray | memoryview, shape: tuple[int, ...], dtype: str) 
 def decode_tensor(obj: Any, limits: Limits) -> tuple[torch.Tensor, str]:
     """A tensor object -> (CPU tensor, the encoding it came in: "list" or "b64")."""
     if not isinstance(obj, dict):
-        raise CodecError("tensor must be an object with shape, dtype and data or b64")
+        raise InvalidRequestError("tensor must be an object with shape, dtype and data or b64")
     if not set(obj) <= {"shape", "dtype", "data", "b64"}:
-        raise CodecError("unknown tensor field(s): a tensor has shape, dtype, and data or b64")
+        raise InvalidRequestError(
+            "unknown tensor field(s): a tensor has shape, dtype, and data or b64")
     dtype = obj.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CodecError(f"tensor dtype must be one of {', '.join(DTYPES)}")
+        raise InvalidRequestError(f"tensor dtype must be one of {', '.join(DTYPES)}")
     shape = _shape(obj.get("shape"), limits)
     if ("data" in obj) == ("b64" in obj):
-        raise CodecError("tensor needs exactly one of data or b64")
+        raise InvalidRequestError("tensor needs exactly one of data or b64")
     if "data" in obj:
         return _from_list(obj["data"], shape, dtype), "list"
     return _from_b64(obj["b64"], shape, dtype), "b64"

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BodyTooLargeError, error_response
+from ..core.errors import BodyTooLargeError
+from .errors import reply_to
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -71,7 +72,7 @@ class BodyLimitMiddleware:
         try:
             await self.app(scope, capped_receive, closing_send)
         except BodyTooLargeError:
-            # Routes answer it themselves (service.errors); this covers any code path that
+            # Routes answer it themselves (service.http.errors); this covers any code path that
             # lets it escape before a response started.
             if response_started:
                 raise
@@ -79,6 +80,6 @@ class BodyLimitMiddleware:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    response = error_response(413, str(BodyTooLargeError(limit).detail),
-                              {"connection": "close"})
+    response = reply_to(None, BodyTooLargeError(limit))
+    response.headers["connection"] = "close"
     await response(scope, receive, send)

@@ -5,25 +5,26 @@ A body is a JSON header followed by the raw bytes of each binary tensor, back to
     body = HEADER || BLOB_0 || ... || BLOB_k       Inference-Header-Content-Length: len(HEADER)
 
 Without that header line the whole body is JSON. Request blobs follow the order of
-``inputs``, response blobs the order of ``outputs``; gzip or deflate wraps the whole body.
-A blob is little-endian and row-major, which is what ``service.codec`` reads and writes
-without copying. Mistakes raise ``CodecError`` naming the problem (400 unless noted).
+``inputs``, response blobs the order of ``outputs``; gzip or deflate wraps the whole body
+(``wire.compression``).
+A blob is little-endian and row-major, which is what ``wire.tensors`` reads and writes
+without copying. Mistakes raise ``InvalidRequestError`` naming the problem.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..codec import (
+from ..core.engine import MODES
+from ..core.errors import InvalidRequestError
+from .tensors import (
     DTYPE_NAMES,
     DTYPES,
-    CodecError,
     Limits,
     decode_tensor,
     dumps,
@@ -32,69 +33,11 @@ from ..codec import (
     parse_json,
     to_bytes,
 )
-from .types import DATATYPE_OF, DATATYPES, MODEL_VERSION, OUTPUT, stat_output
-
-# NOTE: "deflate" is zlib-wrapped (RFC 1950), as in HTTP and tritonclient, not raw deflate.
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-# Float tensors barely compress; a fast level keeps large responses from stalling.
-COMPRESS_LEVEL = 1
-MAX_REQUEST_ID = 128
+from .v2_types import DATATYPE_OF, DATATYPES, MODEL_VERSION, OUTPUT, stat_output
 
 
-def _bad(message: str, status: int = 400) -> CodecError:
-    return CodecError(message, status)
-
-
-# --- compression ------------------------------------------------------------------------
-
-
-def decompress(body: bytearray, encoding: str | None, limit: int) -> bytearray:
-    """The body with its ``Content-Encoding`` undone, refused (413) past ``limit`` bytes
-    once inflated, so a small compressed body cannot expand without bound."""
-    if encoding is None or encoding.strip().lower() in ("", "identity"):
-        return body
-    wbits = _WBITS.get(encoding.strip().lower())
-    if wbits is None:
-        raise _bad(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
-    out = bytearray()
-    pending: bytes | bytearray = body
-    try:
-        while True:
-            inflater = zlib.decompressobj(wbits)
-            out += inflater.decompress(pending, limit + 1 - len(out))
-            if len(out) > limit:
-                raise _bad(f"decompressed request body exceeds the limit of {limit} bytes", 413)
-            if not inflater.eof:
-                raise _bad(f"{encoding} request body is truncated")
-            pending = inflater.unused_data
-            if not pending:
-                return out
-            if wbits != _WBITS["gzip"]:  # gzip may hold several members; zlib one stream
-                raise _bad(f"unexpected bytes after the {encoding} stream")
-    except zlib.error as exc:
-        raise _bad(f"request body is not valid {encoding}: {exc}") from None
-
-
-def response_encoding(accept_encoding: str | None) -> str | None:
-    """gzip or deflate when the client's ``Accept-Encoding`` names it (gzip first), else
-    None: nothing is compressed unless asked for by name."""
-    offered = set()
-    for item in (accept_encoding or "").lower().split(","):
-        token, _, params = item.partition(";")
-        params = params.strip()
-        try:
-            weight = float(params[2:]) if params.startswith("q=") else 1.0
-        except ValueError:
-            weight = 0.0
-        if weight > 0:
-            offered.add(token.strip())
-    return next((e for e in ("gzip", "deflate") if e in offered), None)
-
-
-def compress(parts: list[bytes | memoryview], encoding: str) -> bytes:
-    """One compressed stream over the parts, without joining them first."""
-    deflater = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, _WBITS[encoding])
-    return b"".join([*(deflater.compress(p) for p in parts), deflater.flush()])
+def _bad(message: str) -> InvalidRequestError:
+    return InvalidRequestError(message)
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -116,7 +59,7 @@ class InferRequest:
     data: Any  # the JSON values, or None for a binary input
     binary_size: int | None
     blob_offset: int  # where the binary input starts in the body
-    mode: str  # as given; the router accepts only eval and train
+    mode: str  # eval or train
     request_id: str | None
     id: str | None
     outputs: tuple[RequestedOutput, ...]
@@ -151,9 +94,9 @@ def _parameters(params: dict) -> tuple[str, str | None, bool]:
     # NOTE: clients add keys of their own here (tritonclient: binary_data_output, priority,
     # timeout, sequence_*); anything not read below is ignored, not refused.
     mode = _string(params, "mode", "eval")
+    if mode not in MODES:
+        raise _bad("parameter mode must be 'eval' or 'train'")
     request_id = _string(params, "request_id", None)
-    if request_id is not None and not 0 < len(request_id) <= MAX_REQUEST_ID:
-        raise _bad(f"parameter request_id must be 1 to {MAX_REQUEST_ID} characters")
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise _bad("parameter binary_data_output must be true or false")

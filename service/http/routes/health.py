@@ -6,26 +6,26 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from ..codec import dumps
+from ...core.errors import NotReadyError
+from ..deps import EngineDep
+from ..responses import json_response
 from ..schemas import Health, Readiness, errors
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="Alive", response_model=Health)
-def healthz() -> Response:
+async def healthz() -> Response:
     """200 while the process serves requests."""
-    return Response(dumps({"status": "alive"}), media_type="application/json")
+    return json_response({"status": "alive"})
 
 
 @router.get("/readyz", summary="Ready", response_model=Readiness, responses=errors(503))
-def readyz(request: Request) -> Response:
+async def readyz(request: Request, engine: EngineDep) -> Response:
     """200 once every catalog layer is loaded, 503 before."""
     if not request.app.state.ready:
-        return Response(dumps({"error": "starting: catalog not loaded yet"}), 503,
-                        media_type="application/json")
-    return Response(dumps({"status": "ready", "layers": len(request.app.state.engine.store)}),
-                    media_type="application/json")
+        raise NotReadyError
+    return json_response({"status": "ready", "layers": engine.layer_count()})
 
 
 @router.get("/metrics", summary="Prometheus metrics",

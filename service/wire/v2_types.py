@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codec import CodecError
+from ..core.errors import VersionNotFoundError, shown
 
 PLATFORM = "normcore"
 # The one version of every model; layers replaced through the admin API keep it.
@@ -22,7 +22,7 @@ MODEL_VERSION = "1"
 # NOTE: tritonclient never reads this list; Triton names the extensions this way.
 EXTENSIONS = ("binary_tensor_data", "parameters")
 
-# V2 datatype -> service.codec dtype name (the little-endian wire layout is the same).
+# V2 datatype -> wire.tensors dtype name (the little-endian wire layout is the same).
 DATATYPES: dict[str, str] = {
     "FP32": "float32",
     "FP16": "float16",
@@ -90,11 +90,9 @@ def server_metadata(version: str) -> dict[str, Any]:
 
 
 def check_version(name: str, version: str) -> None:
-    """Refuse (404) a version of a model other than the one there is."""
+    """Refuse a version of a model other than the one there is."""
     if version != MODEL_VERSION:
-        raise CodecError(
-            f"model {name!r} has no version {version!r}; its only version is {MODEL_VERSION!r}",
-            status=404,
-        )
+        raise VersionNotFoundError(f"model '{shown(name)}' has no version '{shown(version)}'; "
+                                   f"its only version is {MODEL_VERSION!r}")
 
 

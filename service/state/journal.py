@@ -1,7 +1,7 @@
 """The append-only journal: every applied change, fsynced before it is acknowledged.
 
 Files are ``journal-<generation>.log`` in the state dir; each holds checksummed frames
-(``service.records``). A change is written under the caller's lock, so the file's order is
+(``records.py``). A change is written under the caller's lock, so the file's order is
 the order in which changes were applied, and made durable afterwards by ``sync``.
 
 Group commit: ``sync(seq)`` returns once some fsync that started after record ``seq`` was
@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import UnavailableError
+from ..core.errors import UnavailableError
 from .records import StateFileError, read_frames
 
 log = logging.getLogger("normcore.service")

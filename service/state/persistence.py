@@ -1,8 +1,8 @@
 """The state dir: restore at start, journal every change, compact into snapshots, close.
 
     snapshot.ncs          every layer's full state, the recent request_ids, and the
-                          generation of the journal that follows it (``service.snapshot``)
-    journal-<gen>.log     the changes since then, one record each (``service.journal``)
+                          generation of the journal that follows it (``snapshot.py``)
+    journal-<gen>.log     the changes since then, one record each (``journal.py``)
     lock                  held by the one server process that uses the folder
 
 A record holds the layer's resulting state, not the request's input: a train step records
@@ -35,7 +35,8 @@ from torch import nn
 from normcore.checkpoint import load_layer_state
 from normcore.errors import CheckpointError
 
-from .catalog import LayerSpec
+from ..core.catalog import LayerSpec
+from .changes import Change, Waiter
 from .idempotency import Applied, KeyWindow
 from .journal import (
     Journal,
@@ -47,7 +48,6 @@ from .journal import (
 )
 from .records import StateFileError, decode_record, encode_record, frame
 from .snapshot import read_snapshot, remove_temp_files, snapshot_path, write_snapshot
-from .store import Change, Store
 
 log = logging.getLogger("normcore.service")
 
@@ -70,10 +70,10 @@ def _uploaded_spec(name: str, meta: dict[str, Any], origin: Tensors) -> LayerSpe
 
 
 class Persistence:
-    """Keeps a store's state in ``folder``; plug in as ``store.on_update`` (by ``restore``)."""
+    """Keeps a store's state in ``folder``: the store's ``ChangeLog``
+    (``Store(log=Persistence(folder))``)."""
 
     def __init__(self, folder: Path, *, snapshot_every: int = 10_000,
-                 idempotency_window: int = 10_000,
                  fsync: Callable[[int], None] = os.fdatasync) -> None:
         self.folder = Path(folder)
         self.snapshot_every = snapshot_every
@@ -84,7 +84,7 @@ class Persistence:
         self._layers: dict[str, _Layer] = {}  # what the journal has recorded, by name
         self._deleted: set[str] = set()  # catalog layers deleted through the admin API
         self._catalog: set[str] = set()
-        self._keys = KeyWindow(idempotency_window)
+        self._keys: KeyWindow | None = None  # the store's, given to restore
         self._since_snapshot = 0
         self._lock_fd: int | None = None
 
@@ -98,8 +98,11 @@ class Persistence:
 
     # --- start ----------------------------------------------------------------------------
 
-    def restore(self, store: Store, specs: Iterable[LayerSpec]) -> None:
-        """Serve ``specs`` in ``store`` with the state dir's state, then journal changes."""
+    def restore(self, specs: Iterable[LayerSpec],
+                keys: KeyWindow) -> list[tuple[LayerSpec, nn.Module]]:
+        """``specs`` with the state dir's state over them, and the layers created since;
+        saved request_ids go into ``keys``. Changes are journaled from then on."""
+        self._keys = keys
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_folder(self.folder)
         try:
@@ -111,14 +114,9 @@ class Persistence:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise
-        # Keys and the hook first: a layer is served only once its changes are journaled.
-        for key, entry in self._keys:
-            store.applied.add(key, Applied(entry.layer, entry.digest, entry.num_batches_tracked))
-        store.on_update = self
-        for entry in self._layers.values():
-            store.put(entry.spec, entry.layer, record=False)
         log.info("restored %d layers from %s (%s, %d journal records)", len(self._layers),
                  self.folder, "snapshot" if first else "no snapshot", records)
+        return [(entry.spec, entry.layer) for entry in self._layers.values()]
 
     def _read(self, specs: list[LayerSpec]) -> tuple[int, int]:
         """Build every layer from the snapshot and the journals; (first generation to
@@ -160,7 +158,7 @@ class Persistence:
                     log.warning("%s: layer %r is no longer in the catalog; its saved state "
                                 "is dropped", source, name)
             for key, layer, digest, count in meta["keys"]:
-                self._keys.add(key, Applied(layer, digest, count))
+                self._keys.add(key, Applied(layer, digest, count, recorded=True))
             return int(meta["journal"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StateFileError(f"{source}: malformed snapshot ({exc!r})") from None
@@ -178,7 +176,7 @@ class Persistence:
         elif op in ("train", "reset", "load_state"):
             if meta.get("key") is not None:
                 key, digest, count = meta["key"]
-                self._keys.add(key, Applied(name, digest, count))
+                self._keys.add(key, Applied(name, digest, count, recorded=True))
             entry = self._layers.get(name)
             if entry is None:
                 return  # a layer since removed from the catalog
@@ -199,8 +197,8 @@ class Persistence:
 
     # --- changes --------------------------------------------------------------------------
 
-    def __call__(self, change: Change) -> Callable[[], None] | None:
-        """The store's hook: journal ``change``; return what waits until it is on disk."""
+    def record(self, change: Change) -> Waiter | None:
+        """Journal ``change``; return what waits until it is on disk."""
         journal = self.journal
         if journal is None:
             raise JournalFailedError("state changes are refused: the state dir is not "
@@ -225,8 +223,7 @@ class Persistence:
     def _track(self, change: Change) -> None:
         name = change.name
         if change.key is not None and change.applied is not None:
-            self._keys.add(change.key, Applied(name, change.applied.digest,
-                                               change.applied.num_batches_tracked))
+            self._keys.mark_recorded(change.key, change.applied.num_batches_tracked)
         if change.op == "put":
             origin = {k: v.detach().clone() for k, v in change.layer.state_dict().items()}
             spec = change.spec
@@ -270,7 +267,7 @@ class Persistence:
             if entry.uploaded:
                 for key, value in spec.state.items():
                     tensors[f"{name}/origin/{key}"] = value
-        keys = [[k, e.layer, e.digest, e.num_batches_tracked] for k, e in self._keys]
+        keys = [[k, e.layer, e.digest, e.num_batches_tracked] for k, e in self._keys.recorded()]
         meta = {"format": _FORMAT, "journal": generation, "layers": layers, "keys": keys,
                 "deleted": sorted(self._deleted & self._catalog)}
         return meta, tensors

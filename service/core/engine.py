@@ -1,0 +1,183 @@
+"""The service's logic over the store: normalize, train, inspect and administer layers.
+
+Every route makes one call here, and nothing but the engine calls the store. No HTTP and no
+wire format: inputs are tensors and plain values, results are tensors and dataclasses,
+errors are the exceptions of ``service.core.errors``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normcore.checkpoint import load_layer_state, load_state_dict_bytes
+
+from ..state.idempotency import KeyWindow
+from ..state.store import Outcome, Slot, Store, num_batches
+from .catalog import LayerSpec, layer_config, make_layer
+from .devices import resolve_device
+from .errors import NAME, NAME_PATTERN, InvalidRequestError
+
+MODES = ("eval", "train")
+
+__all__ = ["MODES", "Engine", "LayerInfo", "Outcome", "ServerInfo"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One served layer as ``/stats`` shows it."""
+
+    name: str
+    kind: str
+    device: torch.device
+    config: dict[str, Any]
+    checkpoint: Path | None
+    requests: dict[str, int]
+    rejected: int
+    last_update: float | None  # seconds since the epoch
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: int | None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    layers: list[LayerInfo]
+    uptime_seconds: float
+    persistence: str
+    default_device: torch.device
+
+
+def check_request_id(request_id: str | None) -> None:
+    """An idempotency key is 1 to ``KeyWindow.MAX_KEY`` characters."""
+    if request_id is not None and not 0 < len(request_id) <= KeyWindow.MAX_KEY:
+        raise InvalidRequestError(f"request_id must be 1 to {KeyWindow.MAX_KEY} characters")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise InvalidRequestError("mode must be 'eval' or 'train'")
+
+
+class Engine:
+    """Normalize/train/inspect/administer the layers of one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.started = time.time()
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def load(self, specs: list[LayerSpec]) -> None:
+        """Serve ``specs``, with any saved state over them."""
+        self.store.load(specs)
+
+    def close(self) -> None:
+        """Make every change safe before the process stops."""
+        self.store.close()
+
+    # --- normalize ----------------------------------------------------------------------
+
+    def kind_of(self, name: str) -> str:
+        """The kind of a served layer; ``LayerNotFoundError`` if there is none."""
+        return self.store.slot(name).spec.kind
+
+    def layer_count(self) -> int:
+        return len(self.store)
+
+    def normalize(
+        self, name: str, x: torch.Tensor, mode: str, request_id: str | None = None
+    ) -> Outcome:
+        check_mode(mode)
+        check_request_id(request_id)
+        if mode == "eval":
+            return self.store.evaluate(name, x)
+        return self.store.train(name, x, request_id)
+
+    def can_batch(self, name: str, x: torch.Tensor) -> bool:
+        """Whether an eval request may be merged with others along dim 0: it must have a
+        batch dim the layer treats sample by sample (or, for BatchNorm, with running
+        statistics), and run natively (no float64-on-float32 widening)."""
+        slot = self.store.slot(name)
+        kind, layer = slot.spec.kind, slot.layer
+        if x.dtype == torch.float64 or x.dim() < 2:
+            return False
+        if kind.startswith("BatchNorm"):
+            return layer.running_mean is not None
+        if kind.startswith("InstanceNorm"):
+            return x.dim() == int(kind[-2]) + 2
+        if kind in ("LayerNorm", "RMSNorm"):
+            return x.dim() > len(layer.normalized_shape)
+        return True
+
+    def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
+        """Eval outcomes for inputs merged into one layer call (see ``can_batch``)."""
+        return self.store.evaluate_many(name, xs)
+
+    # --- statistics ---------------------------------------------------------------------
+
+    def layer_info(self, name: str) -> LayerInfo:
+        return _info(name, self.store.slot(name))
+
+    def server_info(self) -> ServerInfo:
+        return ServerInfo(
+            [_info(name, slot) for name, slot in self.store],
+            round(time.time() - self.started, 3),
+            self.store.persistence,
+            self.store.default_device,
+        )
+
+    # --- admin --------------------------------------------------------------------------
+
+    def put_layer(
+        self, name: str, kind: str, config: dict[str, Any], checkpoint: bytes | None = None,
+        prefix: str = "", device: str | None = None,
+    ) -> LayerInfo:
+        """Create or replace a layer from its configuration and optional safetensors."""
+        if not NAME.match(name):
+            raise InvalidRequestError(f"layer name must match {NAME_PATTERN}")
+        try:
+            layer = make_layer(kind, config)
+            if device is not None:
+                resolve_device(device)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        state = None
+        if checkpoint is not None:
+            state = load_state_dict_bytes(checkpoint, source="uploaded checkpoint")
+            load_layer_state(layer, state, prefix, source="uploaded checkpoint")
+        spec = LayerSpec(name, kind, dict(config), None, prefix, device, state)
+        self.store.put(spec, layer)
+        return self.layer_info(name)
+
+    def delete_layer(self, name: str) -> None:
+        self.store.delete(name)
+
+    def reset_layer(self, name: str) -> LayerInfo:
+        self.store.reset(name)
+        return self.layer_info(name)
+
+    def upload_state(self, name: str, safetensors: bytes) -> LayerInfo:
+        """Replace a layer's state with the tensors of a safetensors file."""
+        self.store.slot(name)  # 404 before the file is parsed
+        state = load_state_dict_bytes(safetensors, source="uploaded state")
+        self.store.load_state(name, state)
+        return self.layer_info(name)
+
+    def export_layer(self, name: str) -> bytes:
+        """The layer's state as a safetensors file."""
+        return self.store.export(name)
+
+
+def _info(name: str, slot: Slot) -> LayerInfo:
+    layer = slot.layer
+    running_mean = getattr(layer, "running_mean", None)
+    return LayerInfo(
+        name, slot.spec.kind, slot.device, layer_config(layer, slot.spec.kind),
+        slot.spec.checkpoint, dict(slot.requests), slot.rejected, slot.last_update,
+        running_mean, None if running_mean is None else layer.running_var, num_batches(layer),
+    )

@@ -1,0 +1,119 @@
+"""What can go wrong while serving, named by meaning. No status codes here: the one table
+in ``service.http.errors`` turns these into REST and V2 replies.
+
+    ServiceError
+    ├── InvalidRequestError       the request asks for something wrong (a bad field, shape,
+    │   │                         mode, name, configuration or device)
+    │   └── MalformedRequestError the body cannot even be parsed (not JSON, not gzip, ...)
+    ├── PayloadTooLargeError      a body over the size limit, sent or once decompressed
+    ├── NotFoundError             no such layer (``LayerNotFoundError``) or model version
+    ├── ConflictError             a request_id already used for another input or layer
+    ├── MissingTokenError         a token is required and none was sent
+    ├── InvalidTokenError         the token sent is not the server's
+    └── UnavailableError          the server cannot take the request now
+        ├── NotReadyError         it is still loading its layers
+        ├── JournalFailedError    (``service.state``) changes cannot be made durable
+        └── RequestTimeoutError   the compute did not finish in time
+
+normcore's own ``InputError`` (a tensor the layer cannot take) and ``CheckpointError`` (an
+unusable checkpoint) count as invalid requests when a request caused them. Messages name
+the problem and never echo raw client input (see ``shown``).
+"""
+
+from __future__ import annotations
+
+import re
+
+# A layer name: what a path may carry and what a message may repeat. \Z, not $: "$" also
+# matches before a trailing newline.
+NAME_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+NAME = re.compile(rf"^{NAME_PATTERN}\Z")
+
+
+def shown(name: object) -> str:
+    """A name from a request or file, fit to repeat in an error message: itself when it is
+    a short plain name, else a placeholder (messages never echo arbitrary input)."""
+    if isinstance(name, str) and len(name) <= 64 and NAME.match(name):
+        return name
+    return "(not shown)"
+
+
+class ServiceError(Exception):
+    """Base of the errors the service raises on purpose."""
+
+
+class InvalidRequestError(ServiceError, ValueError):
+    """The request is readable but asks for something the service refuses."""
+
+
+class MalformedRequestError(InvalidRequestError):
+    """The body cannot be parsed at all."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """A body over the configured size limit (as sent, or once decompressed)."""
+
+
+class BodyTooLargeError(PayloadTooLargeError):
+    """The request body is over ``max_body_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes")
+
+
+class NotFoundError(ServiceError, LookupError):
+    """Something the request names does not exist."""
+
+
+class LayerNotFoundError(NotFoundError):
+    """No layer of that name is served."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        if isinstance(self.name, str) and NAME.match(self.name):
+            return f"unknown layer {self.name!r}"
+        return f"unknown layer (names match {NAME_PATTERN})"
+
+
+class VersionNotFoundError(NotFoundError):
+    """A model version other than the one there is."""
+
+
+class ConflictError(ServiceError):
+    """The request contradicts one seen before (a reused request_id)."""
+
+
+class MissingTokenError(ServiceError):
+    """The operation needs the bearer token and the request has none."""
+
+    def __init__(self) -> None:
+        super().__init__("missing bearer token")
+
+
+class InvalidTokenError(ServiceError):
+    """The bearer token does not match."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid bearer token")
+
+
+class UnavailableError(ServiceError):
+    """The server cannot take this kind of request now."""
+
+
+class NotReadyError(UnavailableError):
+    """The server is still loading its layers."""
+
+    def __init__(self) -> None:
+        super().__init__("starting: catalog not loaded yet")
+
+
+class RequestTimeoutError(UnavailableError):
+    """The computation for a request did not finish within the request timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request did not finish within {seconds:g} s; a train step "
+                         "that was already running may still be applied")

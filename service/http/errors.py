@@ -1,0 +1,109 @@
+"""The one place that turns exceptions into HTTP replies, for REST and for V2 alike.
+
+Every error is ``{"error": "..."}``. The two protocols differ only in the status of an
+invalid request: REST says 422, V2 says 400 (V2 clients expect 400 for every mistake in a
+request, and tritonclient shows the message only from an ``{"error"}`` body). Messages are
+the exceptions' own words, which never echo raw client input, and are bounded in length.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from normcore.errors import CheckpointError, InputError
+
+from ..core.errors import (
+    ConflictError,
+    InvalidRequestError,
+    InvalidTokenError,
+    LayerNotFoundError,
+    MalformedRequestError,
+    MissingTokenError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
+from ..wire.tensors import dumps
+
+log = logging.getLogger("normcore.service")
+
+Protocol = Literal["rest", "v2"]
+MAX_MESSAGE = 500  # characters; longer messages are cut (a backstop against echoing input)
+
+# (exception, REST status, V2 status); the first row that matches wins, so subclasses
+# come before their bases.
+STATUS: list[tuple[type[BaseException], int, int]] = [
+    (MalformedRequestError, 400, 400),
+    (InvalidRequestError, 422, 400),
+    (InputError, 422, 400),  # a tensor the layer cannot take
+    (CheckpointError, 422, 400),  # an uploaded checkpoint that cannot be used
+    (NotFoundError, 404, 404),
+    (ConflictError, 409, 409),
+    (PayloadTooLargeError, 413, 413),
+    (MissingTokenError, 401, 401),
+    (InvalidTokenError, 403, 403),
+    (UnavailableError, 503, 503),
+    (ClientDisconnect, 400, 400),  # nobody reads it: the client is gone
+]
+_HEADERS = {MissingTokenError: {"WWW-Authenticate": "Bearer"}}
+
+
+def status_of(exc: BaseException, protocol: Protocol = "rest") -> int:
+    """The HTTP status for an exception raised while serving a request (500: a bug)."""
+    for kind, rest, v2 in STATUS:
+        if isinstance(exc, kind):
+            return rest if protocol == "rest" else v2
+    if isinstance(exc, HTTPException):  # routing: unknown path, method not allowed
+        return exc.status_code
+    return 500
+
+
+def message_of(exc: BaseException, protocol: Protocol = "rest") -> str:
+    if protocol == "v2" and isinstance(exc, LayerNotFoundError):
+        return str(exc).replace("unknown layer", "unknown model", 1)
+    if isinstance(exc, HTTPException):
+        return exc.detail if isinstance(exc.detail, str) else "request failed"
+    return str(exc)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    return Response(dumps({"error": message}), status, headers, media_type="application/json")
+
+
+def reply_to(request: Request | None, exc: BaseException,
+             protocol: Protocol = "rest") -> Response:
+    """The error reply for ``exc``; anything unexpected is logged and told as a 500."""
+    status = status_of(exc, protocol)
+    if status == 500:
+        where = f"{request.method} {request.url.path}" if request is not None else "a request"
+        log.error("unhandled error on %s", where, exc_info=exc)
+        return error_response(500, "internal server error")
+    headers = _HEADERS.get(type(exc)) or getattr(exc, "headers", None)
+    return error_response(status, message_of(exc, protocol), headers)
+
+
+def _validation(request: Request, exc: RequestValidationError) -> Response:
+    # FastAPI's default handler echoes the offending input (and fails on NaN): name the
+    # fields and what is wrong with them instead.
+    problems = [
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        for err in exc.errors()[:5]
+    ]
+    return error_response(422, "; ".join(problems) or "invalid request")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    # The known kinds by class, so they are answered inside the app; Exception last, which
+    # Starlette answers (500) from its outermost middleware.
+    for exc_type in (*(row[0] for row in STATUS), HTTPException, Exception):
+        app.add_exception_handler(exc_type, reply_to)

@@ -1,0 +1,1 @@
+"""The routers, one per surface: normalize, stats, admin, V2, health."""

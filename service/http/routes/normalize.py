@@ -1,0 +1,39 @@
+"""POST /normalize: one tensor through one layer, in eval or train mode."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ...wire.normalize import decode_normalize_request, encode_normalize_response
+from ...wire.tensors import decode_tensor
+from ..deps import authorize_mode, normalize_tensor, read_body
+from ..metrics import label
+from ..responses import json_response
+from ..schemas import NormalizeRequest, NormalizeResponse, errors, json_body
+
+router = APIRouter(tags=["normalize"])
+
+
+@router.post(
+    "/normalize",
+    summary="Normalize a tensor with a served layer",
+    response_model=NormalizeResponse,
+    responses=errors(400, 401, 403, 404, 409, 413, 422, 503),
+    openapi_extra=json_body(NormalizeRequest),
+)
+async def normalize(request: Request) -> Response:
+    """Eval mode normalizes with the running statistics and changes nothing; train mode
+    normalizes with the batch statistics and folds them into the running statistics
+    (needs the bearer token when one is set). Both return the batch statistics."""
+    engine = request.app.state.engine
+    call = decode_normalize_request(await read_body(request))
+    # The token before the layer: without it, a 404 would tell which names exist.
+    authorize_mode(request, call.mode)
+    engine.kind_of(call.layer)  # 404 before the tensor is looked at
+    label(request.scope, "layer", call.layer)
+    label(request.scope, "mode", call.mode)
+    x, given_encoding = decode_tensor(call.tensor, request.app.state.limits)
+    outcome = await normalize_tensor(request, call.layer, x, call.mode, call.request_id)
+    return json_response(encode_normalize_response(
+        call.layer, call.mode, outcome, call.output_encoding or given_encoding))

@@ -1,0 +1,51 @@
+"""JSON views of what the engine reports: a layer's entry (``/stats/{name}``, admin
+replies) and the whole server (``/stats``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ..core.engine import LayerInfo, ServerInfo
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def encode_layer(info: LayerInfo) -> dict[str, Any]:
+    """A layer's entry; running statistics as float lists (null for NaN/Inf)."""
+    entry: dict[str, Any] = {
+        "kind": info.kind,
+        "device": str(info.device),
+        "config": info.config,
+        "checkpoint": str(info.checkpoint) if info.checkpoint else None,
+        "requests": info.requests,
+        "rejected": info.rejected,
+        "last_update": _iso(info.last_update),
+    }
+    if info.running_mean is not None:
+        entry["running_mean"] = info.running_mean.detach().cpu().double().tolist()
+        entry["running_var"] = info.running_var.detach().cpu().double().tolist()
+    entry["num_batches_tracked"] = info.num_batches_tracked
+    return entry
+
+
+def encode_server(info: ServerInfo) -> dict[str, Any]:
+    """Every layer's entry and server-wide counters."""
+    layers = {layer.name: encode_layer(layer) for layer in info.layers}
+    totals = {"eval": 0, "train": 0}
+    for layer in info.layers:
+        for mode, count in layer.requests.items():
+            totals[mode] += count
+    return {
+        "layers": layers,
+        "server": {
+            "layers": len(layers),
+            "requests": totals,
+            "rejected": sum(layer.rejected for layer in info.layers),
+            "uptime_seconds": info.uptime_seconds,
+            "persistence": info.persistence,
+            "default_device": str(info.default_device),
+        },
+    }
