@@ -1,9 +1,14 @@
-"""The layering the project depends on: normcore is pure compute, the engine knows no HTTP,
-and the public names are the ones exported."""
+"""The layering the project depends on (docs/ARCHITECTURE.md): normcore is pure compute;
+the web framework lives in service/http and the entry points; routes call the engine, only
+the engine calls the store, the store and its change log meet through one interface; only
+service/http/errors.py chooses status codes; no module grows past 400 lines."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,30 +16,162 @@ import pytest
 import normcore
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVICE = ROOT / "service"
 WEB = {"service", "fastapi", "starlette", "uvicorn", "httpx", "pydantic", "pydantic_settings",
        "prometheus_client", "orjson"}
+FRAMEWORK = ("fastapi", "starlette", "uvicorn")
+ENTRY_POINTS = {"service/__main__.py", "service/app.py", "service/cli.py"}
 
 
-def _imports(path: Path) -> set[str]:
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, relative imports resolved to absolute names."""
+    package = _module(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "normcore").rglob("*.py")),
-                         ids=lambda p: str(p.relative_to(ROOT)))
+def _service_modules() -> list[Path]:
+    return sorted(SERVICE.rglob("*.py"))
+
+
+def _top(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "normcore").rglob("*.py")), ids=_rel)
 def test_normcore_imports_no_web_layer(path: Path) -> None:
-    assert not _imports(path) & WEB
+    assert not _top(_imported_modules(path)) & WEB
 
 
-@pytest.mark.parametrize("module", ["engine.py", "store.py", "catalog.py", "persistence.py",
-                                    "journal.py", "snapshot.py", "records.py", "idempotency.py"])
-def test_service_core_imports_no_http(module: str) -> None:
-    assert not _imports(ROOT / "service" / module) & {"fastapi", "starlette", "uvicorn"}
+def _outside_http() -> list[Path]:
+    return [p for p in _service_modules()
+            if not _rel(p).startswith("service/http/") and _rel(p) not in ENTRY_POINTS]
+
+
+def test_the_web_framework_is_not_loaded_outside_http_even_indirectly() -> None:
+    # Each module in a fresh interpreter: an import chain (a journal that pulls in an
+    # error module that pulls in FastAPI) shows in sys.modules, not in the source.
+    modules = [_module(p) for p in _outside_http()] + ["normcore"]
+    script = (
+        "import importlib, json, sys\n"
+        f"found = {{}}\nfor name in {modules!r}:\n"
+        "    before = set(sys.modules)\n"
+        "    for m in list(sys.modules):\n"
+        "        if m.split('.')[0] in ('service', 'fastapi', 'starlette', 'uvicorn'):\n"
+        "            del sys.modules[m]\n"
+        "    importlib.import_module(name)\n"
+        f"    found[name] = sorted({{m.split('.')[0] for m in sys.modules}} & {set(FRAMEWORK)!r})\n"
+        "print(json.dumps(found))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    loaded = {name: frameworks for name, frameworks in json.loads(out).items() if frameworks}
+    assert loaded == {}
+
+
+@pytest.mark.parametrize("path", _outside_http(), ids=_rel)
+def test_the_web_framework_is_imported_only_in_http_and_the_entry_points(path: Path) -> None:
+    assert not _top(_imported_modules(path)) & set(FRAMEWORK)
+
+
+def _importers_of(prefix: str) -> set[str]:
+    return {_rel(p) for p in _service_modules()
+            if any(m == prefix or m.startswith(prefix + ".") for m in _imported_modules(p))}
+
+
+def test_routes_reach_the_state_only_through_the_engine() -> None:
+    for path in (SERVICE / "http").rglob("*.py"):
+        assert not {m for m in _imported_modules(path) if m.startswith("service.state")}, path
+        attributes = {n.attr for n in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(n, ast.Attribute)}
+        assert "store" not in attributes, f"{_rel(path)} reaches into the engine's store"
+
+
+def test_only_the_engine_calls_the_store() -> None:
+    users = _importers_of("service.state.store") - {"service/state/store.py"}
+    assert users <= {"service/core/engine.py", "service/app.py"}
+
+
+def test_store_and_change_log_meet_through_one_interface() -> None:
+    persistence = _imported_modules(SERVICE / "state" / "persistence.py")
+    store = _imported_modules(SERVICE / "state" / "store.py")
+    assert not {m for m in persistence if m.startswith("service.state.store")}
+    assert not {m for m in store if m.startswith("service.state.persistence")}
+    # Connected in one place: the app's wiring.
+    assert _importers_of("service.state.persistence") == {"service/app.py"}
+
+
+def test_lower_layers_do_not_reach_up() -> None:
+    for path in _service_modules():
+        name, imported = _rel(path), _imported_modules(path)
+        up = set()
+        if name.startswith(("service/state/", "service/core/", "service/wire/")):
+            up |= {m for m in imported if m.startswith("service.http")}
+        if name.startswith("service/state/"):
+            up |= {m for m in imported
+                   if m.startswith(("service.wire", "service.core.engine", "service.core.batching"))}
+        if name.startswith("service/core/"):
+            up |= {m for m in imported if m.startswith("service.wire")}
+        assert not up, f"{name} imports {sorted(up)}"
+
+
+def _status_literals(path: Path) -> list[int]:
+    """HTTP error statuses given to a call (a reply or an exception), apart from OpenAPI
+    ``errors(...)`` declarations, which document rather than decide."""
+    source = path.read_text()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or getattr(node.func, "id", "") == "errors":
+            continue
+        values = [*node.args, *(k.value for k in node.keywords
+                                if k.arg in ("status", "status_code"))]
+        found += [v.value for v in values if isinstance(v, ast.Constant)
+                  and type(v.value) is int and 400 <= v.value < 600
+                  and not ast.get_source_segment(source, v).startswith("0o")]
+    return found
+
+
+@pytest.mark.parametrize("path", _service_modules(), ids=_rel)
+def test_only_the_error_table_chooses_status_codes(path: Path) -> None:
+    # The protocol guard answers malformed or slow HTTP itself, before there is a request;
+    # the client reads statuses, it does not choose them.
+    if _rel(path) in ("service/http/errors.py", "service/http/protocol.py",
+                      "service/client.py"):
+        return
+    assert _status_literals(path) == []
+
+
+def test_the_status_check_sees_status_codes() -> None:
+    # The check above must be able to fail.
+    assert _status_literals(SERVICE / "http" / "errors.py")
+
+
+SOURCES = sorted(p for folder in ("normcore", "service", "bench", "tests", "scripts")
+                 for p in (ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=_rel)
+def test_no_module_passes_400_lines(path: Path) -> None:
+    assert len(path.read_text().splitlines()) <= 400
 
 
 def test_normcore_exports_sorted_public_names() -> None:
