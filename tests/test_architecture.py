@@ -127,8 +127,8 @@ def test_lower_layers_do_not_reach_up() -> None:
         if name.startswith(("service/state/", "service/core/", "service/wire/")):
             up |= {m for m in imported if m.startswith("service.http")}
         if name.startswith("service/state/"):
-            up |= {m for m in imported
-                   if m.startswith(("service.wire", "service.core.engine", "service.core.batching"))}
+            up |= {m for m in imported if m.startswith(
+                ("service.wire", "service.core.engine", "service.core.batching"))}
         if name.startswith("service/core/"):
             up |= {m for m in imported if m.startswith("service.wire")}
         assert not up, f"{name} imports {sorted(up)}"

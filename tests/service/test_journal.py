@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import threading
 import time
@@ -94,27 +95,35 @@ def test_read_frames_reports_where_the_good_part_ends() -> None:
 
 
 def test_group_commit_covers_concurrent_records_with_few_fsyncs(tmp_path: Path) -> None:
-    calls = []
+    synced = []  # for each finished fsync, the file's length when it started
 
     def slow_fsync(fd: int) -> None:
-        calls.append(fd)
+        size = os.fstat(fd).st_size  # what this fsync makes durable
         time.sleep(0.01)
+        synced.append(size)
 
     journal = Journal(tmp_path, 1, fsync=slow_fsync)
+    record = frame(b"x" * 50)
     barrier = threading.Barrier(32)
+    uncovered = []
 
     def client() -> None:
         barrier.wait()
-        journal.sync(journal.append(frame(b"x" * 50)))
+        seq = journal.append(record)
+        journal.sync(seq)
+        # Acknowledged only once an fsync that started after this record was written
+        # (the file at least ``seq`` records long) has finished.
+        if not any(size >= seq * len(record) for size in synced):
+            uncovered.append(seq)
 
     threads = [threading.Thread(target=client) for _ in range(32)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert len(calls) < 16  # one fsync per record would be 32
-    journal.close()
-    assert len(list(replay(tmp_path, 0))) == 32
+    assert uncovered == []
+    assert max(synced, default=0) == 32 * len(record)
+    assert len(synced) < 16  # one fsync per record would be 32
 
 
 def test_failed_fsync_refuses_this_and_every_later_record(tmp_path: Path) -> None:

@@ -18,11 +18,11 @@ from normcore.errors import InputError
 from service.app import create_app
 from service.core.catalog import LayerSpec, load_catalog, make_layer
 from service.core.engine import Engine
+from service.settings import Settings
 from service.state.idempotency import IdempotencyConflictError
 from service.state.journal import JournalFailedError, journal_generations
 from service.state.persistence import Persistence
 from service.state.records import StateFileError
-from service.settings import Settings
 from service.state.snapshot import snapshot_path
 from service.state.store import Store
 
