@@ -137,8 +137,7 @@ def create_app(
     if settings.batch_max_size > 1:
         app.state.batcher = EvalBatcher(
             app.state.engine,
-            lambda elements, fn, *args: run_step(elements, False, fn, *args,
-                                                 timeout=settings.request_timeout),
+            lambda elements, fn, *args: run_step(elements, False, fn, *args),
             settings.batch_max_size, settings.batch_max_delay_ms / 1000,
         )
     install_error_handlers(app)

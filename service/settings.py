@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="Per tensor.")
     max_rank: int = Field(8, gt=0, le=32)
     allow_non_finite: bool = Field(False, description="Let NaN/Inf into train updates.")
-    request_timeout: float = Field(60.0, gt=0, description="Seconds for one request's compute.")
+    request_timeout: float = Field(
+        60.0, gt=0, description="Seconds a request may wait to start its compute; later it is "
+        "refused (503) with nothing applied. Started work always finishes.")
     client_timeout: float = Field(
         10.0, gt=0, le=600,
         description="Seconds a client has to send one request's headers and body; slower "

@@ -90,13 +90,16 @@ class Engine:
         return len(self.store)
 
     def normalize(
-        self, name: str, x: torch.Tensor, mode: str, request_id: str | None = None
+        self, name: str, x: torch.Tensor, mode: str, request_id: str | None = None,
+        deadline: float | None = None,
     ) -> Outcome:
+        """Eval or train ``x`` with the layer ``name``. A call that cannot start by
+        ``deadline`` (time.monotonic) raises ``RequestTimeoutError`` with nothing applied."""
         check_mode(mode)
         check_request_id(request_id)
         if mode == "eval":
-            return self.store.evaluate(name, x)
-        return self.store.train(name, x, request_id)
+            return self.store.evaluate(name, x, deadline)
+        return self.store.train(name, x, request_id, deadline)
 
     def can_batch(self, name: str, x: torch.Tensor) -> bool:
         """Whether an eval request may be merged with others along dim 0: it must have a

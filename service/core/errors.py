@@ -13,7 +13,7 @@ in ``service.http.errors`` turns these into REST and V2 replies.
     └── UnavailableError          the server cannot take the request now
         ├── NotReadyError         it is still loading its layers
         ├── JournalFailedError    (``service.state``) changes cannot be made durable
-        └── RequestTimeoutError   the compute did not finish in time
+        └── RequestTimeoutError   it could not start in time (nothing applied)
 
 normcore's own ``InputError`` (a tensor the layer cannot take) and ``CheckpointError`` (an
 unusable checkpoint) count as invalid requests when a request caused them. Messages name
@@ -112,8 +112,9 @@ class NotReadyError(UnavailableError):
 
 
 class RequestTimeoutError(UnavailableError):
-    """The computation for a request did not finish within the request timeout."""
+    """A request could not start within the request timeout; nothing of it was applied (a
+    request that has started is finished and answered)."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the request did not finish within {seconds:g} s; a train step "
-                         "that was already running may still be applied")
+    def __init__(self) -> None:
+        super().__init__("the server is busy: the request could not start within the "
+                         "request timeout, and nothing of it was applied")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hmac
-from functools import partial
+import time
 from typing import Annotated
 
-import anyio
-import anyio.to_thread
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -17,14 +15,14 @@ from ..core.errors import (
     BodyTooLargeError,
     InvalidTokenError,
     MissingTokenError,
-    RequestTimeoutError,
 )
 from ..settings import Settings
-from ..wire.tensors import Limits
+from ..wire.tensors import Limits, work_elements
 
-# Tensors up to this many elements are normalized on the event loop: the hop to a worker
-# thread costs more than the work. Larger ones, and every train step (which may wait on
-# the journal), run in the thread pool so the loop keeps serving.
+# Tensors up to this many elements (counting what their statistics span, see
+# wire.tensors.work_elements) are normalized on the event loop: the hop to a worker thread
+# costs more than the work. Larger ones, and every train step (which may wait on the
+# journal), run in the thread pool so the loop keeps serving.
 INLINE_ELEMENTS = 16384
 
 
@@ -85,24 +83,16 @@ def authorize_mode(request: Request, mode: str) -> None:
         authorize_read(request)
 
 
-async def run_step(elements: int, train: bool, fn, *args, timeout: float | None = None):
-    """Run an engine call inline for small eval tensors, else in the thread pool; with a
-    ``timeout`` (``settings.request_timeout``), give up after that many seconds (503).
+async def run_step(elements: int, train: bool, fn, *args):
+    """Run an engine call inline for small eval tensors, else in the thread pool.
 
-    A thread cannot be stopped: one that times out is left to finish in the background
-    (a train step then still applies); only the request stops waiting for it.
+    A started call is never abandoned: it finishes and is answered. The request timeout is
+    a deadline the engine checks before a step starts (``normalize_tensor``), so a request
+    that waited too long is refused with nothing applied, and no thread outlives its reply.
     """
     if not train and elements <= INLINE_ELEMENTS:
         return fn(*args)
-    if timeout is None:
-        return await run_in_threadpool(fn, *args)
-    try:
-        with anyio.fail_after(timeout):
-            # NOTE: run_in_threadpool ignores cancellation until the thread returns, which
-            # would make the timeout wait for the work anyway; abandoning the thread doesn't.
-            return await anyio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
-    except TimeoutError:
-        raise RequestTimeoutError(timeout) from None
+    return await run_in_threadpool(fn, *args)
 
 
 async def normalize_tensor(request: Request, name: str, x, mode: str,
@@ -112,8 +102,9 @@ async def normalize_tensor(request: Request, name: str, x, mode: str,
     state = request.app.state
     if mode == "eval" and state.batcher is not None and state.engine.can_batch(name, x):
         return await state.batcher.evaluate(name, x)
-    return await run_step(x.numel(), mode == "train", state.engine.normalize, name, x, mode,
-                          request_id, timeout=state.settings.request_timeout)
+    deadline = time.monotonic() + state.settings.request_timeout
+    return await run_step(work_elements(x.shape), mode == "train", state.engine.normalize,
+                          name, x, mode, request_id, deadline)
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -5,7 +5,7 @@ clients can hold connections (and file descriptors) indefinitely. Here every req
 request line, headers and body - must arrive within ``client_timeout`` seconds of its
 first byte (of the connection, for the first request); otherwise the client gets a 408
 if no response has started, and the connection is closed. The clock stops once the
-request is complete: the compute has its own limit (``request_timeout``), and idle time
+request is complete: the compute has its own deadline (``request_timeout``), and idle time
 between requests is uvicorn's keep-alive timeout. The request line and headers together
 are also capped (431), since httptools itself does not limit them.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +50,6 @@ class Applied:
     recorded: bool = False  # the change log holds the step's record
     # Set once the step is settled (taken or refused); until then a retry waits on it.
     done: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-    # Blocks until the original step's journal record is safe (None: it already is).
-    wait: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def check(self, key: str, layer: str, digest: str) -> None:
         if layer != self.layer:
@@ -95,13 +93,11 @@ class KeyWindow:
             self._evict()
             return None
 
-    def settle(self, key: str, num_batches_tracked: int | None,
-               wait: Callable[[], None] | None) -> None:
-        """The reserved step was taken: retries may now be answered."""
+    def settle(self, key: str, num_batches_tracked: int | None) -> None:
+        """The reserved step was taken and is safe: retries may now be answered."""
         entry = self._entries.get(key)
         if entry is not None:
             entry.num_batches_tracked = num_batches_tracked
-            entry.wait = wait
             entry.settled = True
             entry.done.set()
 

@@ -13,7 +13,9 @@ each request still waits for exactly one or two fsyncs.
 A failed fsync is final. After it the kernel may have dropped the dirty pages and marked
 them clean, so a retry can "succeed" without the data ever reaching the disk (PostgreSQL's
 fsyncgate, 2018). The journal refuses every later change and the server must restart,
-recovering from what is on disk.
+recovering from what is on disk. The records that were not yet safe were never
+acknowledged, so the file is cut back to the last synced byte (best effort: a disk that
+fails the cut too may keep them), and a restart does not apply them after all.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class Journal:
         self._cond = threading.Condition()
         self._written = 0  # sequence number of the last record written
         self._synced = 0  # ... and of the last one known to be on disk
+        self._size = 0  # bytes written to the current file
+        self._synced_size = 0  # ... and known to be on disk
         self._syncing = False
         self._failed: str | None = None
         self._fd = self._open(generation)
@@ -87,11 +91,22 @@ class Journal:
             self._failed = f"journal {what} failed ({exc.strerror or exc})"
             log.critical("%s; train and admin changes are refused until a restart",
                          self._failed)
+            self._cut_unsafe()
         self._cond.notify_all()
         return JournalFailedError(self._refusal())
 
     def _refusal(self) -> str:
         return f"state changes are refused: {self._failed}; restart the server to recover"
+
+    def _cut_unsafe(self) -> None:
+        """Drop the records written since the last good fsync: none was acknowledged."""
+        try:
+            os.ftruncate(self._fd, self._synced_size)
+            self._fsync(self._fd)
+        except OSError as exc:
+            log.critical("could not cut the unacknowledged records off %s (%s); a restart "
+                         "may apply them", journal_path(self.folder, self.generation),
+                         exc.strerror or exc)
 
     def check(self) -> None:
         """Raise ``JournalFailedError`` if the journal takes no more changes."""
@@ -108,6 +123,7 @@ class Journal:
                     view = view[os.write(self._fd, view):]
             except OSError as exc:
                 raise self._fail("write", exc) from None
+            self._size += len(frame)
             self._written += 1
             return self._written
 
@@ -121,7 +137,7 @@ class Journal:
                     self._cond.wait()
                     continue
                 self._syncing = True
-                target, fd = self._written, self._fd
+                target, size, fd = self._written, self._size, self._fd
                 self._cond.release()
                 try:
                     self._fsync(fd)
@@ -134,6 +150,7 @@ class Journal:
                 if error is not None:
                     raise self._fail("fsync", error)
                 self._synced = max(self._synced, target)
+                self._synced_size = max(self._synced_size, size)
                 self._cond.notify_all()
 
     def waiter(self, seq: int) -> Callable[[], None]:
@@ -154,6 +171,7 @@ class Journal:
             self._synced = self._written
             os.close(self._fd)
             self._fd, self.generation = fd, generation
+            self._size = self._synced_size = 0
             self._cond.notify_all()
 
     def close(self) -> None:

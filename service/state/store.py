@@ -1,11 +1,17 @@
 """Named layers, their locks and their persistence. Only the store mutates layer state.
 
-Train steps are copy-on-write: under the layer's lock, a private copy of the layer takes
-the step, the step is recorded, and then the copy replaces the served layer in one
-reference swap. Eval requests read whichever layer is current without locking, so they
-run concurrently, never switch a shared module between modes, and never see a
-half-applied update; a rejected step leaves the served layer exactly as it was. A layer
-object, once served, is never modified again, so the journal may keep and read it.
+Train steps are copy-on-write: under the layer's lock, a private copy of the newest layer
+takes the step and the step is recorded; once its record is safe, the copy replaces the
+served layer in one reference swap. Eval requests read whichever layer is served without
+locking, so they run concurrently, never switch a shared module between modes, and never
+see a half-applied update or one that could still be lost; a rejected step leaves the
+served layer exactly as it was. A layer object, once made, is never modified again, so the
+journal may keep and read it.
+
+One rule for every change: a reply of success means applied and safe; an error means not
+applied, now or later. A step that cannot start before its deadline is refused; a step
+that has started is finished and answered. If the log cannot make a record safe, the steps
+not yet safe are dropped (the log refuses changes from then on).
 
 Every change (train step, reset, uploaded state, layer put or deleted) goes to the store's
 ``ChangeLog`` (``service.state.changes``), if it has one, as a ``Change`` before it is
@@ -29,7 +35,7 @@ from normcore.checkpoint import layer_state_bytes, load_layer_state
 from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
 
 from ..core.catalog import LayerSpec
-from ..core.errors import LayerNotFoundError
+from ..core.errors import LayerNotFoundError, RequestTimeoutError
 from .changes import Change, ChangeLog, Waiter
 from .idempotency import Applied, KeyWindow, input_digest
 
@@ -39,13 +45,32 @@ class Slot:
     """One served layer and what is known about it."""
 
     spec: LayerSpec
-    layer: nn.Module
+    layer: nn.Module  # served: every change up to ``published`` is in it, and safe
     device: torch.device
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: dict[str, int] = field(default_factory=lambda: {"eval": 0, "train": 0})
     rejected: int = 0
     last_update: float | None = None
     retired: bool = False  # replaced or deleted: steps must look the name up again
+    head: nn.Module | None = None  # the newest layer, with steps recorded but not yet safe
+    recorded: int = 0  # changes recorded on this slot
+    published: int = 0  # the newest of them that is served
+
+    def __post_init__(self) -> None:
+        self.head = self.layer
+
+    def publish(self, seq: int, layer: nn.Module) -> None:
+        """Serve ``layer``, change ``seq`` of this slot, once its record is safe; a later
+        change published first covers it (the log makes records safe in order)."""
+        with self.lock:
+            if seq > self.published:
+                self.layer, self.published = layer, seq
+                self.last_update = time.time()
+
+    def drop_unsafe(self) -> None:
+        """The log failed: steps after the served layer will never be safe."""
+        with self.lock:
+            self.head, self.recorded = self.layer, self.published
 
 
 @dataclass(frozen=True)
@@ -143,11 +168,14 @@ class Store:
         if self._log is not None:
             self._log.close()
 
-    def _acquire(self, name: str) -> Slot:
-        """The layer's current slot, its lock held (released by the caller)."""
+    def _acquire(self, name: str, deadline: float | None = None) -> Slot:
+        """The layer's current slot, its lock held (released by the caller);
+        ``RequestTimeoutError`` if the lock is not had by ``deadline`` (time.monotonic)."""
         while True:
             slot = self.slot(name)
-            slot.lock.acquire()
+            timeout = _timeout(deadline)
+            if not slot.lock.acquire(timeout=-1 if timeout is None else timeout):
+                raise RequestTimeoutError
             if not slot.retired:
                 return slot
             slot.lock.release()  # replaced or deleted while we waited: look again
@@ -175,26 +203,23 @@ class Store:
         slot = Slot(spec, layer, device)
         with self._admin:
             old = self._slots.get(spec.name)
-            # The old slot's lock orders the put after any step already under way on it.
+            # The old slot's lock orders the put after any step already under way on it;
+            # admin changes are rare, so they hold it until their record is safe.
             with old.lock if old is not None else nullcontext():
-                change = Change("put", spec.name, layer, spec=spec)
-                wait = self._record(change) if record else None
+                if record:
+                    _wait(self._record(Change("put", spec.name, layer, spec=spec)))
                 if old is not None:
                     old.retired = True
                 self._slots[spec.name] = slot
-        if wait is not None:
-            wait()
         return slot
 
     def delete(self, name: str) -> None:
         with self._admin:
             slot = self.slot(name)
             with slot.lock:
-                wait = self._record(Change("delete", name))
+                _wait(self._record(Change("delete", name)))
                 slot.retired = True
                 del self._slots[name]
-        if wait is not None:
-            wait()
 
     def reset(self, name: str) -> Slot:
         """Back to the checkpoint's statistics (torch's defaults without one)."""
@@ -207,7 +232,7 @@ class Store:
         def loaded(slot: Slot) -> nn.Module:
             # A full copy, not a fork: the upload may replace weight and bias, which a fork
             # shares with the layer being served (and with the journal's view of it).
-            layer = copy.deepcopy(slot.layer)
+            layer = copy.deepcopy(slot.head)
             load_layer_state(layer, state, source="uploaded state")
             return layer
 
@@ -218,13 +243,14 @@ class Store:
         slot = self._acquire(name)
         try:
             layer = make(slot)
-            wait = self._record(Change(change, name, layer))
-            slot.layer = layer
+            # Held until safe: the record covers any earlier steps still on their way.
+            _wait(self._record(Change(change, name, layer)))
+            slot.recorded += 1
+            slot.layer = slot.head = layer
+            slot.published = slot.recorded
             slot.last_update = time.time()
         finally:
             slot.lock.release()
-        if wait is not None:
-            wait()
         return slot
 
     def export(self, name: str) -> bytes:
@@ -233,8 +259,9 @@ class Store:
 
     # --- steps --------------------------------------------------------------------------
 
-    def evaluate(self, name: str, x: torch.Tensor) -> Outcome:
-        """Normalize with the current layer in eval mode; changes nothing."""
+    def evaluate(self, name: str, x: torch.Tensor, deadline: float | None = None) -> Outcome:
+        """Normalize with the served layer in eval mode; changes nothing."""
+        _check_deadline(deadline)
         slot = self.slot(name)
         layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
         layer = _computing_copy(layer, x) or layer
@@ -265,8 +292,10 @@ class Store:
         slot.requests["eval"] += len(xs)
         return [Outcome.of(result) for result in results]
 
-    def train(self, name: str, x: torch.Tensor, request_id: str | None = None) -> Outcome:
-        """Take one train step on the layer; raises (changing nothing) if it is rejected.
+    def train(self, name: str, x: torch.Tensor, request_id: str | None = None,
+              deadline: float | None = None) -> Outcome:
+        """Take one train step on the layer; raises (changing nothing) if it is rejected,
+        cannot start by ``deadline`` (time.monotonic), or cannot be made safe.
 
         With a ``request_id`` seen before (same layer, same tensor), the step is not taken
         again: the answer is recomputed from ``x`` and the count the first step produced.
@@ -278,52 +307,73 @@ class Store:
             if prior is None:
                 break  # the key is ours: take the step
             prior.check(request_id, name, digest)
-            prior.done.wait()
-            if prior.settled:
+            if not prior.done.wait(_timeout(deadline)):
+                raise RequestTimeoutError
+            if prior.settled:  # applied and safe
                 return self._answer_retry(name, x, prior)
             # the first attempt was refused, so nothing was applied: claim the key again
         try:
-            step, wait = self._step(name, x, request_id, digest)
+            outcome = self._step(name, x, request_id, digest, deadline)
         except BaseException:
             if request_id is not None:
                 self.applied.release(request_id)
             raise
-        if wait is not None:
-            wait()
-        return step
+        if request_id is not None:
+            self.applied.settle(request_id, outcome.num_batches_tracked)
+        return outcome
 
-    def _step(self, name: str, x: torch.Tensor, request_id: str | None,
-              digest: str | None) -> tuple[Outcome, Waiter | None]:
-        slot = self._acquire(name)
+    def _step(self, name: str, x: torch.Tensor, request_id: str | None, digest: str | None,
+              deadline: float | None) -> Outcome:
+        slot = self._acquire(name, deadline)
         try:
-            wide = _computing_copy(slot.layer, x)
-            layer = wide if wide is not None else fork(slot.layer)
+            wide = _computing_copy(slot.head, x)
+            layer = wide if wide is not None else fork(slot.head)
             try:
                 with torch.inference_mode():
                     result = layer.normalize(x.to(slot.device), train=True)
                 if wide is not None:
-                    layer = _restore_dtype(layer, slot.layer)
+                    layer = _restore_dtype(layer, slot.head)
             except Exception:
                 slot.rejected += 1
                 raise
             count = num_batches(layer)
             applied = None if digest is None else Applied(name, digest, count)
             wait = self._record(Change("train", name, layer, key=request_id, applied=applied))
-            if request_id is not None:
-                self.applied.settle(request_id, count, wait)
-            slot.layer = layer
-            slot.requests["train"] += 1
-            slot.last_update = time.time()
+            slot.recorded += 1
+            slot.head, seq = layer, slot.recorded
         finally:
             slot.lock.release()
-        return Outcome.of(result, count), wait
+        # The next step on this layer may start while this one's record is made safe
+        # (group commit); eval keeps the served layer until then.
+        if wait is not None:
+            try:
+                wait()
+            except BaseException:
+                slot.drop_unsafe()
+                raise
+        slot.publish(seq, layer)
+        slot.requests["train"] += 1
+        return Outcome.of(result, count)
 
     def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> Outcome:
-        if prior.wait is not None:
-            prior.wait()  # the first step is acknowledged only once its record is safe
         slot = self.slot(name)
         # A private copy takes the step and is dropped.
         layer = _computing_copy(slot.layer, x) or fork(slot.layer)
         with torch.inference_mode():
             result = layer.normalize(x.to(slot.device), train=True)
         return Outcome.of(result, prior.num_batches_tracked)
+
+
+def _wait(wait: Waiter | None) -> None:
+    if wait is not None:
+        wait()
+
+
+def _timeout(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (None: no deadline)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise RequestTimeoutError

@@ -53,22 +53,33 @@ def parse_json(body: bytes | bytearray) -> Any:
         raise MalformedRequestError(f"malformed JSON: {exc}") from None
 
 
-def _shape(value: Any, limits: Limits) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        type(d) is int and d >= 0 for d in value
-    ):
-        raise InvalidRequestError("tensor shape must be a list of non-negative integers")
+def check_shape(value: Any, limits: Limits, what: str = "tensor") -> tuple[int, ...]:
+    """``value`` as a shape within ``limits``; ``InvalidRequestError`` naming the problem.
+
+    A request is limited by what it makes, not only by what it sends: a layer's outputs and
+    statistics span every dim but the reduced ones, so an empty input ``[10**6, 16, 0]``
+    would still build a ``[10**6, 16]`` reply. Each dim therefore counts, an empty one as 1.
+    """
+    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+        raise InvalidRequestError(f"{what} shape must be a list of non-negative integers")
     if len(value) > limits.max_rank:
         raise InvalidRequestError(
-            f"tensor rank {len(value)} exceeds the limit of {limits.max_rank}")
-    # Each dimension too: with a zero elsewhere the product stays 0 however large one is.
-    if any(d > limits.max_elements for d in value):
-        raise InvalidRequestError(f"a tensor dimension exceeds the limit of {limits.max_elements}")
-    if math.prod(value) > limits.max_elements:
+            f"{what} rank {len(value)} exceeds the limit of {limits.max_rank}")
+    elements = math.prod(value)
+    if elements > limits.max_elements:
         raise InvalidRequestError(
-            f"tensor of {math.prod(value)} elements exceeds the limit of {limits.max_elements}"
-        )
+            f"{what} of {elements} elements exceeds the limit of {limits.max_elements}")
+    if work_elements(value) > limits.max_elements:
+        raise InvalidRequestError(
+            f"{what} shape spans {work_elements(value)} elements once its empty dims count as "
+            f"1 (outputs and statistics are sized by the others); the limit is "
+            f"{limits.max_elements}")
     return tuple(value)
+
+
+def work_elements(shape: Any) -> int:
+    """The elements a request's compute and reply scale with: every dim, an empty one as 1."""
+    return math.prod(max(int(d), 1) for d in shape)
 
 
 _NUMBERS = {float, int}
@@ -144,7 +155,7 @@ def decode_tensor(obj: Any, limits: Limits) -> tuple[torch.Tensor, str]:
     dtype = obj.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidRequestError(f"tensor dtype must be one of {', '.join(DTYPES)}")
-    shape = _shape(obj.get("shape"), limits)
+    shape = check_shape(obj.get("shape"), limits)
     if ("data" in obj) == ("b64" in obj):
         raise InvalidRequestError("tensor needs exactly one of data or b64")
     if "data" in obj:

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ..core.engine import MODES
-from ..core.errors import InvalidRequestError
+from ..core.errors import InvalidRequestError, shown
 from .tensors import (
     DTYPE_NAMES,
     DTYPES,
     Limits,
+    check_shape,
     decode_tensor,
     dumps,
     encode_tensor,
@@ -115,17 +116,17 @@ def _outputs(value: Any, available: tuple[str, ...]) -> tuple[RequestedOutput, .
         item = _object(item, "each output")
         name = item.get("name")
         if name not in available:
-            raise _bad(f"unknown output {name!r}; this model has {', '.join(available)}")
+            raise _bad(f"unknown output '{shown(name)}'; this model has {', '.join(available)}")
         if any(w.name == name for w in wanted):
-            raise _bad(f"output {name!r} is requested twice")
-        params = _object(item.get("parameters"), f"output {name!r} parameters")
+            raise _bad(f"output '{shown(name)}' is requested twice")
+        params = _object(item.get("parameters"), f"output '{shown(name)}' parameters")
         if "shared_memory_region" in params:
             raise _bad("shared memory is not supported; outputs travel in the body")
         if "classification" in params:
             raise _bad("classification outputs are not supported")
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise _bad(f"output {name!r}: binary_data must be true or false")
+            raise _bad(f"output '{shown(name)}': binary_data must be true or false")
         wanted.append(RequestedOutput(name, binary))
     return tuple(wanted)
 
@@ -151,19 +152,19 @@ def decode_infer_request(
     name = tensor["name"]
     datatype = tensor.get("datatype")
     if datatype not in DATATYPES:
-        raise _bad(f"input {name!r}: datatype {datatype!r} is not supported; "
+        raise _bad(f"input '{shown(name)}': datatype '{shown(datatype)}' is not supported; "
                    f"use {', '.join(DATATYPES)}")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(f"input {name!r}: shape must be a list of non-negative integers")
-    params = _object(tensor.get("parameters"), f"input {name!r} parameters")
+        raise _bad("input shape must be a list of non-negative integers")
+    params = _object(tensor.get("parameters"), f"input '{shown(name)}' parameters")
     if "shared_memory_region" in params:
         raise _bad("shared memory is not supported; send the tensor in the body")
     size = params.get("binary_data_size")
     if size is not None and (type(size) is not int or size < 0):
-        raise _bad(f"input {name!r}: binary_data_size must be a non-negative integer")
+        raise _bad(f"input '{shown(name)}': binary_data_size must be a non-negative integer")
     if (size is None) == ("data" not in tensor):
-        raise _bad(f"input {name!r} needs exactly one of data or binary_data_size")
+        raise _bad(f"input '{shown(name)}' needs exactly one of data or binary_data_size")
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _bad("id must be a string")
@@ -173,14 +174,6 @@ def decode_infer_request(
         name, datatype, shape, tensor.get("data"), size, length, mode, idempotency_key,
         request_id, _outputs(payload.get("outputs"), available), binary_output,
     )
-
-
-def _check_limits(request: InferRequest, limits: Limits) -> None:
-    if len(request.shape) > limits.max_rank:
-        raise _bad(f"input rank {len(request.shape)} exceeds the limit of {limits.max_rank}")
-    if math.prod(request.shape) > limits.max_elements:
-        raise _bad(f"input of {math.prod(request.shape)} elements exceeds the limit of "
-                   f"{limits.max_elements}")
 
 
 def _aligned(body: bytearray, start: int, size: int, itemsize: int) -> memoryview:
@@ -202,7 +195,7 @@ def _aligned(body: bytearray, start: int, size: int, itemsize: int) -> memoryvie
 
 def decode_input(request: InferRequest, body: bytearray, limits: Limits) -> torch.Tensor:
     """The input tensor: a view of ``body`` when binary (no copy), else built from JSON."""
-    _check_limits(request, limits)
+    check_shape(request.shape, limits, "input")
     dtype = DATATYPES[request.datatype]
     trailing = len(body) - request.blob_offset
     if request.binary_size is None:
@@ -213,11 +206,12 @@ def decode_input(request: InferRequest, body: bytearray, limits: Limits) -> torc
     itemsize = DTYPES[dtype][1].itemsize
     needed = math.prod(request.shape) * itemsize
     if request.binary_size != needed:
-        raise _bad(f"input {request.input_name!r}: binary_data_size is {request.binary_size}; "
-                   f"shape {request.shape} of {request.datatype} needs {needed} bytes")
+        raise _bad(f"input '{shown(request.input_name)}': binary_data_size is "
+                   f"{request.binary_size}; shape {request.shape} of {request.datatype} needs "
+                   f"{needed} bytes")
     if trailing != needed:
-        raise _bad(f"input {request.input_name!r}: the body holds {trailing} bytes of binary "
-                   f"data after the JSON header; binary_data_size says {needed}")
+        raise _bad(f"input '{shown(request.input_name)}': the body holds {trailing} bytes of "
+                   f"binary data after the JSON header; binary_data_size says {needed}")
     return from_bytes(_aligned(body, request.blob_offset, needed, itemsize),
                       tuple(request.shape), dtype)
 
