@@ -19,7 +19,7 @@ from normcore import kernels
 
 from . import __version__
 from .core.batching import EvalBatcher
-from .core.catalog import LayerSpec, load_catalog
+from .core.catalog import LayerSpec, default_catalog, load_catalog
 from .core.devices import resolve_device
 from .core.engine import Engine
 from .http.body_limit import BodyLimitMiddleware
@@ -132,7 +132,9 @@ def create_app(
     store = Store(resolve_device(settings.device), log=change_log,
                   reject_non_finite=not settings.allow_non_finite,
                   idempotency_window=settings.idempotency_window)
-    app.state.engine = Engine(store)
+    app.state.engine = Engine(
+        store, max_layers=settings.max_layers, max_layer_features=settings.max_layer_features,
+        catalog_folder=(settings.catalog or default_catalog()).parent)
     app.state.batcher = None
     if settings.batch_max_size > 1:
         app.state.batcher = EvalBatcher(

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="Per tensor.")
     max_rank: int = Field(8, gt=0, le=32)
+    max_layers: int = Field(1024, gt=0, description="Layers the admin API may create, in all.")
+    max_layer_features: int = Field(
+        1 << 20, gt=0, le=1 << 24,
+        description="Widest layer the admin API creates: channels (BatchNorm, InstanceNorm, "
+        "GroupNorm) or normalized elements (LayerNorm, RMSNorm).")
     allow_non_finite: bool = Field(False, description="Let NaN/Inf into train updates.")
     request_timeout: float = Field(
         60.0, gt=0, description="Seconds a request may wait to start its compute; later it is "

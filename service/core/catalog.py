@@ -103,8 +103,30 @@ _ARG_CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
+def layer_width(kind: str, kwargs: dict[str, Any]) -> int:
+    """How many values per position a layer of ``kind`` holds (channels, or normalized
+    elements), read from arguments that ``check_arguments`` accepted."""
+    for name in ("num_features", "num_channels"):
+        if name in kwargs:
+            return kwargs[name]
+    shape = kwargs.get("normalized_shape", 1)
+    return math.prod(shape) if isinstance(shape, list) else shape
+
+
 def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
     """Build a layer from its kind and torch.nn-named arguments; ValueError if invalid."""
+    check_arguments(kind, kwargs)
+    args = dict(kwargs)
+    if args.get("momentum") == "cumulative":
+        args["momentum"] = None
+    try:
+        return getattr(normcore, kind)(**args)
+    except (TypeError, ValueError, RuntimeError, NormcoreError) as exc:
+        raise ValueError(f"invalid arguments for {kind}: {exc}") from None
+
+
+def check_arguments(kind: str, kwargs: dict[str, Any]) -> None:
+    """``ValueError`` naming the problem unless ``kind(**kwargs)`` is a layer to build."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind '{shown(kind)}'; expected one of {', '.join(KINDS)}")
     unknown = set(kwargs) - set(constructor_args(kind))
@@ -115,13 +137,6 @@ def make_layer(kind: str, kwargs: dict[str, Any]) -> torch.nn.Module:
         check, expected = _ARG_CHECKS[name]
         if not (value is None and name == "eps" and kind == "RMSNorm") and not check(value):
             raise ValueError(f"invalid arguments for {kind}: {name} must be {expected}")
-    args = dict(kwargs)
-    if args.get("momentum") == "cumulative":
-        args["momentum"] = None
-    try:
-        return getattr(normcore, kind)(**args)
-    except (TypeError, ValueError, RuntimeError, NormcoreError) as exc:
-        raise ValueError(f"invalid arguments for {kind}: {exc}") from None
 
 
 def layer_config(layer: torch.nn.Module, kind: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from normcore.checkpoint import load_layer_state, load_state_dict_bytes
 
 from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
-from .catalog import LayerSpec, layer_config, make_layer
+from .catalog import LayerSpec, check_arguments, layer_config, layer_width, make_layer
 from .devices import resolve_device
 from .errors import NAME, NAME_PATTERN, InvalidRequestError
 
@@ -66,8 +66,12 @@ def check_mode(mode: str) -> None:
 class Engine:
     """Normalize/train/inspect/administer the layers of one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, max_layers: int = 1024,
+                 max_layer_features: int = 1 << 20, catalog_folder: Path | None = None) -> None:
         self.store = store
+        self.max_layers = max_layers
+        self.max_layer_features = max_layer_features
+        self.catalog_folder = catalog_folder  # checkpoint paths are shown relative to it
         self.started = time.time()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -124,11 +128,11 @@ class Engine:
     # --- statistics ---------------------------------------------------------------------
 
     def layer_info(self, name: str) -> LayerInfo:
-        return _info(name, self.store.slot(name))
+        return self._info(name, self.store.slot(name))
 
     def server_info(self) -> ServerInfo:
         return ServerInfo(
-            [_info(name, slot) for name, slot in self.store],
+            [self._info(name, slot) for name, slot in self.store],
             round(time.time() - self.started, 3),
             self.store.persistence,
             self.store.default_device,
@@ -144,9 +148,23 @@ class Engine:
         if not NAME.match(name):
             raise InvalidRequestError(f"layer name must match {NAME_PATTERN}")
         try:
-            layer = make_layer(kind, config)
+            check_arguments(kind, config)
             if device is not None:
                 resolve_device(device)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        # Checked before anything is built: one short request must not make a huge layer.
+        width = layer_width(kind, config)
+        if width > self.max_layer_features:
+            raise InvalidRequestError(
+                f"a layer {width} wide exceeds max_layer_features ({self.max_layer_features}, "
+                "NORMCORE_MAX_LAYER_FEATURES)")
+        if name not in self.store and len(self.store) >= self.max_layers:
+            raise InvalidRequestError(
+                f"{len(self.store)} layers are served, the limit of max_layers "
+                "(NORMCORE_MAX_LAYERS); delete one first")
+        try:
+            layer = make_layer(kind, config)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         state = None
@@ -175,12 +193,22 @@ class Engine:
         """The layer's state as a safetensors file."""
         return self.store.export(name)
 
+    def _info(self, name: str, slot: Slot) -> LayerInfo:
+        layer = slot.layer
+        running_mean = getattr(layer, "running_mean", None)
+        return LayerInfo(
+            name, slot.spec.kind, slot.device, layer_config(layer, slot.spec.kind),
+            self._shown_path(slot.spec.checkpoint), dict(slot.requests), slot.rejected,
+            slot.last_update, running_mean,
+            None if running_mean is None else layer.running_var, num_batches(layer),
+        )
 
-def _info(name: str, slot: Slot) -> LayerInfo:
-    layer = slot.layer
-    running_mean = getattr(layer, "running_mean", None)
-    return LayerInfo(
-        name, slot.spec.kind, slot.device, layer_config(layer, slot.spec.kind),
-        slot.spec.checkpoint, dict(slot.requests), slot.rejected, slot.last_update,
-        running_mean, None if running_mean is None else layer.running_var, num_batches(layer),
-    )
+    def _shown_path(self, path: Path | None) -> Path | None:
+        """A checkpoint's path relative to the catalog's folder: the server's own disk
+        layout is nobody's business."""
+        if path is None or self.catalog_folder is None:
+            return None if path is None else Path(path.name)
+        try:
+            return path.relative_to(self.catalog_folder.resolve())
+        except ValueError:
+            return Path(path.name)

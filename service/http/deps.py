@@ -24,6 +24,8 @@ from ..wire.tensors import Limits, work_elements
 # costs more than the work. Larger ones, and every train step (which may wait on the
 # journal), run in the thread pool so the loop keeps serving.
 INLINE_ELEMENTS = 16384
+# Bodies and replies over this many bytes (or elements) are parsed and built off the loop.
+OFF_LOOP_SIZE = 256 * 1024
 
 
 def get_engine(request: Request) -> Engine:
@@ -73,6 +75,24 @@ def authorize_read(request: Request) -> None:
     """Reads need the token only when the service is told to protect them."""
     if request.app.state.settings.protect_reads:
         _check_token(request)
+
+
+def authorize_early(request: Request) -> None:
+    """What can be told before a body is read, whose mode decides the access it needs: a
+    token that is sent must be right, and with reads protected one must be sent."""
+    settings = request.app.state.settings
+    if settings.api_token is None:
+        return
+    if settings.protect_reads or "authorization" in request.headers:
+        _check_token(request)
+
+
+async def off_loop(size: int, fn, *args):
+    """``fn(*args)`` on the event loop when ``size`` (bytes or elements) is small, else in
+    the thread pool: parsing or building a big body would stall every other request."""
+    if size <= OFF_LOOP_SIZE:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 def authorize_mode(request: Request, mode: str) -> None:

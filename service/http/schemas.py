@@ -106,6 +106,9 @@ class LayerEntry(BaseModel):
         None, description="null entries stand for NaN/Inf (only with allow_non_finite).")
     running_var: list[float | None] | None = None
     num_batches_tracked: int | None = None
+    summarized: bool | None = Field(
+        None, description="In /stats: the running statistics of a wide layer are left out; "
+        "/stats/{name} has them.")
 
 
 class StatsResponse(BaseModel):

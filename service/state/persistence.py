@@ -13,9 +13,14 @@ wins. The state dir's statistics win over the catalog's checkpoints; the catalog
 decides each catalog layer's configuration and what a reset returns it to.
 
 Start-up restores, writes a fresh snapshot and opens a new journal generation, so the
-server never appends after a torn record. Every ``snapshot_every`` records a background
-compaction rotates the journal, snapshots the state as of the rotation and deletes the
-journals the snapshot covers. A graceful stop syncs the journal and writes a last snapshot.
+server never appends after a torn record. If the state dir cannot be written then (a full
+disk, a read-only mount), the server starts read-only: it serves what it restored, refuses
+changes with a message saying why, and retries in the background until the snapshot can
+be written, then takes changes again without a restart.
+
+Every ``snapshot_every`` records a background compaction rotates the journal, snapshots
+the state as of the rotation and deletes the journals the snapshot covers. A graceful stop
+syncs the journal and writes a last snapshot.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from .snapshot import read_snapshot, remove_temp_files, snapshot_path, write_sna
 log = logging.getLogger("normcore.service")
 
 _FORMAT = 1
+READ_ONLY_RETRY_S = 2.0  # how often a read-only start tries the state dir again
 Tensors = dict[str, torch.Tensor]
 
 
@@ -87,10 +93,15 @@ class Persistence:
         self._keys: KeyWindow | None = None  # the store's, given to restore
         self._since_snapshot = 0
         self._lock_fd: int | None = None
+        self._first = 0  # the generation the restored snapshot was followed by
+        self._read_only: str | None = None  # why the state dir cannot be written now
+        self._closed = threading.Event()
 
     @property
     def status(self) -> str:
         """"durable"; "starting" until restored; else why changes are refused."""
+        if self._read_only is not None:
+            return f"read-only: {self._read_only}"
         if self.journal is None:
             return "starting"
         failed = self.journal.failed
@@ -107,9 +118,11 @@ class Persistence:
         self._lock_fd = _lock_folder(self.folder)
         try:
             first, records = self._read(list(specs))
-            generation = max([first, *journal_generations(self.folder)]) + 1
-            self._write(generation, *self._capture(generation))
-            self.journal = Journal(self.folder, generation, fsync=self._fsync)
+            self._first = first
+            try:
+                self._open_journal()
+            except OSError as exc:
+                self._start_read_only(exc)
         except BaseException:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -117,6 +130,34 @@ class Persistence:
         log.info("restored %d layers from %s (%s, %d journal records)", len(self._layers),
                  self.folder, "snapshot" if first else "no snapshot", records)
         return [(entry.spec, entry.layer) for entry in self._layers.values()]
+
+    def _open_journal(self) -> None:
+        """Snapshot what was restored and start a new journal generation after it."""
+        generation = max([self._first, *journal_generations(self.folder)]) + 1
+        self._write(generation, *self._capture(generation))
+        self.journal = Journal(self.folder, generation, fsync=self._fsync)
+
+    def _start_read_only(self, exc: OSError) -> None:
+        self._read_only = f"the state dir cannot be written ({exc.strerror or exc})"
+        log.error("%s: serving read-only; changes are refused until it can be written, "
+                  "retried every %g s", self._read_only, READ_ONLY_RETRY_S)
+        threading.Thread(target=self._retry_writable, name="normcore-read-only",
+                         daemon=True).start()
+
+    def _retry_writable(self) -> None:
+        while not self._closed.wait(READ_ONLY_RETRY_S):
+            with self._compacting, self._lock:
+                if self._closed.is_set():
+                    return
+                try:
+                    remove_temp_files(self.folder)
+                    self._open_journal()
+                except OSError as exc:
+                    self._read_only = f"the state dir cannot be written ({exc.strerror or exc})"
+                    continue
+                self._read_only = None
+            log.warning("the state dir %s can be written again: changes are taken", self.folder)
+            return
 
     def _read(self, specs: list[LayerSpec]) -> tuple[int, int]:
         """Build every layer from the snapshot and the journals; (first generation to
@@ -201,6 +242,9 @@ class Persistence:
         """Journal ``change``; return what waits until it is on disk."""
         journal = self.journal
         if journal is None:
+            if self._read_only is not None:
+                raise JournalFailedError(f"state changes are refused: {self._read_only}; "
+                                         "they are taken again once it can be written")
             raise JournalFailedError("state changes are refused: the state dir is not "
                                      "restored yet")
         journal.check()
@@ -281,8 +325,14 @@ class Persistence:
 
     def close(self) -> None:
         """Sync the journal and write a last snapshot; later changes are refused."""
-        if self.journal is None or self._lock_fd is None:
+        self._closed.set()
+        if self._lock_fd is None:
             return  # never restored, or closed already
+        if self.journal is None:  # read-only: nothing was changed, nothing to save
+            with self._compacting, self._lock:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            return
         with self._compacting, self._lock:
             failed = self.journal.failed
             self.journal.close()

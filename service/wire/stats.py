@@ -8,13 +8,17 @@ from typing import Any
 
 from ..core.engine import LayerInfo, ServerInfo
 
+# Layers wider than this show their running statistics only in their own entry.
+SUMMARY_WIDTH = 4096
+
 
 def _iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
-def encode_layer(info: LayerInfo) -> dict[str, Any]:
-    """A layer's entry; running statistics as float lists (null for NaN/Inf)."""
+def encode_layer(info: LayerInfo, summary: bool = False) -> dict[str, Any]:
+    """A layer's entry; running statistics as float lists (null for NaN/Inf), unless
+    ``summary`` and the layer is wider than ``SUMMARY_WIDTH``."""
     entry: dict[str, Any] = {
         "kind": info.kind,
         "device": str(info.device),
@@ -24,7 +28,9 @@ def encode_layer(info: LayerInfo) -> dict[str, Any]:
         "rejected": info.rejected,
         "last_update": _iso(info.last_update),
     }
-    if info.running_mean is not None:
+    if info.running_mean is not None and summary and info.running_mean.numel() > SUMMARY_WIDTH:
+        entry["summarized"] = True
+    elif info.running_mean is not None:
         entry["running_mean"] = info.running_mean.detach().cpu().double().tolist()
         entry["running_var"] = info.running_var.detach().cpu().double().tolist()
     entry["num_batches_tracked"] = info.num_batches_tracked
@@ -32,8 +38,9 @@ def encode_layer(info: LayerInfo) -> dict[str, Any]:
 
 
 def encode_server(info: ServerInfo) -> dict[str, Any]:
-    """Every layer's entry and server-wide counters."""
-    layers = {layer.name: encode_layer(layer) for layer in info.layers}
+    """Every layer's entry and server-wide counters; a wide layer's running statistics are
+    left out (``"summarized": true``) and served whole by its own entry."""
+    layers = {layer.name: encode_layer(layer, summary=True) for layer in info.layers}
     totals = {"eval": 0, "train": 0}
     for layer in info.layers:
         for mode, count in layer.requests.items():

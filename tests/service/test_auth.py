@@ -40,7 +40,7 @@ READS = {
     "stats": ("GET", "/stats", {}),
     "layer stats": ("GET", "/stats/stream.bn", {}),
 }
-OPEN = ["/healthz", "/readyz", "/metrics", "/openapi.json"]
+OPEN = ["/healthz", "/readyz", "/openapi.json"]
 BAD_CREDENTIALS = {
     None: 401,
     "Bearer": 401,
@@ -126,9 +126,20 @@ def test_protected_reads_do_not_reveal_which_layers_exist() -> None:
 
 
 @pytest.mark.parametrize("path", OPEN)
-def test_health_and_metrics_stay_open(path: str) -> None:
+def test_health_stays_open(path: str) -> None:
     with make_client(api_token=TOKEN, protect_reads=True) as client:
         assert client.get(path).status_code == 200
+
+
+def test_metrics_need_the_token_when_reads_are_protected() -> None:
+    # /metrics names every layer: with reads protected it is a read like any other.
+    with make_client(api_token=TOKEN, protect_reads=True) as client:
+        assert client.get("/metrics").status_code == 401
+        reply = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert reply.status_code == 200
+        assert "normcore_requests_total" in reply.text
+    with make_client(api_token=TOKEN) as client:
+        assert client.get("/metrics").status_code == 200
 
 
 def test_protecting_reads_without_a_token_is_refused() -> None:

@@ -7,6 +7,7 @@ when one is configured. Checkpoints are accepted as safetensors only.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ...wire.admin import LayerCreate, decode_layer_request
@@ -25,10 +26,16 @@ router = APIRouter(prefix="/layers", tags=["admin"], dependencies=[WriteAccess])
 async def put_layer(name: LayerName, request: Request, engine: EngineDep) -> Response:
     """Create or replace a layer from its configuration and an optional safetensors
     checkpoint (base64 in ``checkpoint_b64``; ``prefix`` selects its keys)."""
-    layer = decode_layer_request(await read_body(request))
-    info = engine.put_layer(name, layer.kind, layer.config, layer.checkpoint, layer.prefix,
-                            layer.device)
+    body = await read_body(request)
+    # Off the loop: a checkpoint to parse, a layer to build, a record to make safe.
+    info = await run_in_threadpool(_put_layer, engine, name, body)
     return json_response(encode_layer(info))
+
+
+def _put_layer(engine, name: str, body: bytearray):
+    layer = decode_layer_request(body)
+    return engine.put_layer(name, layer.kind, layer.config, layer.checkpoint, layer.prefix,
+                            layer.device)
 
 
 @router.delete("/{name}", response_model=Deleted, responses=errors(401, 403, 404, 422))
@@ -67,5 +74,6 @@ def download_state(name: LayerName, engine: EngineDep) -> Response:
 async def upload_state(name: LayerName, request: Request, engine: EngineDep) -> Response:
     """Replace a layer's state with a safetensors file holding its keys."""
     engine.kind_of(name)  # 404 before the body is read
-    info = engine.upload_state(name, bytes(await read_body(request)))
+    body = bytes(await read_body(request))
+    info = await run_in_threadpool(engine.upload_state, name, body)
     return json_response(encode_layer(info))

@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics: open to everyone, token or not."""
+"""Liveness and readiness, open to everyone; metrics, open unless reads are protected."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from ...core.errors import NotReadyError
-from ..deps import EngineDep
+from ..deps import EngineDep, ReadAccess
 from ..responses import json_response
 from ..schemas import Health, Readiness, errors
 
@@ -29,6 +29,9 @@ async def readyz(request: Request, engine: EngineDep) -> Response:
 
 
 @router.get("/metrics", summary="Prometheus metrics",
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}, response_class=Response)
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **errors(401, 403)},
+            response_class=Response, dependencies=[ReadAccess])
 def metrics(request: Request) -> Response:
+    """Prometheus text format; needs the token when reads are protected (it names every
+    layer)."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from ...wire.normalize import decode_normalize_request, encode_normalize_response
 from ...wire.tensors import decode_tensor
-from ..deps import authorize_mode, normalize_tensor, read_body
+from ..deps import authorize_early, authorize_mode, normalize_tensor, off_loop, read_body
 from ..metrics import label
 from ..responses import json_response
 from ..schemas import NormalizeRequest, NormalizeResponse, errors, json_body
@@ -27,13 +27,17 @@ async def normalize(request: Request) -> Response:
     normalizes with the batch statistics and folds them into the running statistics
     (needs the bearer token when one is set). Both return the batch statistics."""
     engine = request.app.state.engine
-    call = decode_normalize_request(await read_body(request))
+    authorize_early(request)  # a stranger is refused before the body is read
+    body = await read_body(request)
+    call = await off_loop(len(body), decode_normalize_request, body)
     # The token before the layer: without it, a 404 would tell which names exist.
     authorize_mode(request, call.mode)
     engine.kind_of(call.layer)  # 404 before the tensor is looked at
     label(request.scope, "layer", call.layer)
     label(request.scope, "mode", call.mode)
-    x, given_encoding = decode_tensor(call.tensor, request.app.state.limits)
+    x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor,
+                                       request.app.state.limits)
     outcome = await normalize_tensor(request, call.layer, x, call.mode, call.request_id)
-    return json_response(encode_normalize_response(
-        call.layer, call.mode, outcome, call.output_encoding or given_encoding))
+    reply = encode_normalize_response(call.layer, call.mode, outcome,
+                                      call.output_encoding or given_encoding)
+    return await off_loop(outcome.output.numel(), json_response, reply)

@@ -26,7 +26,14 @@ from ... import __version__
 from ...core.errors import NotReadyError
 from ...wire import compression, v2_types
 from ...wire import v2 as codec
-from ..deps import ReadAccess, authorize_mode, authorize_read, normalize_tensor, read_body
+from ..deps import (
+    ReadAccess,
+    authorize_early,
+    authorize_mode,
+    normalize_tensor,
+    off_loop,
+    read_body,
+)
 from ..errors import reply_to
 from ..metrics import label
 from ..responses import BINARY, BuffersResponse, json_response
@@ -133,16 +140,18 @@ async def infer(name: str, request: Request) -> Response:
     ``output`` by default; ``batch_mean``/``batch_var`` (RMSNorm: ``batch_mean_square``)
     when asked for. JSON or binary tensors, gzip/deflate either way."""
     engine = request.app.state.engine
-    authorize_read(request)  # before the lookup: with reads protected, a 404 names layers
+    # Before the lookup (with reads protected, a 404 names layers) and the body.
+    authorize_early(request)
     kind = engine.kind_of(name)  # 404 before the body is read
     label(request.scope, "layer", name)
     body, parsed = await _read_request(request, v2_types.output_names(kind))
     label(request.scope, "mode", parsed.mode)
     authorize_mode(request, parsed.mode)
-    x = codec.decode_input(parsed, body, request.app.state.limits)
+    x = await off_loop(len(body), codec.decode_input, parsed, body, request.app.state.limits)
     outcome = await normalize_tensor(request, name, x, parsed.mode, parsed.request_id)
-    head, blobs = codec.encode_infer_response(name, parsed, outcome.output, outcome.stats,
-                                              outcome.num_batches_tracked)
+    head, blobs = await off_loop(outcome.output.numel(), codec.encode_infer_response, name,
+                                 parsed, outcome.output, outcome.stats,
+                                 outcome.num_batches_tracked)
     return await _send(request, head, blobs)
 
 
@@ -167,7 +176,9 @@ async def _read_request(
         body = await run_in_threadpool(compression.decompress, body, encoding,
                                        request.app.state.settings.max_body_bytes)
     header_length = request.headers.get("inference-header-content-length")
-    return body, codec.decode_infer_request(body, header_length, outputs)
+    parsed = await off_loop(len(body), codec.decode_infer_request, body, header_length,
+                            outputs)
+    return body, parsed
 
 
 async def _send(request: Request, head: bytes, blobs: list) -> Response:
