@@ -120,7 +120,7 @@ def create_app(
     )
     metrics = Metrics()
     app.state.settings = settings
-    app.state.limits = Limits(settings.max_rank, settings.max_elements)
+    app.state.limits = Limits(settings.max_rank, settings.max_elements, settings.max_json_bytes)
     app.state.metrics = metrics
     app.state.ready = False
     app.state.failure = None

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_elements: int = Field(64 * 1024 * 1024, gt=0, description="Per tensor.")
     max_rank: int = Field(8, gt=0, le=32)
+    max_json_bytes: int = Field(
+        16 * 1024 * 1024, gt=0,
+        description="Largest JSON body (or V2 JSON header): parsing one holds the interpreter, "
+        "so big tensors travel as V2 binary data, up to max_body_bytes.")
     max_layers: int = Field(1024, gt=0, description="Layers the admin API may create, in all.")
     max_layer_features: int = Field(
         1 << 20, gt=0, le=1 << 24,

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequestError, shown
-from .tensors import parse_json
+from .tensors import Limits, parse_json
 
 
 class LayerCreate(BaseModel):
@@ -35,8 +35,8 @@ class LayerRequest:
     device: str | None
 
 
-def decode_layer_request(body: bytes | bytearray) -> LayerRequest:
-    payload = parse_json(body)
+def decode_layer_request(body: bytes | bytearray, limits: Limits) -> LayerRequest:
+    payload = parse_json(body, limits)
     try:
         spec = LayerCreate.model_validate(payload)
     except ValidationError as exc:

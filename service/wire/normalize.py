@@ -16,7 +16,7 @@ from typing import Any
 
 from ..core.engine import Outcome
 from ..core.errors import InvalidRequestError
-from .tensors import ENCODINGS, encode_tensor, parse_json
+from .tensors import ENCODINGS, Limits, encode_tensor, parse_json
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ def _field(payload: dict, name: str, default: str | None,
     return value
 
 
-def decode_normalize_request(body: bytes | bytearray) -> NormalizeRequest:
-    payload = parse_json(body)
+def decode_normalize_request(body: bytes | bytearray, limits: Limits) -> NormalizeRequest:
+    payload = parse_json(body, limits)
     if not isinstance(payload, dict):
         raise InvalidRequestError("body must be a JSON object")
     layer = _field(payload, "layer", None)

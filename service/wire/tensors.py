@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 import torch
 
-from ..core.errors import InvalidRequestError, MalformedRequestError
+from ..core.errors import InvalidRequestError, MalformedRequestError, PayloadTooLargeError
 
 # name -> (torch dtype, little-endian numpy dtype of the wire bytes)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -36,11 +36,24 @@ _FINITE_MAX = {name: float(torch.finfo(t).max) for name, (t, _) in DTYPES.items(
 class Limits:
     max_rank: int = 8
     max_elements: int = 64 * 1024 * 1024
+    max_json_bytes: int = 16 * 1024 * 1024
 
 
-def parse_json(body: bytes | bytearray) -> Any:
+# Work that holds the GIL in one C call (a JSON parse, a base64 pass, a list to an array)
+# stalls the event loop's thread however it is scheduled, so big tensors are converted a
+# slice at a time, and JSON bodies are capped (Limits.max_json_bytes): big tensors travel
+# as V2 binary data, which is viewed in place.
+_VALUES_PER_STEP = 1 << 18
+_B64_CHARS_PER_STEP = 1 << 22  # a multiple of 4
+
+
+def parse_json(body: bytes | bytearray, limits: Limits | None = None) -> Any:
     """Parse a JSON body: ``MalformedRequestError`` if it is not JSON, ``InvalidRequestError``
-    if it only uses NaN/Infinity."""
+    if it only uses NaN/Infinity, ``PayloadTooLargeError`` past ``limits.max_json_bytes``."""
+    if limits is not None and len(body) > limits.max_json_bytes:
+        raise PayloadTooLargeError(
+            f"a JSON body of {len(body)} bytes exceeds max_json_bytes ({limits.max_json_bytes}, "
+            "NORMCORE_MAX_JSON_BYTES); send big tensors as V2 binary data")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -92,15 +105,17 @@ def _check_numbers(data: list) -> None:
     stack = [data]
     while stack:
         items = stack.pop()
-        kinds = set(map(type, items))
-        if kinds <= _NUMBERS:
-            continue
-        if kinds == {list}:
-            stack.extend(items)
-        elif bool in kinds:
-            raise InvalidRequestError("tensor data must be numbers, not booleans")
-        else:
-            raise InvalidRequestError("tensor data must be a (nested) list of numbers")
+        for start in range(0, len(items), _VALUES_PER_STEP):
+            part = items[start:start + _VALUES_PER_STEP]
+            kinds = set(map(type, part))
+            if kinds <= _NUMBERS:
+                continue
+            if kinds == {list}:
+                stack.extend(part)
+            elif bool in kinds:
+                raise InvalidRequestError("tensor data must be numbers, not booleans")
+            else:
+                raise InvalidRequestError("tensor data must be a (nested) list of numbers")
 
 
 def _from_list(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
@@ -108,7 +123,9 @@ def _from_list(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
         raise InvalidRequestError("tensor data must be a list of numbers")
     _check_numbers(data)
     try:
-        array = np.array(data, dtype=np.float64)
+        parts = [np.array(data[i:i + _VALUES_PER_STEP], dtype=np.float64)
+                 for i in range(0, len(data), _VALUES_PER_STEP)]
+        array = np.concatenate(parts) if len(parts) > 1 else np.array(data, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         raise InvalidRequestError("tensor data must be a (nested) list of numbers") from None
     if array.size != math.prod(shape):
@@ -127,7 +144,10 @@ def _from_b64(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     if not isinstance(data, str):
         raise InvalidRequestError("tensor b64 must be a base64 string")
     try:
-        raw = bytearray(binascii.a2b_base64(data, strict_mode=True))
+        raw = bytearray()
+        for start in range(0, len(data), _B64_CHARS_PER_STEP):
+            raw += binascii.a2b_base64(data[start:start + _B64_CHARS_PER_STEP],
+                                       strict_mode=True)
     except (binascii.Error, ValueError):
         raise InvalidRequestError("tensor b64 is not valid base64") from None
     return from_bytes(raw, shape, dtype)
@@ -180,11 +200,23 @@ def encode_tensor(tensor: torch.Tensor, encoding: str) -> dict[str, Any]:
         tensor = tensor.float()
     out: dict[str, Any] = {"shape": list(tensor.shape), "dtype": dtype}
     if encoding == "b64":
-        out["b64"] = base64.b64encode(to_bytes(tensor)).decode("ascii")
+        raw, step = to_bytes(tensor), _B64_CHARS_PER_STEP // 4 * 3
+        out["b64"] = "".join(base64.b64encode(raw[i:i + step]).decode("ascii")
+                             for i in range(0, len(raw), step))
     else:
         values = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
-        out["data"] = values.contiguous().numpy().reshape(-1)
+        out["data"] = _json_numbers(values.contiguous().numpy().reshape(-1))
     return out
+
+
+def _json_numbers(values: np.ndarray) -> np.ndarray | orjson.Fragment:
+    """A flat array for ``dumps``: as it is when small, else already written a slice at a
+    time (see ``_VALUES_PER_STEP``)."""
+    if values.size <= _VALUES_PER_STEP:
+        return values
+    parts = [orjson.dumps(values[i:i + _VALUES_PER_STEP], option=orjson.OPT_SERIALIZE_NUMPY)
+             for i in range(0, values.size, _VALUES_PER_STEP)]
+    return orjson.Fragment(b"[" + b",".join(part[1:-1] for part in parts) + b"]")
 
 
 def dumps(obj: Any) -> bytes:

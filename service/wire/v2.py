@@ -141,12 +141,13 @@ def _input(value: Any) -> dict:
 
 
 def decode_infer_request(
-    body: bytearray, header_length: str | None, available: tuple[str, ...]
+    body: bytearray, header_length: str | None, available: tuple[str, ...],
+    limits: Limits | None = None,
 ) -> InferRequest:
     """Parse the JSON header of ``body``; ``header_length`` is the request's
     ``Inference-Header-Content-Length``, ``available`` the model's output names."""
     length = _header_length(header_length, len(body))
-    payload = parse_json(body if length == len(body) else body[:length])
+    payload = parse_json(body if length == len(body) else body[:length], limits)
     payload = _object(payload, "the request body")
     tensor = _input(payload.get("inputs"))
     name = tensor["name"]

@@ -28,12 +28,12 @@ async def put_layer(name: LayerName, request: Request, engine: EngineDep) -> Res
     checkpoint (base64 in ``checkpoint_b64``; ``prefix`` selects its keys)."""
     body = await read_body(request)
     # Off the loop: a checkpoint to parse, a layer to build, a record to make safe.
-    info = await run_in_threadpool(_put_layer, engine, name, body)
+    info = await run_in_threadpool(_put_layer, engine, name, body, request.app.state.limits)
     return json_response(encode_layer(info))
 
 
-def _put_layer(engine, name: str, body: bytearray):
-    layer = decode_layer_request(body)
+def _put_layer(engine, name: str, body: bytearray, limits):
+    layer = decode_layer_request(body, limits)
     return engine.put_layer(name, layer.kind, layer.config, layer.checkpoint, layer.prefix,
                             layer.device)
 

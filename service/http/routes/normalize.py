@@ -29,14 +29,14 @@ async def normalize(request: Request) -> Response:
     engine = request.app.state.engine
     authorize_early(request)  # a stranger is refused before the body is read
     body = await read_body(request)
-    call = await off_loop(len(body), decode_normalize_request, body)
+    limits = request.app.state.limits
+    call = await off_loop(len(body), decode_normalize_request, body, limits)
     # The token before the layer: without it, a 404 would tell which names exist.
     authorize_mode(request, call.mode)
     engine.kind_of(call.layer)  # 404 before the tensor is looked at
     label(request.scope, "layer", call.layer)
     label(request.scope, "mode", call.mode)
-    x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor,
-                                       request.app.state.limits)
+    x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor, limits)
     outcome = await normalize_tensor(request, call.layer, x, call.mode, call.request_id)
     reply = encode_normalize_response(call.layer, call.mode, outcome,
                                       call.output_encoding or given_encoding)

@@ -177,7 +177,7 @@ async def _read_request(
                                        request.app.state.settings.max_body_bytes)
     header_length = request.headers.get("inference-header-content-length")
     parsed = await off_loop(len(body), codec.decode_infer_request, body, header_length,
-                            outputs)
+                            outputs, request.app.state.limits)
     return body, parsed
 
 
