@@ -19,11 +19,7 @@ import argparse
 import asyncio
 import base64
 import itertools
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,49 +29,17 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the server launcher the tests use too
+
+from tests.server_process import ServerProcess, service_process  # noqa: E402
+
 LIMIT = 0.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+def durability_server(args: list[str], log: Path) -> ServerProcess:
     """``python -m service`` on a free port, logging warnings only (no access log)."""
-
-    def __init__(self, name: str, args: list[str], folder: Path) -> None:
-        self.name = name
-        self.log = folder / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        port = _free_port()
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "warning", *args],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                sys.exit(f"{self.name} server exited:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        sys.exit(f"{self.name} server not ready after {timeout} s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+    return service_process(["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
+                            *args], log=log)
 
 
 async def _load(url: str, clients: int, seconds: float, body: dict) -> float:
@@ -113,18 +77,23 @@ def main() -> int:
         .decode()}}
     with tempfile.TemporaryDirectory(prefix="normcore-bench-") as tmp:
         folder = Path(tmp)
-        servers = [Server("memory", [], folder),
-                   Server("durable", ["--state-dir", str(folder / "state")], folder)]
+        servers = {
+            "memory": durability_server([], folder / "memory.log"),
+            "durable": durability_server(["--state-dir", str(folder / "state")],
+                                         folder / "durable.log"),
+        }
         try:
-            rates: dict[str, list[float]] = {s.name: [] for s in servers}
-            for server in servers:
+            for server in servers.values():
+                server.start()
+            rates: dict[str, list[float]] = {name: [] for name in servers}
+            for server in servers.values():
                 asyncio.run(_load(server.url, args.clients, args.warmup, body))
             for _ in range(args.rounds):
-                for server in servers:
-                    rates[server.name].append(
+                for name, server in servers.items():
+                    rates[name].append(
                         asyncio.run(_load(server.url, args.clients, args.seconds, body)))
         finally:
-            for server in servers:
+            for server in servers.values():
                 server.stop()
     memory, durable = (statistics.median(rates[n]) for n in ("memory", "durable"))
     ratio = durable / memory

@@ -48,6 +48,10 @@ from pathlib import Path
 
 import small_requests as hb  # bench/ is on sys.path when this file runs as a script
 
+sys.path.insert(0, str(hb.ROOT))  # the server launcher the tests use too
+
+from tests.server_process import ServerProcess, free_port  # noqa: E402
+
 TORCH = "torch==2.13.0"  # the CPU wheel; installed before the server so it stays
 PINS = {  # what was measured: the server, then its HTTP stack (constraints, not extras)
     # httptools: the HTTP parser normcore runs on. uvloop < 0.22: with 0.22 and up, MLServer
@@ -178,37 +182,34 @@ def main(argv: list[str] | None = None) -> int:
     }
     tmp = Path(tempfile.mkdtemp(prefix="normcore-bench-peers-"))
     scripts = {k: hb.lua_script(tmp, k, body) for k, body in bodies.items()}
-    targets, processes, used = {}, [], {}
+    targets, servers, used = {}, [], {}
     used["normcore"] = versions(Path(sys.executable), ["torch", "fastapi", "starlette",
                                                        "uvicorn", "uvloop", "httptools"])
 
-    def launch(name, cmd, port, ready, cwd, path, script, check, env=None) -> None:
+    def launch(name: str, server: ServerProcess, path: str, script: str, check) -> None:
         try:
-            process = hb.start(cmd, port, ready, env=env, cwd=cwd,
-                               log=tmp / f"{name.split()[0]}.log")
+            server.start()
         except RuntimeError as exc:
             print(f"{name}: cannot start: {exc}")
             return
-        processes.append(process)
+        servers.append(server)
         try:
-            check(hb.post(port, path, bodies[script]))
+            check(hb.post(server.port, path, bodies[script]))
         except Exception as exc:  # noqa: BLE001 - any failure: say so, skip this one
             print(f"{name}: first request failed, not timed: {exc}")
             return
-        targets[name] = {"port": port, "path": path, "script": scripts[script],
-                         "pid": process.pid}
+        targets[name] = {"port": server.port, "path": path, "script": scripts[script],
+                         "pid": server.pid}
 
     try:
-        port = hb.free_port()
-        launch("normcore /normalize", [sys.executable, "-m", "service", "--port", str(port)],
-               port, "/readyz", hb.ROOT, "/normalize", "normalize",
-               lambda r: hb.check_layernorm(x, r["output"]["data"], "normcore /normalize"),
-               env=hb.normcore_env(args.env))
+        normcore = hb.normcore_server(args.env, tmp / "normcore.log")
+        launch("normcore /normalize", normcore, "/normalize", "normalize",
+               lambda r: hb.check_layernorm(x, r["output"]["data"], "normcore /normalize"))
         v2_path = f"/v2/models/{hb.LAYER}/infer"
         try:
             if targets:
-                hb.check_layernorm(x, hb.post(port, v2_path, bodies["v2"])["outputs"][0]["data"],
-                                   "normcore V2")
+                hb.check_layernorm(x, hb.post(normcore.port, v2_path,
+                                              bodies["v2"])["outputs"][0]["data"], "normcore V2")
                 targets["normcore V2 JSON"] = {**targets["normcore /normalize"],
                                                "path": v2_path, "script": scripts["v2"]}
         except Exception as exc:  # noqa: BLE001
@@ -219,32 +220,33 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             used[peer] = versions(python, ["torch", peer, "fastapi", "starlette", "uvicorn",
                                            "uvloop", "httptools"])
-            env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
-            if args.peer_threads:
-                env["OMP_NUM_THREADS"] = str(args.peer_threads)
-            port = hb.free_port()
+            env = {"OMP_NUM_THREADS": str(args.peer_threads)} if args.peer_threads else {}
             folder = tmp / peer
             folder.mkdir()
+            options = {"env": env, "cwd": folder, "ready_timeout": 120}
             if peer == "mlserver":
+                port = free_port()  # written into MLServer's settings file
                 (folder / "ln").mkdir()
                 (folder / "ln" / "ln_runtime.py").write_text(MLSERVER_RUNTIME)
                 (folder / "ln" / "model-settings.json").write_text(json.dumps(
                     {"name": "ln", "implementation": "ln_runtime.LayerNormRuntime"}))
                 settings = {"debug": False, "host": "127.0.0.1", "http_port": port,
-                            "grpc_port": hb.free_port(), "metrics_port": hb.free_port()}
+                            "grpc_port": free_port(), "metrics_port": free_port()}
                 if args.mlserver_workers is not None:
                     settings["parallel_workers"] = args.mlserver_workers
                 (folder / "settings.json").write_text(json.dumps(settings))
-                launch("MLServer", [str(python.parent / "mlserver"), "start", str(folder)],
-                       port, "/v2/models/ln/ready", folder, "/v2/models/ln/infer", "v2",
-                       lambda r: hb.check_layernorm(x, r["outputs"][0]["data"], "MLServer"),
-                       env=env)
+                server = ServerProcess([str(python.parent / "mlserver"), "start", str(folder)],
+                                       port=port, ready="/v2/models/ln/ready",
+                                       log=tmp / "MLServer.log", **options)
+                launch("MLServer", server, "/v2/models/ln/infer", "v2",
+                       lambda r: hb.check_layernorm(x, r["outputs"][0]["data"], "MLServer"))
             else:
                 (folder / "app.py").write_text(LITSERVE_APP)
-                launch("LitServe", [str(python), "app.py", str(port),
-                                    str(int(args.litserve_fast_queue))], port, "/health",
-                       folder, "/predict", "litserve",
-                       lambda r: hb.check_layernorm(x, r["output"], "LitServe"), env=env)
+                server = ServerProcess([str(python), "app.py", "{port}",
+                                        str(int(args.litserve_fast_queue))], ready="/health",
+                                       log=tmp / "LitServe.log", **options)
+                launch("LitServe", server, "/predict", "litserve",
+                       lambda r: hb.check_layernorm(x, r["output"], "LitServe"))
         print(f"\n{hb.SHAPE[0]}x{hb.SHAPE[1]} float32 JSON, wrk {args.threads} thread(s), "
               f"{args.connections} connections, {args.rounds} x {args.duration} s, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; peers: torch threads "
@@ -256,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         results = hb.interleave(targets, args.rounds, args.duration, args.connections,
                                 args.threads, args.warmup)
     finally:
-        for process in processes:
-            hb.stop(process)
+        for server in servers:
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     medians = {n: hb.summary(r) for n, r in results.items()}

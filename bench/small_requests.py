@@ -26,19 +26,19 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # the server launcher the tests use too
+
+from tests.server_process import ServerProcess, service_process  # noqa: E402
+
 LAYER, SHAPE = "features.ln", (8, 64)
 GOAL = 1.0
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -73,52 +73,10 @@ wrk.headers["Content-Type"] = "application/json"
 # --- helpers (bench/peers.py imports these too) ---------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def sample_input():
     import numpy as np
 
     return np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
-
-
-def start(cmd: list[str], port: int, ready_path: str, env: dict[str, str] | None = None,
-          cwd: Path = ROOT, log: Path | None = None, wait: float = 120) -> subprocess.Popen:
-    """Start a server and wait until ``ready_path`` answers 200; its output goes to ``log``."""
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # its own group: stop() ends all
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log else ""
-            raise RuntimeError(f"{cmd[:3]} exited with {process.returncode}\n{tail}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2) as r:
-                if r.status == 200:
-                    return process
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.2)
-    stop(process)
-    tail = log.read_text(errors="replace")[-2000:] if log else ""
-    raise RuntimeError(f"{cmd[:3]} not ready after {wait:.0f} s\n{tail}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a server started by start(), with the worker processes of its own group."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break  # the group is gone
-        try:
-            process.wait(wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def post(port: int, path: str, body: bytes) -> object:
@@ -213,11 +171,10 @@ def paired_ratio(a: list[dict], b: list[dict], key: str = "rps") -> float:
     return statistics.median(x[key] / y[key] for x, y in zip(a, b, strict=True))
 
 
-def normcore_env(settings: list[str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
-    env.update(NORMCORE_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
-    env.update(item.split("=", 1) for item in settings)
-    return env
+def normcore_server(settings: list[str], log: Path) -> ServerProcess:
+    """``python -m service`` on a free port: warnings only, then ``settings`` (KEY=VALUE)."""
+    env = {"NORMCORE_LOG_LEVEL": "warning", **dict(item.split("=", 1) for item in settings)}
+    return service_process(["--port", "{port}"], env=env, ready_timeout=120, log=log)
 
 
 def check_layernorm(x, output, what: str) -> None:
@@ -256,16 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         "shape": list(SHAPE), "dtype": "float32", "data": x.tolist()}}).encode()
     tmp = Path(tempfile.mkdtemp(prefix="normcore-bench-http-"))
     (tmp / "echo_app.py").write_text(ECHO_APP)
-    ports = {"normcore": free_port(), "bare uvicorn echo": free_port()}
-    processes = {}
-    try:
-        processes["normcore"] = start(
-            [sys.executable, "-m", "service", "--port", str(ports["normcore"])],
-            ports["normcore"], "/readyz", normcore_env(args.env), log=tmp / "normcore.log")
-        processes["bare uvicorn echo"] = start(
+    servers = {
+        "normcore": normcore_server(args.env, tmp / "normcore.log"),
+        "bare uvicorn echo": ServerProcess(
             [sys.executable, "-m", "uvicorn", "echo_app:app", "--app-dir", str(tmp),
-             "--port", str(ports["bare uvicorn echo"]), "--log-level", "warning"],
-            ports["bare uvicorn echo"], "/readyz", log=tmp / "echo.log")
+             "--port", "{port}", "--log-level", "warning"], ready_timeout=120,
+            log=tmp / "echo.log"),
+    }
+    try:
+        for server in servers.values():
+            server.start()
+        ports = {name: server.port for name, server in servers.items()}
         check_layernorm(x, post(ports["normcore"], "/normalize", body)["output"]["data"],
                         "normcore")
         if post(ports["bare uvicorn echo"], "/normalize", body) != json.loads(body):
@@ -277,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
               f"load {os.getloadavg()[0]:.1f}"
               + (f", normcore with {' '.join(args.env)}" if args.env else ""), flush=True)
         targets = {n: {"port": ports[n], "path": "/normalize", "script": script,
-                       "pid": processes[n].pid} for n in ports}
+                       "pid": servers[n].pid} for n in servers}
         results = interleave(targets, args.rounds, args.duration, args.connections,
                              args.threads, args.warmup)
     finally:
-        for process in processes.values():
-            stop(process)
+        for server in servers.values():
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     medians = {n: summary(r) for n, r in results.items()}

@@ -26,16 +26,19 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the server launcher the tests use too
+
+from tests.server_process import ServerProcess, service_process  # noqa: E402
+
 LIMIT = 1.5
 # layer -> input shape of 12.8 MB in FP32 (3.2 M values)
 SHAPES = {
@@ -63,35 +66,6 @@ async def echo_app(scope, receive, send) -> None:
         (b"inference-header-content-length", header_length),
     ]})
     await send({"type": "http.response.body", "body": body})
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str], port: int, ready_path: str,
-           settings: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
-    env.update(settings or {})
-    env["PYTHONPATH"] = str(ROOT)
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{args} exited with {process.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", ready_path)
-            if conn.getresponse().status == 200:
-                conn.close()
-                return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"{args} not ready after 60 s")
 
 
 def request_body(shape: tuple[int, ...]) -> tuple[bytes, int]:
@@ -167,25 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(item.split("=", 1) for item in args.env)
     shape = SHAPES[args.layer]
     body, json_size = request_body(shape)
-    ports = {"normcore": _free_port(), "echo": _free_port()}
-    processes = [
-        _start(["-m", "service", "--port", str(ports["normcore"])], ports["normcore"],
-               "/readyz", settings),
-        _start([str(Path(__file__).resolve()), "--echo", str(ports["echo"])], ports["echo"],
-               "/"),
-    ]
-    try:
-        posters = {
-            "normcore": Poster(ports["normcore"], f"/v2/models/{args.layer}/infer", body,
-                               json_size),
-            "echo": Poster(ports["echo"], "/echo", body, json_size),
+    with tempfile.TemporaryDirectory(prefix="normcore-bench-v2-") as tmp:
+        servers = {
+            "normcore": service_process(["--port", "{port}"], env=settings,
+                                        log=Path(tmp) / "normcore.log"),
+            "echo": ServerProcess([sys.executable, str(Path(__file__).resolve()), "--echo",
+                                   "{port}"], ready="/", log=Path(tmp) / "echo.log"),
         }
-        check(*posters["normcore"](), shape)
-        samples = measure(posters, args.repeat, args.warmup)
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(10)
+        try:
+            for server in servers.values():
+                server.start()
+            posters = {
+                "normcore": Poster(servers["normcore"].port, f"/v2/models/{args.layer}/infer",
+                                   body, json_size),
+                "echo": Poster(servers["echo"].port, "/echo", body, json_size),
+            }
+            check(*posters["normcore"](), shape)
+            samples = measure(posters, args.repeat, args.warmup)
+        finally:
+            for server in servers.values():
+                server.stop()
     medians = {name: statistics.median(v) for name, v in samples.items()}
     ratio = medians["normcore"] / medians["echo"]
     paired = statistics.median(a / b for a, b in zip(samples["normcore"], samples["echo"],

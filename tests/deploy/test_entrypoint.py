@@ -7,13 +7,11 @@ What cannot run here is the image build itself; everything the image runs at sta
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +19,7 @@ import numpy as np
 import pytest
 
 from service.client import encode_array
+from tests.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,61 +56,28 @@ def image_healthcheck() -> list[str]:
     return json.loads(check[check.index("CMD") + 3:].strip())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ImageProcess:
-    """The image's CMD with the image's environment, as a local process."""
-
-    def __init__(self, state_dir: Path, log: Path) -> None:
-        cmd = image_cmd()
-        assert cmd[0] == "python"
-        self.cmd = [sys.executable, *cmd[1:]]
-        base = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
-        self.env = {**base, **{k: v for k, v in image_env().items() if k != "PATH"}}
-        self.port = _free_port()
-        # Only the port (free here) and the state dir (a temp dir here) differ from the image.
-        self.env.update(NORMCORE_PORT=str(self.port), NORMCORE_STATE_DIR=str(state_dir),
-                        PYTHONPATH=str(REPO))
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> ImageProcess:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            if self.healthy():
-                return self
-            time.sleep(0.1)
-        raise AssertionError(f"not ready in 60 s:\n{self.log.read_text()}")
-
-    def healthy(self) -> bool:
-        """The image's HEALTHCHECK command, run as the container engine would."""
-        check = image_healthcheck()
-        result = subprocess.run([sys.executable, *check[1:]], env=self.env, capture_output=True,
-                                timeout=10, check=False)
-        return result.returncode == 0
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # the image's STOPSIGNAL
-        return self.proc.wait(30)
+def healthy(server: ServerProcess) -> bool:
+    """The image's HEALTHCHECK command, run as the container engine would."""
+    check = image_healthcheck()
+    result = subprocess.run([sys.executable, *check[1:]], env=server.env, capture_output=True,
+                            timeout=10, check=False)
+    return result.returncode == 0
 
 
 @pytest.fixture
-def image(tmp_path: Path):
-    proc = ImageProcess(tmp_path / "state", tmp_path / "server.log")
-    yield proc
-    if proc.proc is not None and proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait(10)
+def image(tmp_path: Path) -> Iterator[ServerProcess]:
+    """The image's CMD with the image's environment, as a local process; ready when the
+    image's HEALTHCHECK passes."""
+    cmd = image_cmd()
+    assert cmd[0] == "python"
+    env = {k: v for k, v in image_env().items() if k != "PATH"}
+    # Only the port (free here) and the state dir (a temp dir here) differ from the image.
+    env.update(NORMCORE_PORT="{port}", NORMCORE_STATE_DIR=str(tmp_path / "state"),
+               PYTHONPATH=str(REPO))
+    server = ServerProcess([sys.executable, *cmd[1:]], env=env, ready=healthy,
+                           log=tmp_path / "server.log", cwd=REPO, name="the image's CMD")
+    yield server
+    server.kill()
 
 
 def test_dockerfile_runs_python_m_service_with_state_and_host_settings() -> None:
@@ -123,7 +89,7 @@ def test_dockerfile_runs_python_m_service_with_state_and_host_settings() -> None
     assert _instruction("STOPSIGNAL") == ["SIGTERM"]
 
 
-def test_image_entrypoint_becomes_ready_and_serves(image: ImageProcess) -> None:
+def test_image_entrypoint_becomes_ready_and_serves(image: ServerProcess) -> None:
     image.start()
     with httpx.Client(base_url=image.url, timeout=10) as client:
         assert client.get("/healthz").status_code == 200
@@ -137,7 +103,7 @@ def test_image_entrypoint_becomes_ready_and_serves(image: ImageProcess) -> None:
 
 
 def test_sigterm_during_train_stream_keeps_every_acknowledged_update(
-    image: ImageProcess,
+    image: ServerProcess,
 ) -> None:
     image.start()
     acknowledged: list[int] = []
@@ -162,7 +128,7 @@ def test_sigterm_during_train_stream_keeps_every_acknowledged_update(
     for worker in workers:
         worker.start()
     time.sleep(1.0)
-    assert image.stop() == 0, image.log.read_text()
+    assert image.stop() == 0, image.log()
     stop.set()
     for worker in workers:
         worker.join(15)

@@ -10,8 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-
-from .server_process import ServerProcess
+from tests.server_process import ServerProcess, service_process
 
 _SERVER_KEY = pytest.StashKey[ServerProcess]()
 
@@ -34,7 +33,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """``python -m service`` on a free port for the whole session: default catalog and
     settings, except the CPU as its device (results compare with torch on the CPU);
     memory-only state, no token."""
-    with ServerProcess(env={"NORMCORE_DEVICE": "cpu"}) as proc:
+    with service_process(env={"NORMCORE_DEVICE": "cpu"}) as proc:
         request.session.stash[_SERVER_KEY] = proc
         yield proc
 

@@ -22,8 +22,7 @@ import torch
 from normcore import BatchNorm1d
 from service.core.catalog import load_catalog
 from service.state.store import Store
-
-from .server_process import ServerProcess
+from tests.server_process import service_process
 
 TRAINS = 64
 EVALS_PER_TRAIN = 2
@@ -94,7 +93,7 @@ async def _burst(url: str, batches: list[torch.Tensor]) -> tuple[list[dict], lis
 def test_concurrent_train_requests_apply_exactly_once(tmp_path: Path, durability: str) -> None:
     args = ["--state-dir", str(tmp_path / "state")] if durability == "durable" else []
     batches = _batches()
-    with ServerProcess(list(args), log=tmp_path / "server.log") as server:
+    with service_process(args, log=tmp_path / "server.log") as server:
         (before, after), evals = asyncio.run(_burst(server.url, batches))
     assert before["num_batches_tracked"] == 0
     assert after["num_batches_tracked"] == TRAINS

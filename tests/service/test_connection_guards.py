@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from service.settings import Settings
+from tests.server_process import ServerProcess, service_process
 
 from .reference import tensor
-from .server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ SLACK = 1.5
 def server() -> Iterator[ServerProcess]:
     env = {"NORMCORE_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT), "NORMCORE_MAX_BODY_BYTES": str(LIMIT),
            "NORMCORE_API_TOKEN": TOKEN, "NORMCORE_THREADS": "1"}
-    with ServerProcess(env=env) as proc:
+    with service_process(env=env) as proc:
         yield proc
 
 

@@ -22,8 +22,7 @@ import pytest
 import torch
 
 from service.core.catalog import load_catalog
-
-from .server_process import ServerProcess
+from tests.server_process import service_process
 
 KILLS = 10
 LAYERS = ("stream.bn", "digits.head.bn")  # cumulative momentum; momentum 0.1 from a checkpoint
@@ -117,8 +116,8 @@ def _streams() -> list[Stream]:
 def test_acknowledged_updates_survive_sigkill(tmp_path: Path) -> None:
     rng = random.Random(7)
     streams = _streams()
-    server = ServerProcess(["--state-dir", str(tmp_path / "state")], log=tmp_path / "server.log",
-                           env={"NORMCORE_SNAPSHOT_EVERY": "40"})  # compactions get killed too
+    server = service_process(["--state-dir", str(tmp_path / "state")], log=tmp_path / "server.log",
+                             env={"NORMCORE_SNAPSHOT_EVERY": "40"})  # compactions get killed too
     try:
         for _ in range(KILLS):
             server.start()
@@ -153,7 +152,7 @@ def test_acknowledged_updates_survive_sigkill(tmp_path: Path) -> None:
 def test_graceful_stop_saves_a_snapshot_and_exits_0(tmp_path: Path) -> None:
     state = tmp_path / "state"
     (stream,) = _streams()[:1]
-    server = ServerProcess(["--state-dir", str(state)], log=tmp_path / "server.log")
+    server = service_process(["--state-dir", str(state)], log=tmp_path / "server.log")
     try:
         with httpx.Client(base_url=server.start().url, timeout=10.0) as client:
             for _ in range(5):
@@ -172,7 +171,7 @@ def test_graceful_stop_saves_a_snapshot_and_exits_0(tmp_path: Path) -> None:
 
 def test_corrupt_snapshot_stops_start_up_naming_the_file(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    server = ServerProcess(["--state-dir", str(state)], log=tmp_path / "server.log")
+    server = service_process(["--state-dir", str(state)], log=tmp_path / "server.log")
     try:
         server.start()
         assert server.stop() == 0

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from service.client import Client, ClientError
+from tests.server_process import ROOT
 
 from .reference import twin
-from .server_process import ROOT
 
 
 def _twin(client: Client, name: str) -> torch.nn.Module:

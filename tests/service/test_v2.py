@@ -14,7 +14,8 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from .server_process import ServerProcess
+from tests.server_process import service_process
+
 from .v2_helpers import (
     batch_stats,
     infer,
@@ -258,7 +259,7 @@ def guarded_url():
     """A server with a token, and a body limit a 64 MiB tensor and its header fit in."""
     env = {"NORMCORE_API_TOKEN": TOKEN, "NORMCORE_MAX_BODY_BYTES": str(72 << 20),
            "NORMCORE_DEVICE": "cpu"}
-    with ServerProcess(env=env) as server:
+    with service_process(env=env) as server:
         yield server.url
 
 
@@ -302,7 +303,7 @@ def protected_url():
     """A server whose reads need the token too."""
     env = {"NORMCORE_API_TOKEN": TOKEN, "NORMCORE_PROTECT_READS": "true",
            "NORMCORE_DEVICE": "cpu"}
-    with ServerProcess(env=env) as server:
+    with service_process(env=env) as server:
         yield server.url
 
 
