@@ -44,6 +44,7 @@ class Limits:
 # slice at a time, and JSON bodies are capped (Limits.max_json_bytes): big tensors travel
 # as V2 binary data, which is viewed in place.
 _VALUES_PER_STEP = 1 << 18
+MAX_EMPTY_SPAN = 1 << 16  # see check_shape
 _B64_CHARS_PER_STEP = 1 << 22  # a multiple of 4
 
 
@@ -69,9 +70,10 @@ def parse_json(body: bytes | bytearray, limits: Limits | None = None) -> Any:
 def check_shape(value: Any, limits: Limits, what: str = "tensor") -> tuple[int, ...]:
     """``value`` as a shape within ``limits``; ``InvalidRequestError`` naming the problem.
 
-    A request is limited by what it makes, not only by what it sends: a layer's outputs and
-    statistics span every dim but the reduced ones, so an empty input ``[10**6, 16, 0]``
-    would still build a ``[10**6, 16]`` reply. Each dim therefore counts, an empty one as 1.
+    A request is limited by what it makes, not only by what it sends. A layer's outputs and
+    statistics are never larger than twice its input, except for an empty input: ``[10**6,
+    16, 0]`` sends nothing yet asks for ``[10**6, 16]`` statistics. So the dims of an empty
+    tensor, the empty ones counted as 1, may span at most ``MAX_EMPTY_SPAN`` elements.
     """
     if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
         raise InvalidRequestError(f"{what} shape must be a list of non-negative integers")
@@ -82,11 +84,11 @@ def check_shape(value: Any, limits: Limits, what: str = "tensor") -> tuple[int, 
     if elements > limits.max_elements:
         raise InvalidRequestError(
             f"{what} of {elements} elements exceeds the limit of {limits.max_elements}")
-    if work_elements(value) > limits.max_elements:
+    span = work_elements(value)
+    if elements == 0 and span > MAX_EMPTY_SPAN:
         raise InvalidRequestError(
-            f"{what} shape spans {work_elements(value)} elements once its empty dims count as "
-            f"1 (outputs and statistics are sized by the others); the limit is "
-            f"{limits.max_elements}")
+            f"an empty {what} whose other dims span {span} elements (its outputs and "
+            f"statistics are sized by them); at most {MAX_EMPTY_SPAN}")
     return tuple(value)
 
 

@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -274,6 +275,31 @@ def test_concurrent_retries_of_one_key_apply_once(tmp_path: Path, specs) -> None
         thread.join(10)
     assert [a.num_batches_tracked for a in answers] == [1] * 16
     assert all(torch.equal(a.output, answers[0].output) for a in answers)
+    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
+
+
+def test_a_key_in_flight_survives_a_full_window(specs) -> None:
+    store = Store(CPU, idempotency_window=2)
+    store.load(specs)
+    slot = store.slot("stream.bn")
+    x = torch.randn(4, 64)
+    attempts = [threading.Thread(target=store.train, args=("stream.bn", x, "k"), daemon=True)
+                for _ in range(2)]
+    slot.lock.acquire()  # the first attempt is in flight, waiting for the layer
+    try:
+        attempts[0].start()
+        while store.applied.get("k") is None:
+            time.sleep(0.001)
+        for i in range(5):  # more keys than the window holds
+            store.train("digits.head.bn", torch.randn(4, 64), request_id=f"other-{i}")
+        in_flight = store.applied.get("k")
+        attempts[1].start()  # the retry
+        time.sleep(0.05)
+    finally:
+        slot.lock.release()
+    for attempt in attempts:
+        attempt.join(10)
+    assert in_flight is not None
     assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
 
 

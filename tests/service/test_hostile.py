@@ -1,0 +1,251 @@
+"""Hostile and unlucky requests against a real server process: each one is answered with a
+small 4xx (or an honest 503) in bounded time, changes nothing it should not, and /healthz
+keeps answering within 100 ms meanwhile."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.server_process import ServerProcess, service_process
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "hostile-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HEALTHZ_BUDGET = 0.1  # seconds
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    env = {"NORMCORE_API_TOKEN": TOKEN, "NORMCORE_DEVICE": "cpu"}
+    with service_process(env=env) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as client:
+        yield client
+
+
+@contextmanager
+def healthz_watch(server: ServerProcess) -> Iterator[list[float]]:
+    """Polls /healthz on its own connection while the block runs; yields the latencies."""
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=server.url, trust_env=False, timeout=10) as probe:
+            probe.get("/healthz")  # connect before the clock runs
+            while not done.is_set():
+                start = time.perf_counter()
+                assert probe.get("/healthz").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        yield latencies
+    finally:
+        time.sleep(0.05)
+        done.set()
+        thread.join(10)
+
+
+def _v2_binary(shape: list[int], blob: bytes = b"", params: dict | None = None) -> tuple:
+    header = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "parameters": params or {}}).encode()
+    return header + blob, {"Inference-Header-Content-Length": str(len(header)),
+                           "Content-Type": "application/octet-stream"}
+
+
+def _count(http: httpx.Client, layer: str) -> int:
+    return http.get(f"/stats/{layer}").json()["num_batches_tracked"]
+
+
+# --- 1. outputs count against the limits ------------------------------------------------
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    ("features.in", [1_000_000, 16, 0]), ("features.gn", [1_000_000, 32, 0]),
+    ("features.ln", [10_000_000, 0, 64]),
+])
+def test_an_empty_input_cannot_ask_for_a_huge_reply(server, http, layer, shape) -> None:
+    with healthz_watch(server) as latencies:
+        start = time.perf_counter()
+        reply = http.post("/normalize", json={"layer": layer,
+                                              "tensor": {"shape": shape, "data": []}})
+        elapsed = time.perf_counter() - start
+    assert reply.status_code == 422
+    assert "an empty tensor whose other dims span" in reply.json()["error"]
+    assert len(reply.content) < 1000
+    assert elapsed < 1.0
+    assert max(latencies) < HEALTHZ_BUDGET
+
+
+@pytest.mark.parametrize("shape", [[1_000_000, 16, 0], [0, 2**63, 1, 1], [0, 2**40]])
+def test_v2_binary_shapes_that_ask_for_huge_work_are_400(http, shape) -> None:
+    body, headers = _v2_binary(shape)
+    reply = http.post("/v2/models/features.in/infer", content=body, headers=headers)
+    assert reply.status_code == 400
+    assert len(reply.content) < 1000
+
+
+# --- 2. compression bombs ---------------------------------------------------------------
+
+
+def test_a_body_of_empty_gzip_members_is_refused_at_once(server, http) -> None:
+    bomb = gzip.compress(b"") * 160_000  # 3.2 MB
+    with healthz_watch(server) as latencies:
+        start = time.perf_counter()
+        reply = http.post("/v2/models/stream.bn/infer", content=bomb,
+                          headers={"Content-Encoding": "gzip"})
+        elapsed = time.perf_counter() - start
+    assert reply.status_code == 400
+    assert "gzip members" in reply.json()["error"]
+    assert elapsed < 1.0
+    assert max(latencies) < HEALTHZ_BUDGET
+
+
+def test_a_gzip_body_that_inflates_past_the_limit_is_413(http) -> None:
+    bomb = gzip.compress(bytes(80 << 20), compresslevel=9)  # 80 MiB of zeros, ~80 KB
+    reply = http.post("/v2/models/stream.bn/infer", content=bomb,
+                      headers={"Content-Encoding": "gzip"})
+    assert reply.status_code == 413
+
+
+# --- 3. honest replies -----------------------------------------------------------------
+
+
+def test_every_acknowledged_step_is_applied_and_no_refused_one_is() -> None:
+    env = {"NORMCORE_REQUEST_TIMEOUT": "0.05", "NORMCORE_DEVICE": "cpu"}
+    with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
+                                                        timeout=60) as http:
+        body = {"layer": "stream.bn", "mode": "train",
+                "tensor": {"shape": [64, 64], "data": np.ones(64 * 64).tolist()}}
+        before = _count(http, "stream.bn")
+        with ThreadPoolExecutor(80) as pool:
+            replies = list(pool.map(lambda _: http.post("/normalize", json=body), range(80)))
+        statuses = [r.status_code for r in replies]
+        assert set(statuses) <= {200, 503}
+        refused = [r.json()["error"] for r in replies if r.status_code == 503]
+        assert all("nothing of it was applied" in message for message in refused)
+        assert _count(http, "stream.bn") - before == statuses.count(200)
+
+
+# --- 4. nothing stalls the loop --------------------------------------------------------
+
+
+def test_a_huge_layer_is_refused_before_it_is_built(server, http) -> None:
+    with healthz_watch(server) as latencies:
+        reply = http.put("/layers/big1", headers=AUTH,
+                         json={"kind": "BatchNorm1d", "config": {"num_features": 16_777_216}})
+    assert reply.status_code == 422
+    assert "max_layer_features" in reply.json()["error"]
+    assert http.get("/stats/big1").status_code == 404
+    assert max(latencies) < HEALTHZ_BUDGET
+
+
+def test_stats_leave_out_the_vectors_of_wide_layers(http) -> None:
+    reply = http.put("/layers/wide", headers=AUTH,
+                     json={"kind": "BatchNorm1d", "config": {"num_features": 1 << 20}})
+    assert reply.status_code == 200
+    try:
+        listing = http.get("/stats")
+        assert listing.json()["layers"]["wide"]["summarized"] is True
+        assert "running_mean" not in listing.json()["layers"]["wide"]
+        assert len(listing.content) < 100_000
+        assert len(http.get("/stats/wide").json()["running_mean"]) == 1 << 20
+    finally:
+        http.delete("/layers/wide", headers=AUTH)
+
+
+def test_healthz_answers_while_a_big_json_body_is_served(server, http) -> None:
+    values = np.random.default_rng(0).standard_normal(1 << 20).round(3)
+    body = {"layer": "stream.bn", "tensor": {"shape": [(1 << 20) // 64, 64],
+                                             "data": values.tolist()}}
+    payload = json.dumps(body).encode()
+    assert len(payload) < 16 << 20
+    with healthz_watch(server) as latencies:
+        reply = http.post("/normalize", content=payload,
+                          headers={"Content-Type": "application/json"})
+    assert reply.status_code == 200
+    assert max(latencies) < HEALTHZ_BUDGET
+
+
+def test_healthz_answers_while_a_big_binary_body_is_served(server, http) -> None:
+    x = np.random.default_rng(1).standard_normal((1 << 16, 64)).astype(np.float32)  # 16 MiB
+    body, headers = _v2_binary(list(x.shape), x.tobytes())
+    with healthz_watch(server) as latencies:
+        reply = http.post("/v2/models/stream.bn/infer", content=body, headers=headers)
+    assert reply.status_code == 200
+    assert max(latencies) < HEALTHZ_BUDGET
+
+
+def test_json_bodies_over_max_json_bytes_are_413(http) -> None:
+    payload = b'{"layer": "stream.bn", "tensor": {"shape": [1], "data": [' + b"0," * (9 << 20)
+    reply = http.post("/normalize", content=payload + b"0]}}",
+                      headers={"Content-Type": "application/json"})
+    assert reply.status_code == 413
+    assert "max_json_bytes" in reply.json()["error"]
+
+
+# --- 5. no leaks ------------------------------------------------------------------------
+
+
+def test_with_reads_protected_metrics_and_bodies_wait_for_the_token() -> None:
+    env = {"NORMCORE_API_TOKEN": TOKEN, "NORMCORE_PROTECT_READS": "true"}
+    with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
+                                                        timeout=30) as http:
+        assert http.get("/metrics").status_code == 401
+        assert "normcore_requests_total" in http.get("/metrics", headers=AUTH).text
+        # Refused before the body is read: a stranger learns nothing from a parse error.
+        assert http.post("/normalize", content=b"{not json").status_code == 401
+        assert http.post("/v2/models/stream.bn/infer", content=b"\x00garbage").status_code == 401
+
+
+def test_a_wrong_token_is_refused_before_the_body(http) -> None:
+    reply = http.post("/normalize", content=b"{not json",
+                      headers={"Authorization": "Bearer wrong"})
+    assert reply.status_code == 403
+
+
+def test_stats_show_checkpoint_paths_relative_to_the_catalog(http) -> None:
+    entry = http.get("/stats/digits.bn1").json()
+    assert entry["checkpoint"] == "digits_cnn.safetensors"
+
+
+@pytest.mark.parametrize("name", ["<script>alert(1)</script>", "x" * 300])
+def test_errors_do_not_echo_client_input(http, name) -> None:
+    reply = http.post("/v2/models/stream.bn/infer",
+                      json={"inputs": [{"name": name, "shape": [2, 64], "datatype": "XX",
+                                        "data": [0.0] * 128}]})
+    assert reply.status_code == 400
+    assert name not in reply.text
+    unknown = http.get(f"/v2/models/{name}")
+    assert unknown.status_code in (404, 422)
+    assert name not in unknown.text
+
+
+# --- 6. no 500 for anything the client controls ------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda:99999999999999999999", "cuda:-1", "tpu", "cpu\n"])
+def test_impossible_devices_are_422(http, device) -> None:
+    reply = http.put("/layers/odd", headers=AUTH, json={
+        "kind": "BatchNorm1d", "config": {"num_features": 4}, "device": device})
+    assert reply.status_code == 422
+    assert http.get("/stats/odd").status_code == 404
