@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import _NormBase, check_floating
+from ._running import run_batch_norm
 from .errors import InputError
 
 
@@ -56,7 +57,7 @@ class _BatchNorm(_NormBase):
         if update and input.numel() == 0:  # torch would fold NaN statistics in
             raise InputError("a train step needs a non-empty batch")
         running = update or not use_batch_stats
-        return F._batch_norm(
+        return run_batch_norm(
             input,
             running_mean if running else None,
             running_var if running else None,

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import _NormBase, check_floating
+from ._running import run_instance_norm
 from .errors import InputError
 
 
@@ -57,7 +58,7 @@ class _InstanceNorm(_NormBase):
         if training and self.track_running_stats and x.numel() == 0:  # NaN statistics
             raise InputError("a train step needs a non-empty batch")
         weight, bias, running_mean, running_var = self._tensors()
-        result = F._instance_norm(
+        result = run_instance_norm(
             x, running_mean, running_var, weight, bias, use_input_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,
             with_stats=with_stats, reject_non_finite=self.reject_non_finite and training,
