@@ -39,18 +39,18 @@ class _BatchNorm(_NormBase):
         statistics are returned for monitoring. ``train`` overrides ``self.training`` for
         this call only, so a shared layer never has to be switched between modes.
         """
-        return self._run(input, self.training if train is None else train, True)
+        return self._run(input, self.training if train is None else train, with_stats=True)
 
     def forward(self, input: Tensor) -> Tensor:
         weight, bias, running_mean, running_var = self._tensors()
         if self.training or running_mean is None:  # batch statistics
-            return self._run(input, self.training, False)
+            return self._run(input, self.training, with_stats=False)
         self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass
         return F.batch_norm(
             input, running_mean, running_var, weight, bias, False, 0.0, self.eps
         )
 
-    def _run(self, input: Tensor, training: bool, with_stats: bool) -> F.Normalized | Tensor:
+    def _run(self, input: Tensor, training: bool, *, with_stats: bool) -> F.Normalized | Tensor:
         self._check_input(input)
         weight, bias, running_mean, running_var = self._tensors()
         use_batch_stats, update, momentum = self._step(training, running_mean)

@@ -50,7 +50,7 @@ class _InstanceNorm(_NormBase):
                 stacklevel=3,
             )
 
-    def _run(self, input: Tensor, with_stats: bool, training: bool) -> F.Normalized | Tensor:
+    def _run(self, input: Tensor, training: bool, *, with_stats: bool) -> F.Normalized | Tensor:
         self._check_input(input)
         unbatched = input.dim() == self._spatial + 1
         x = input.unsqueeze(0) if unbatched else input
@@ -74,10 +74,10 @@ class _InstanceNorm(_NormBase):
 
         ``train`` overrides ``self.training`` for this call only.
         """
-        return self._run(input, True, self.training if train is None else train)
+        return self._run(input, self.training if train is None else train, with_stats=True)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._run(input, False, self.training)
+        return self._run(input, self.training, with_stats=False)
 
 
 class InstanceNorm1d(_InstanceNorm):
