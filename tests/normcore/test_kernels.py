@@ -149,7 +149,11 @@ def test_the_build_is_cached_per_source(tmp_path, monkeypatch: pytest.MonkeyPatc
         pytest.skip("the kernels are not available here")
     built = _loader.build()
     assert built.exists()
-    assert _loader.build() == built  # a second call finds it
+    # A second call finds it: the same file, not a rebuild renamed into its place.
+    before = built.stat()
+    assert _loader.build() == built
+    after = built.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert _loader.build_directory().parent == tmp_path
 
@@ -252,6 +256,7 @@ def test_results_do_not_depend_on_the_thread_count(spy: _Spy, row: Row) -> None:
                 results.append((layer.normalize(x), layer.state_dict()))
     finally:
         torch.set_num_threads(threads)
+    assert sum(spy.calls.values()) == 3  # one normalize per thread count, all fused
     (first, first_state), *rest = results
     for result, state in rest:
         for a, b in zip(first, result, strict=True):
@@ -282,6 +287,7 @@ def test_concurrent_callers_get_their_own_results(spy: _Spy) -> None:
         w.join()
     for got, want in zip(outputs, expected, strict=True):
         FLOAT32.assert_close(got, want)
+    assert spy.calls["batch_norm_eval"] == 5 * len(inputs)
 
 
 def test_tune_allocator_is_idempotent() -> None:

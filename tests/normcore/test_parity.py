@@ -86,7 +86,8 @@ def test_normalize_returns_output_and_batch_statistics(row: Row) -> None:
 
 
 @pytest.mark.usefixtures("both_paths")
-@pytest.mark.parametrize("row", rows(c for c in CASES if "Norm" in c.kind))
+@pytest.mark.parametrize("row", parity_rows(devices=["cpu"],
+                                            where=lambda c: c.tracks_running_stats))
 def test_train_override_matches_train_mode_without_switching_the_layer(row: Row) -> None:
     ours, ref = row.pair()
     ours.eval()
@@ -97,3 +98,14 @@ def test_train_override_matches_train_mode_without_switching_the_layer(row: Row)
             row.precision.assert_close(ours.normalize(x, train=True).output, ref(x))
             row.precision.assert_same_state(ours, ref)
     assert not ours.training
+
+
+@pytest.mark.parametrize("row", rows(c for c in PER_KIND if not c.tracks_running_stats))
+def test_train_override_is_ignored_without_running_statistics(row: Row) -> None:
+    ours, ref = row.pair()
+    x = row.input(row.case.shapes[0])
+    with torch.no_grad():
+        for layer_mode, train in [(True, False), (False, True)]:
+            ours.train(layer_mode)
+            row.precision.assert_close(ours.normalize(x, train=train).output, ref(x))
+    row.precision.assert_same_state(ours, ref)
