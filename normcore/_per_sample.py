@@ -42,7 +42,8 @@ def layer_norm_with_stats(
     if fast is not None:
         return Normalized(*fast)
     lead = input.shape[: input.dim() - len(shape)]
-    if input.dtype in REDUCED:
+    # torch's fused kernel gives a mean of 0 for rows of no values; var_mean gives NaN.
+    if input.dtype in REDUCED or input.numel() == 0:
         output = torch.layer_norm(input, shape, weight, bias, eps)
         var, mean = var_mean(input, range(len(lead), input.dim()))
         return Normalized(output, mean.reshape(lead), var.reshape(lead))
@@ -86,7 +87,7 @@ def group_norm_with_stats(
         return Normalized(*fast)
     _check_group_norm(input, num_groups)
     batch, channels = input.size(0), input.size(1)
-    if input.dtype in REDUCED or channels % num_groups:
+    if input.dtype in REDUCED or channels % num_groups or input.numel() == 0:
         output = torch.group_norm(input, num_groups, weight, bias, eps)
         per_group = channels // num_groups * math.prod(input.shape[2:])
         grouped = input.reshape(batch, num_groups, per_group)
@@ -134,10 +135,10 @@ def rms_norm_with_stats(
         return RMSNormalized(*fast)
     lead = input.shape[: input.dim() - len(shape)]
     fused = getattr(torch.ops.aten, "_fused_rms_norm", None)
-    if fused is not None:
+    if fused is not None and input.numel() > 0:  # else the mean square of nothing: NaN
         output, rstd = fused(input, list(shape), weight, eps_value)
         return RMSNormalized(output, var_from_rstd(rstd, eps_value).reshape(lead))
-    # Plain-torch fallback for releases without the fused kernel.
+    # Plain torch, for releases without the fused kernel.
     dims = list(range(len(lead), input.dim()))
     x = input.float() if input.dtype in REDUCED else input
     mean_square = x.pow(2).mean(dims, keepdim=True)

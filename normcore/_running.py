@@ -2,9 +2,15 @@
 
 ``run_batch_norm`` and ``run_instance_norm`` are what the layers call: the public functions
 plus the options a layer needs (statistics returned, NaN/Inf refused, the batch counted).
+
+Empty inputs (and inputs without a channel dim) get torch's own answer, which differs
+between the two: BatchNorm leaves the running statistics alone, InstanceNorm over a batch
+of no samples sets them to NaN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +39,15 @@ __all__ = [
 ]
 
 
+def _with_nan_stats(output: Tensor, input: Tensor, dims: Sequence[int], with_stats: bool
+                    ) -> Normalized | Tensor:
+    """``output``, with the statistics over ``dims`` of an input with no values (NaN)."""
+    if not with_stats:
+        return output
+    var, mean = var_mean(input, dims)
+    return Normalized(output, mean, var)
+
+
 # --- batch norm ---------------------------------------------------------------------------
 
 
@@ -59,7 +74,11 @@ def run_batch_norm(
         return Normalized(output, mean, var) if with_stats else output
     if training:
         verify_batch_size(input.size())
-    channels = input.size(1) if input.dim() > 1 else 1
+    if input.numel() == 0 or input.dim() < 2:
+        return _empty_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, with_stats
+        )
+    channels = input.size(1)
     check_per_channel(
         channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
@@ -82,6 +101,20 @@ def run_batch_norm(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
     return Normalized(output, mean, var) if with_stats else output
+
+
+def _empty_batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float, eps: float,
+    with_stats: bool,
+) -> Normalized | Tensor:
+    """torch's own answer for an empty input (or its error for one without a channel dim)."""
+    # NOTE: on an empty input torch checks no sizes and leaves the running statistics alone.
+    output = torch.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps,
+        torch.backends.cudnn.enabled,
+    )
+    return _with_nan_stats(output, input, [0, *range(2, input.dim())], with_stats)
 
 
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,41 +181,77 @@ def run_instance_norm(
                 raise_non_finite()
             return Normalized(output, mean, var) if with_stats else output
         verify_spatial_size(input.size())
-    batch, channels = input.size(0), input.size(1)
+    if input.numel() == 0 or input.dim() < 2:
+        return _empty_instance_norm(
+            input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+            with_stats=with_stats, reject_non_finite=reject_non_finite,
+        )
+    channels = input.size(1)
     check_per_channel(
         channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     if not use_input_stats and not with_stats:
         return _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
-    # Eval mode with statistics: InstanceNorm's statistics are GroupNorm's, one channel a
-    # group.
-    fast = None if use_input_stats else _fast.group_norm(
-        input, channels, None, None, eps, output=False
-    )
-    if fast is not None:
-        _, mean, var = fast
-    else:
-        var, mean = var_mean(input, range(2, input.dim()))  # [N, C] each
+    mean, var = _instance_stats(input, use_input_stats, eps)
     update = use_input_stats and running_mean is not None and running_var is not None
     if update and reject_non_finite:
         check_finite(mean, var)
     if use_input_stats:
-        # Each (sample, channel) pair is one channel of a batch norm over a batch of one.
-        dtype = stat_dtype(input, weight)
-        flat = input.reshape(1, batch * channels, *input.shape[2:])
-        output = torch.batch_norm(
-            flat, None if weight is None else weight.repeat(batch),
-            None if bias is None else bias.repeat(batch),
-            mean.reshape(-1).to(dtype), var.reshape(-1).to(dtype), False, 0.0, eps,
-            torch.backends.cudnn.enabled,
-        ).view_as(input)
+        output = _normalize_instances(input, mean, var, weight, bias, eps)
     else:
         output = _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
     if update:
-        count = input.numel() // (batch * channels)
+        count = input.numel() // mean.numel()  # values per (sample, channel)
         # torch updates one copy of the running stats per sample and keeps their average.
         update_running(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
     return Normalized(output, mean, var) if with_stats else output
+
+
+def _instance_stats(input: Tensor, use_input_stats: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, var) of each (sample, channel), ``[N, C]`` each."""
+    # In eval mode the kernels' GroupNorm statistics serve, one channel a group; in
+    # training the input is one the kernels declined.
+    fast = None if use_input_stats else _fast.group_norm(
+        input, input.size(1), None, None, eps, output=False
+    )
+    if fast is not None:
+        return fast[1], fast[2]
+    var, mean = var_mean(input, range(2, input.dim()))
+    return mean, var
+
+
+def _normalize_instances(
+    input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    # Each (sample, channel) pair is one channel of a batch norm over a batch of one.
+    batch, channels = mean.shape
+    dtype = stat_dtype(input, weight)
+    flat = input.reshape(1, batch * channels, *input.shape[2:])
+    return torch.batch_norm(
+        flat, None if weight is None else weight.repeat(batch),
+        None if bias is None else bias.repeat(batch),
+        mean.reshape(-1).to(dtype), var.reshape(-1).to(dtype), False, 0.0, eps,
+        torch.backends.cudnn.enabled,
+    ).view_as(input)
+
+
+def _empty_instance_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, use_input_stats: bool, momentum: float,
+    eps: float, *, with_stats: bool, reject_non_finite: bool,
+) -> Normalized | Tensor:
+    """torch's own answer for an empty input (or its error for one without a channel dim)."""
+    # NOTE: with input statistics torch sets the running statistics to the average of one
+    # updated copy per sample: NaN when there is none, which a layer may refuse.
+    tracked = running_mean is not None or running_var is not None
+    if reject_non_finite and use_input_stats and tracked and input.size(0) == 0:
+        raise_non_finite()
+    output = torch.instance_norm(
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+        torch.backends.cudnn.enabled,
+    )
+    return _with_nan_stats(output, input, range(2, input.dim()), with_stats)
 
 
 def _instance_norm_eval(

@@ -50,8 +50,8 @@ class RMSNormalized(NamedTuple):
 
 
 def verify_batch_size(size: Sequence[int]) -> None:
-    values = math.prod(size) // size[1] if len(size) > 1 else 1
-    if values == 1:
+    # torch's count, dim 0 times the spatial dims: it never divides by a channel count of 0.
+    if size[0] * math.prod(size[2:]) == 1:
         raise InputError(
             f"Expected more than 1 value per channel when training, got input size {size}"
         )

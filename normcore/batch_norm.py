@@ -54,7 +54,7 @@ class _BatchNorm(_NormBase):
         self._check_input(input)
         weight, bias, running_mean, running_var = self._tensors()
         use_batch_stats, update, momentum = self._step(training, running_mean)
-        if update and input.numel() == 0:  # torch would fold NaN statistics in
+        if update and input.numel() == 0:  # torch.nn counts a batch it learns nothing from
             raise InputError("a train step needs a non-empty batch")
         running = update or not use_batch_stats
         return run_batch_norm(

@@ -55,7 +55,7 @@ class _InstanceNorm(_NormBase):
         unbatched = input.dim() == self._spatial + 1
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = training or not self.track_running_stats
-        if training and self.track_running_stats and x.numel() == 0:  # NaN statistics
+        if training and self.track_running_stats and x.numel() == 0:  # NaN or nothing learned
             raise InputError("a train step needs a non-empty batch")
         weight, bias, running_mean, running_var = self._tensors()
         result = run_instance_norm(

@@ -12,6 +12,7 @@ pytest parameters, so every suite runs the same table on CPU-only CI:
     PER_KIND         one configuration per class, for the other dtypes and per-class checks
     TOO_FEW_VALUES   one value per channel, instance or group: torch refuses to train on it
     MISMATCHED       inputs or arguments that do not fit the layer: torch raises
+    EMPTY            empty inputs of every family
     EDGES, LARGE, CHANNELS_LAST   the boundaries of the fused kernels' loops
 """
 
@@ -252,8 +253,38 @@ MISMATCHED = [
     Case("LayerNorm", {"normalized_shape": [5]}, ((4, 3),)),
     Case("RMSNorm", {"normalized_shape": [5]}, ((4, 3),)),
     Case("RMSNorm", {"normalized_shape": [2, 5]}, ((3, 5, 2),)),
+    Case("BatchNorm1d", {"num_features": 5}, ((5,),)),  # no channel dim
+    Case("InstanceNorm1d", {"num_features": 5, "track_running_stats": True}, ((5,),)),
 ]
 
+
+def _empty_cases() -> list[Case]:
+    shapes = {
+        "BatchNorm1d": ((0, 3), (0, 3, 5), (4, 3, 0)),
+        "BatchNorm2d": ((0, 3, 2, 2), (2, 3, 0, 4)),
+        "BatchNorm3d": ((0, 3, 2, 2, 2),),
+        "InstanceNorm1d": ((0, 3, 5), (4, 3, 0), (1, 3, 0)),
+        "InstanceNorm2d": ((0, 3, 2, 2), (2, 3, 0, 4)),
+        "InstanceNorm3d": ((0, 3, 2, 2, 2),),
+    }
+    cases = [
+        Case(kind, {"num_features": 3, "affine": affine, "track_running_stats": track}, shape_set)
+        for kind, shape_set in shapes.items()
+        for affine, track in itertools.product([True, False], repeat=2)
+    ]
+    return cases + [
+        Case("BatchNorm1d", {"num_features": 0, "affine": False}, ((4, 0), (4, 0, 5))),
+        Case("BatchNorm1d", {"num_features": 0}, ((4, 0),)),
+        Case("LayerNorm", {"normalized_shape": [5]}, ((0, 5), (0, 3, 5))),
+        Case("LayerNorm", {"normalized_shape": [0], "elementwise_affine": False}, ((4, 0),)),
+        Case("RMSNorm", {"normalized_shape": [5]}, ((0, 5), (0, 3, 5))),
+        Case("RMSNorm", {"normalized_shape": [0], "elementwise_affine": False}, ((4, 0),)),
+        Case("GroupNorm", {"num_groups": 3, "num_channels": 6}, ((0, 6, 5), (4, 6, 0), (0, 6))),
+        Case("GroupNorm", {"num_groups": 3, "num_channels": 6, "affine": False}, ((0, 6, 5),)),
+    ]
+
+
+EMPTY = _empty_cases()
 
 EDGES = [  # each one a boundary of the kernels' loops
     Case("BatchNorm1d", {"num_features": 3}, ((2, 3),)),  # two values per channel

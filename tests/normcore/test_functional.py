@@ -12,6 +12,9 @@ import normcore
 import normcore.functional as F
 
 from .cases import (
+    BFLOAT16,
+    EMPTY,
+    FLOAT32,
     FUNCTIONAL_CASES,
     MISMATCHED,
     OTHER_PRECISIONS,
@@ -81,6 +84,24 @@ def test_functional_matches_torch(row: Row) -> None:
         name, args, kwargs = row.case.functional_call(layer, mode)
         for shape in row.case.shapes:
             _check(row, row.input(shape, scale=2, shift=1), name, args, kwargs)
+
+
+# The kernels take no empty input: one path is enough.
+@pytest.mark.parametrize("row", rows(EMPTY, precisions=(FLOAT32, BFLOAT16), modes=True))
+def test_empty_input_gets_what_torch_gives(row: Row) -> None:
+    # Over an empty batch torch leaves BatchNorm's running statistics alone and makes
+    # InstanceNorm's NaN; both come out the same here.
+    name, args, kwargs = row.case.functional_call(row.case.reference(row.precision), row.mode)
+    for shape in row.case.shapes:
+        _check(row, row.input(shape), name, args, kwargs)
+
+
+def test_torch_example_of_an_empty_batch_norm_gives_an_empty_tensor() -> None:
+    running_mean, running_var = torch.empty(0), torch.empty(0)
+    out = F.batch_norm(torch.empty(0), running_mean, running_var, training=True)
+    expected = TF.batch_norm(torch.empty(0), torch.empty(0), torch.empty(0), training=True)
+    torch.testing.assert_close(out, expected)
+    assert running_mean.shape == running_var.shape == (0,)
 
 
 def test_module_forward_with_momentum_none_uses_cumulative_average() -> None:

@@ -11,6 +11,7 @@ from normcore import InputError, NonFiniteError
 
 from .cases import (
     BAD_TRAIN_INPUTS,
+    EMPTY,
     MISMATCHED,
     PER_KIND,
     TOO_FEW_VALUES,
@@ -104,23 +105,38 @@ def test_group_norm_rejects_indivisible_channels_like_torch() -> None:
         normcore.GroupNorm(4, 6)
 
 
-@pytest.mark.parametrize(
-    ("layer", "x"),
-    [(normcore.BatchNorm1d(4), torch.zeros(0, 4)),
-     (normcore.BatchNorm2d(4), torch.zeros(0, 4, 2, 2)),
-     (normcore.InstanceNorm1d(4, track_running_stats=True), torch.zeros(0, 4, 3))],
-    ids=["bn1d", "bn2d", "in1d"],
-)
-def test_empty_train_batch_is_refused_without_change(layer, x) -> None:
+@pytest.mark.parametrize("row", rows(c for c in EMPTY if c.tracks_running_stats))
+def test_empty_train_batch_is_refused_without_change(row: Row) -> None:
+    # torch.nn would count a batch it learns nothing from, or make InstanceNorm's running
+    # statistics NaN; a layer's train step refuses it instead.
+    layer, _ = row.pair()
     before = _snapshot(layer)
-    with pytest.raises(InputError, match="non-empty batch"):
-        layer.normalize(x, train=True)
+    for shape in row.case.shapes:
+        with pytest.raises(InputError, match="non-empty batch"):
+            layer.normalize(row.input(shape), train=True)
     _assert_unchanged(layer, before)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_empty_batch_normalizes_to_empty_like_torch(dtype) -> None:
-    x = torch.zeros(0, 32, 5, dtype=dtype)
-    result = normcore.GroupNorm(8, 32).normalize(x)
-    assert result.output.shape == torch.nn.GroupNorm(8, 32)(x).shape
-    assert result.mean.shape == (0, 8)
+# Eval mode, and train mode without running statistics.
+NOT_TRAINED = [p for p in rows(EMPTY, modes=True)
+               if p.values[0].mode == "eval" or not p.values[0].case.tracks_running_stats]
+
+
+@pytest.mark.parametrize("row", NOT_TRAINED)
+def test_empty_input_that_trains_nothing_gets_what_torch_nn_gives(row: Row) -> None:
+    ours, ref = row.pair()
+    ours.train(row.mode == "train")
+    ref.train(row.mode == "train")
+    for shape in row.case.shapes:
+        x = row.input(shape)
+        try:
+            expected = ref(x)
+        except Exception as error:  # any type: it is what gets compared
+            with pytest.raises(type(error)):
+                ours(x)
+            continue
+        row.precision.assert_close(ours(x), expected)
+        result = ours.normalize(x)
+        row.precision.assert_close(result.output, expected)
+        assert all(stat.isnan().all() for stat in result[1:])
+    row.precision.assert_same_state(ours, ref)
