@@ -29,6 +29,33 @@ def _tensors(module: nn.Module) -> tuple[Tensor | None, Tensor | None, Tensor | 
             buffers.get("running_var"))
 
 
+def register_affine(
+    module: nn.Module, shape: int | tuple[int, ...], *, weight: bool, bias: bool | None,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+) -> None:
+    """Register torch's ``weight`` and ``bias`` parameters of ``shape``, or None in place of
+    those not wanted; ``bias=None`` registers no bias at all (RMSNorm has none).
+
+    Their values are set by ``reset_affine``.
+    """
+
+    def parameter(wanted: bool) -> nn.Parameter | None:
+        return nn.Parameter(torch.empty(shape, device=device, dtype=dtype)) if wanted else None
+
+    module.register_parameter("weight", parameter(weight))
+    if bias is not None:
+        module.register_parameter("bias", parameter(bias))
+
+
+def reset_affine(module: nn.Module) -> None:
+    """Weight 1 and bias 0, for those the module has."""
+    weight, bias, _, _ = _tensors(module)
+    if weight is not None:
+        nn.init.ones_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
 def check_floating(input: Tensor) -> None:
     """Reject integer, bool and complex tensors with a clear message."""
     if not input.is_floating_point():
@@ -66,12 +93,7 @@ class _NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, weight=affine, bias=affine, **factory)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -94,9 +116,7 @@ class _NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Reset the running statistics and set weight to 1 and bias to 0."""
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def _tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """(weight, bias, running_mean, running_var), read without ``Module.__getattr__``."""

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import _NormBase, check_floating
+from ._running import run_batch_norm
 from .errors import InputError
 
 
@@ -38,25 +39,25 @@ class _BatchNorm(_NormBase):
         statistics are returned for monitoring. ``train`` overrides ``self.training`` for
         this call only, so a shared layer never has to be switched between modes.
         """
-        return self._run(input, self.training if train is None else train, True)
+        return self._run(input, self.training if train is None else train, with_stats=True)
 
     def forward(self, input: Tensor) -> Tensor:
         weight, bias, running_mean, running_var = self._tensors()
         if self.training or running_mean is None:  # batch statistics
-            return self._run(input, self.training, False)
+            return self._run(input, self.training, with_stats=False)
         self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass
         return F.batch_norm(
             input, running_mean, running_var, weight, bias, False, 0.0, self.eps
         )
 
-    def _run(self, input: Tensor, training: bool, with_stats: bool) -> F.Normalized | Tensor:
+    def _run(self, input: Tensor, training: bool, *, with_stats: bool) -> F.Normalized | Tensor:
         self._check_input(input)
         weight, bias, running_mean, running_var = self._tensors()
         use_batch_stats, update, momentum = self._step(training, running_mean)
-        if update and input.numel() == 0:  # torch would fold NaN statistics in
+        if update and input.numel() == 0:  # torch.nn counts a batch it learns nothing from
             raise InputError("a train step needs a non-empty batch")
         running = update or not use_batch_stats
-        return F._batch_norm(
+        return run_batch_norm(
             input,
             running_mean if running else None,
             running_var if running else None,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._base import _tensors, check_floating
+from ._base import _tensors, check_floating, register_affine, reset_affine
 from .errors import InputError
 
 
@@ -22,7 +22,6 @@ class GroupNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
         super().__init__()
         if num_channels % num_groups != 0:
             raise ValueError("num_channels must be divisible by num_groups")
@@ -30,19 +29,13 @@ class GroupNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_channels, weight=affine, bias=affine, device=device,
+                        dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Weight 1, bias 0."""
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def _check_input(self, input: Tensor) -> None:
         if not input.is_floating_point():

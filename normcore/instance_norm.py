@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import functional as F
 from ._base import _NormBase, check_floating
+from ._running import run_instance_norm
 from .errors import InputError
 
 
@@ -49,15 +50,15 @@ class _InstanceNorm(_NormBase):
                 stacklevel=3,
             )
 
-    def _run(self, input: Tensor, with_stats: bool, training: bool) -> F.Normalized | Tensor:
+    def _run(self, input: Tensor, training: bool, *, with_stats: bool) -> F.Normalized | Tensor:
         self._check_input(input)
         unbatched = input.dim() == self._spatial + 1
         x = input.unsqueeze(0) if unbatched else input
         use_input_stats = training or not self.track_running_stats
-        if training and self.track_running_stats and x.numel() == 0:  # NaN statistics
+        if training and self.track_running_stats and x.numel() == 0:  # NaN or nothing learned
             raise InputError("a train step needs a non-empty batch")
         weight, bias, running_mean, running_var = self._tensors()
-        result = F._instance_norm(
+        result = run_instance_norm(
             x, running_mean, running_var, weight, bias, use_input_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps,
             with_stats=with_stats, reject_non_finite=self.reject_non_finite and training,
@@ -73,10 +74,10 @@ class _InstanceNorm(_NormBase):
 
         ``train`` overrides ``self.training`` for this call only.
         """
-        return self._run(input, True, self.training if train is None else train)
+        return self._run(input, self.training if train is None else train, with_stats=True)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._run(input, False, self.training)
+        return self._run(input, self.training, with_stats=False)
 
 
 class InstanceNorm1d(_InstanceNorm):

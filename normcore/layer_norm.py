@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._base import _tensors, check_floating
+from ._base import _tensors, check_floating, register_affine, reset_affine
 from .errors import InputError
 
 
@@ -23,6 +23,10 @@ def _shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
 
 class _LastDimsNorm(nn.Module):
     normalized_shape: tuple[int, ...]
+
+    def reset_parameters(self) -> None:
+        """Weight 1 and bias 0 (RMSNorm has no bias)."""
+        reset_affine(self)
 
     def _check_input(self, input: Tensor) -> None:
         if not input.is_floating_point():
@@ -48,28 +52,13 @@ class LayerNorm(_LastDimsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.normalized_shape = _shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, self.normalized_shape, weight=elementwise_affine,
+                        bias=elementwise_affine and bias, device=device, dtype=dtype)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Weight 1, bias 0."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def normalize(self, input: Tensor, train: bool | None = None) -> F.Normalized:
         """Normalize ``input``; also return mean and biased variance of each sample.
@@ -103,21 +92,13 @@ class RMSNorm(_LastDimsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.normalized_shape = _shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-        else:
-            self.register_parameter("weight", None)
+        register_affine(self, self.normalized_shape, weight=elementwise_affine, bias=None,
+                        device=device, dtype=dtype)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Weight 1."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
 
     def normalize(self, input: Tensor, train: bool | None = None) -> F.RMSNormalized:
         """Normalize ``input``; also return the mean square of each sample.

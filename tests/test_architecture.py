@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import normcore
+import normcore.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "service"
@@ -181,3 +182,14 @@ def test_normcore_exports_sorted_public_names() -> None:
     public = {n for n in dir(normcore) if not n.startswith("_")}
     modules = {"batch_norm", "errors", "group_norm", "instance_norm", "layer_norm"}
     assert public - modules - {"annotations"} == set(normcore.__all__)
+
+
+def test_functional_exports_torch_compatible_names_and_nothing_else() -> None:
+    assert F.__all__ == [
+        "Normalized", "RMSNormalized", "batch_norm", "batch_norm_stats",
+        "batch_norm_with_stats", "group_norm", "group_norm_with_stats", "instance_norm",
+        "instance_norm_with_stats", "layer_norm", "layer_norm_with_stats", "rms_norm",
+        "rms_norm_with_stats",
+    ]
+    public = {n for n in dir(F) if not n.startswith("_")}
+    assert public - {"annotations"} == set(F.__all__)

@@ -77,7 +77,7 @@ def batch_norm(
     weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float, eps: float,
     reject_non_finite: bool, with_stats: bool, num_batches_tracked: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, bool] | None:
-    """(output, batch mean, batch var, rejected) as ``functional._batch_norm``.
+    """(output, batch mean, batch var, rejected) as ``normcore._running.run_batch_norm``.
 
     A training step updates the running statistics (when both are given) and adds one to
     ``num_batches_tracked`` (when given). With ``reject_non_finite``, a NaN or Inf batch
@@ -190,7 +190,7 @@ def instance_norm(
     weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
     reject_non_finite: bool, with_stats: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, bool] | None:
-    """(output, mean, var, rejected), input statistics [N, C], as ``_instance_norm`` in
+    """(output, mean, var, rejected), input statistics [N, C], as ``run_instance_norm`` in
     training: the running statistics (when both given) move towards the batch average of
     the per-instance statistics, unless ``reject_non_finite`` finds one NaN or Inf."""
     layout = _channels(input)

@@ -120,6 +120,17 @@ def _bn_state(**overrides: torch.Tensor) -> dict[str, torch.Tensor]:
     return state
 
 
+def _adapted_layer() -> normcore.BatchNorm1d:
+    """A layer whose every tensor differs from a fresh one's (and so from _bn_state's), so
+    that a half-loaded state would show."""
+    layer = normcore.BatchNorm1d(4)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+        layer(torch.randn(8, 4) * 2 + 1)
+    return layer
+
+
 @pytest.mark.parametrize(
     ("state", "message"),
     [
@@ -136,8 +147,7 @@ def _bn_state(**overrides: torch.Tensor) -> dict[str, torch.Tensor]:
          "negative-count", "missing"],
 )
 def test_invalid_values_are_refused_and_layer_is_untouched(state, message) -> None:
-    layer = normcore.BatchNorm1d(4)
-    layer(torch.randn(8, 4))
+    layer = _adapted_layer()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(CheckpointError, match=message):
         load_layer_state(layer, state, source="bn.safetensors")

@@ -1,5 +1,6 @@
-"""normcore.functional against torch.nn.functional: same arguments, same outputs, same
-in-place running-statistic updates, same errors for the same bad arguments."""
+"""normcore.functional against torch.nn.functional on every row of the table: the same
+output or the same error, and the same in-place effect on the tensors passed in. The
+``*_with_stats`` variants return that same output and change the same tensors."""
 
 from __future__ import annotations
 
@@ -7,111 +8,104 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+import normcore
 import normcore.functional as F
 
-pytestmark = pytest.mark.usefixtures("both_paths")
+from .cases import (
+    BFLOAT16,
+    EMPTY,
+    FLOAT32,
+    FUNCTIONAL_CASES,
+    MISMATCHED,
+    OTHER_PRECISIONS,
+    PER_KIND,
+    TOO_FEW_VALUES,
+    Row,
+    rows,
+)
+
+# torch.nn.functional.rms_norm itself warns that mixed dtypes skip its fused kernel.
+pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 
 
-def _buffers(c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(c), torch.rand(c) + 0.5
+def _copies(args: list) -> list:
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _call_both(name: str, x: torch.Tensor, *args, **kwargs):
-    """Run ours and torch's on separate copies of every tensor argument."""
-
-    def copies():
-        a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
-        k = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
-        return a, k
-
-    ours_args, ours_kwargs = copies()
-    ref_args, ref_kwargs = copies()
-    ours = getattr(F, name)(x, *ours_args, **ours_kwargs)
-    ref = getattr(TF, name)(x, *ref_args, **ref_kwargs)
-    return ours, ref, (ours_args, ours_kwargs), (ref_args, ref_kwargs)
+def _tensors(args: list) -> list[torch.Tensor]:
+    return [a for a in args if isinstance(a, torch.Tensor)]
 
 
-CALLS = [
-    ("batch_norm", (4, 3, 5), lambda: (*_buffers(3),), {"training": True, "momentum": 0.2}),
-    ("batch_norm", (4, 3, 5), lambda: (*_buffers(3),), {"training": False}),
-    ("batch_norm", (8, 3), lambda: (None, None), {"training": True}),
-    ("batch_norm", (4, 3, 2, 2), lambda: (*_buffers(3), torch.randn(3), torch.randn(3), True,
-                                          0.3, 1e-3), {}),
-    ("instance_norm", (4, 3, 5), lambda: (), {}),
-    ("instance_norm", (4, 3, 5, 2), lambda: (*_buffers(3),), {"momentum": 0.4}),
-    ("instance_norm", (4, 3, 5), lambda: (*_buffers(3),), {"use_input_stats": False}),
-    ("layer_norm", (4, 3, 5), lambda: ([5], torch.randn(5), torch.randn(5)), {"eps": 1e-3}),
-    ("layer_norm", (4, 3, 5), lambda: ((3, 5),), {}),
-    ("group_norm", (4, 6, 5), lambda: (3, torch.randn(6), torch.randn(6)), {}),
-    ("group_norm", (2, 4), lambda: (2,), {"eps": 1e-2}),
-    ("rms_norm", (4, 3, 5), lambda: ([5], torch.randn(5)), {}),
-    ("rms_norm", (4, 3, 5), lambda: ([3, 5],), {"eps": 1e-4}),
-]
+def _call(fn, x: torch.Tensor, args: list, kwargs: dict):
+    """(result, None), or (None, the exception) if ``fn`` raised."""
+    try:
+        return fn(x, *args, **kwargs), None
+    except Exception as error:  # any type: it is what gets compared
+        return None, error
 
 
-@pytest.mark.parametrize(("name", "shape", "make_args", "kwargs"), CALLS)
-def test_functional_matches_torch(name, shape, make_args, kwargs) -> None:
-    x = torch.randn(shape) * 2 + 1
-    ours, ref, (ours_args, ours_kwargs), (ref_args, ref_kwargs) = _call_both(
-        name, x, *make_args(), **kwargs
-    )
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    # Running statistics passed in are updated in place the same way.
-    for mine, theirs in zip([*ours_args, *ours_kwargs.values()],
-                            [*ref_args, *ref_kwargs.values()], strict=True):
-        if isinstance(mine, torch.Tensor):
-            torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6)
+def _assert_same_tensors(ours: list, theirs: list, row: Row) -> None:
+    for mine, ref in zip(_tensors(ours), _tensors(theirs), strict=True):
+        torch.testing.assert_close(mine, ref, atol=row.precision.state_tol,
+                                   rtol=row.precision.state_tol, equal_nan=True)
 
 
-@pytest.mark.parametrize(("name", "shape", "make_args", "kwargs"), CALLS)
-def test_with_stats_variant_returns_same_output(name, shape, make_args, kwargs) -> None:
-    x = torch.randn(shape)
-    args = make_args()
-    plain = getattr(F, name)(x, *[a.clone() if isinstance(a, torch.Tensor) else a for a in args],
-                             **kwargs)
-    result = getattr(F, f"{name}_with_stats")(x, *args, **kwargs)
-    torch.testing.assert_close(result.output, plain)
+def _check(row: Row, x: torch.Tensor, name: str, args: list, kwargs: dict) -> None:
+    ref_args, ours_args, stats_args = _copies(args), _copies(args), _copies(args)
+    expected, error = _call(getattr(TF, name), x, ref_args, kwargs)
+    if error is not None:
+        with pytest.raises(type(error)):
+            getattr(F, name)(x, *ours_args, **kwargs)
+        with pytest.raises(type(error)):
+            getattr(F, f"{name}_with_stats")(x, *stats_args, **kwargs)
+        _assert_same_tensors(ours_args, args, row)  # refused: nothing written
+        _assert_same_tensors(stats_args, args, row)
+        return
+    row.precision.assert_close(getattr(F, name)(x, *ours_args, **kwargs), expected)
+    _assert_same_tensors(ours_args, ref_args, row)
+    result = getattr(F, f"{name}_with_stats")(x, *stats_args, **kwargs)
+    row.precision.assert_close(result.output, expected)
+    _assert_same_tensors(stats_args, ref_args, row)
+    assert all(stat.dtype == row.precision.state_dtype for stat in result[1:])
 
 
-BAD_CALLS = [
-    # one value per channel in training
-    ("batch_norm", (1, 3), lambda: (*_buffers(3),), {"training": True}),
-    # running statistics of the wrong size
-    ("batch_norm", (4, 3), lambda: (*_buffers(4),), {"training": True}),
-    ("batch_norm", (4, 3), lambda: (torch.zeros(1), torch.ones(1)), {"training": True}),
-    # eval mode without running statistics
-    ("batch_norm", (4, 3), lambda: (None, None), {"training": False}),
-    ("instance_norm", (4, 3, 1), lambda: (), {}),
-    ("instance_norm", (4, 3, 5), lambda: (*_buffers(2),), {}),
-    ("group_norm", (4, 6, 5), lambda: (4,), {}),
-    ("group_norm", (6,), lambda: (3,), {}),
-    ("group_norm", (1, 4), lambda: (4,), {}),
-    ("layer_norm", (4, 3), lambda: ([5],), {}),
-    ("rms_norm", (4, 3), lambda: ([5],), {}),
-]
+FUNCTIONAL = (
+    rows(FUNCTIONAL_CASES)
+    + rows(PER_KIND, precisions=OTHER_PRECISIONS)
+    + rows(TOO_FEW_VALUES + MISMATCHED)
+)
 
 
-@pytest.mark.parametrize(("name", "shape", "make_args", "kwargs"), BAD_CALLS)
-def test_bad_arguments_raise_what_torch_raises_and_change_nothing(
-    name, shape, make_args, kwargs
-) -> None:
-    x = torch.randn(shape)
-    args = make_args()
-    with pytest.raises(Exception) as ref_error:  # noqa: PT011 - the type is what we compare
-        getattr(TF, name)(x, *[a.clone() if isinstance(a, torch.Tensor) else a for a in args],
-                          **kwargs)
-    before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
-    with pytest.raises(ref_error.type):
-        getattr(F, name)(x, *args, **kwargs)
-    after = [a for a in args if isinstance(a, torch.Tensor)]
-    for b, a in zip(before, after, strict=True):
-        assert torch.equal(a, b)
+@pytest.mark.usefixtures("both_paths")
+@pytest.mark.parametrize("row", FUNCTIONAL)
+def test_functional_matches_torch(row: Row) -> None:
+    layer = row.case.reference(row.precision)
+    for mode in row.case.modes:
+        name, args, kwargs = row.case.functional_call(layer, mode)
+        for shape in row.case.shapes:
+            _check(row, row.input(shape, scale=2, shift=1), name, args, kwargs)
+
+
+# The kernels take no empty input: one path is enough.
+@pytest.mark.parametrize("row", rows(EMPTY, precisions=(FLOAT32, BFLOAT16), modes=True))
+def test_empty_input_gets_what_torch_gives(row: Row) -> None:
+    # Over an empty batch torch leaves BatchNorm's running statistics alone and makes
+    # InstanceNorm's NaN; both come out the same here.
+    name, args, kwargs = row.case.functional_call(row.case.reference(row.precision), row.mode)
+    for shape in row.case.shapes:
+        _check(row, row.input(shape), name, args, kwargs)
+
+
+def test_torch_example_of_an_empty_batch_norm_gives_an_empty_tensor() -> None:
+    running_mean, running_var = torch.empty(0), torch.empty(0)
+    out = F.batch_norm(torch.empty(0), running_mean, running_var, training=True)
+    expected = TF.batch_norm(torch.empty(0), torch.empty(0), torch.empty(0), training=True)
+    torch.testing.assert_close(out, expected)
+    assert running_mean.shape == running_var.shape == (0,)
 
 
 def test_module_forward_with_momentum_none_uses_cumulative_average() -> None:
     # F.batch_norm with momentum=1/k after k steps is what momentum=None means in a module.
-    import normcore
-
     layer = normcore.BatchNorm1d(3, momentum=None)
     batches = [torch.randn(16, 3) * (i + 1) + i for i in range(5)]
     with torch.no_grad():

@@ -1,0 +1,291 @@
+"""BatchNorm and InstanceNorm: the families that keep running statistics.
+
+``run_batch_norm`` and ``run_instance_norm`` are what the layers call: the public functions
+plus the options a layer needs (statistics returned, NaN/Inf refused, the batch counted).
+
+Empty inputs (and inputs without a channel dim) get torch's own answer, which differs
+between the two: BatchNorm leaves the running statistics alone, InstanceNorm over a batch
+of no samples sets them to NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._stats import (
+    Normalized,
+    check_finite,
+    check_per_channel,
+    raise_non_finite,
+    stat_dtype,
+    update_running,
+    var_mean,
+    verify_batch_size,
+    verify_spatial_size,
+)
+from .kernels import cpu as _fast
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_stats",
+    "batch_norm_with_stats",
+    "instance_norm",
+    "instance_norm_with_stats",
+    "run_batch_norm",
+    "run_instance_norm",
+]
+
+
+def _with_nan_stats(output: Tensor, input: Tensor, dims: Sequence[int], with_stats: bool
+                    ) -> Normalized | Tensor:
+    """``output``, with the statistics over ``dims`` of an input with no values (NaN)."""
+    if not with_stats:
+        return output
+    var, mean = var_mean(input, dims)
+    return Normalized(output, mean, var)
+
+
+# --- batch norm ---------------------------------------------------------------------------
+
+
+def run_batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float, eps: float,
+    *, reject_non_finite: bool = False, with_stats: bool = True,
+    num_batches_tracked: Tensor | None = None,
+) -> Normalized | Tensor:
+    """The output, with the batch statistics if ``with_stats``.
+
+    A training step that updates the running statistics also adds one to
+    ``num_batches_tracked`` if it is given.
+    """
+    # The kernels decline every input that the checks below would refuse.
+    fast = _fast.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        reject_non_finite, with_stats, num_batches_tracked,
+    )
+    if fast is not None:  # running statistics already updated, unless rejected
+        output, mean, var, rejected = fast
+        if rejected:
+            raise_non_finite()
+        return Normalized(output, mean, var) if with_stats else output
+    if training:
+        verify_batch_size(input.size())
+    if input.numel() == 0 or input.dim() < 2:
+        return _empty_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, with_stats
+        )
+    channels = input.size(1)
+    check_per_channel(
+        channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    update = training and running_mean is not None and running_var is not None
+    dims = [0, *range(2, input.dim())]
+    var, mean = var_mean(input, dims)
+    if not training and running_mean is not None and running_var is not None:
+        norm_mean, norm_var = running_mean, running_var
+    else:
+        norm_mean, norm_var = mean, var
+    if update and reject_non_finite:
+        check_finite(mean, var)
+    dtype = stat_dtype(input, weight)
+    output = torch.batch_norm(
+        input, weight, bias, norm_mean.to(dtype), norm_var.to(dtype), False, 0.0, eps,
+        torch.backends.cudnn.enabled,
+    )
+    if update:
+        update_running(running_mean, running_var, mean, var, input.numel() // channels, momentum)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    return Normalized(output, mean, var) if with_stats else output
+
+
+def _empty_batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float, eps: float,
+    with_stats: bool,
+) -> Normalized | Tensor:
+    """torch's own answer for an empty input (or its error for one without a channel dim)."""
+    # NOTE: on an empty input torch checks no sizes and leaves the running statistics alone.
+    output = torch.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps,
+        torch.backends.cudnn.enabled,
+    )
+    return _with_nan_stats(output, input, [0, *range(2, input.dim())], with_stats)
+
+
+def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, var)`` of ``input`` (biased var, over every dim but 1), as a
+    train-mode ``batch_norm`` computes them; float32 for float16/bfloat16 input."""
+    var, mean = var_mean(input, [0, *range(2, input.dim())])
+    return mean, var
+
+
+def batch_norm_with_stats(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Normalized:
+    """``batch_norm`` that also returns the batch statistics, each of shape ``[C]``."""
+    if not training and (running_mean is None or running_var is None):
+        # Same error as torch: eval mode needs running statistics.
+        torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Tensor:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel (dim 1).
+
+    In training, mean/var are the batch's (over every dim but 1) and the running
+    statistics are updated; otherwise the running statistics normalize.
+    """
+    if not training:
+        fast = _fast.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+        if fast is not None:
+            return fast
+        return torch.batch_norm(
+            input, weight, bias, running_mean, running_var, False, momentum, eps,
+            torch.backends.cudnn.enabled,
+        )
+    return run_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        with_stats=False,
+    )
+
+
+# --- instance norm ------------------------------------------------------------------------
+
+
+def run_instance_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, use_input_stats: bool, momentum: float,
+    eps: float, *, with_stats: bool, reject_non_finite: bool = False,
+) -> Normalized | Tensor:
+    """The output, with the per-instance statistics (``[N, C]``) if ``with_stats``."""
+    if use_input_stats:
+        # The kernels decline every input that the checks below would refuse.
+        fast = _fast.instance_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, reject_non_finite,
+            with_stats,
+        )
+        if fast is not None:  # running statistics already updated, unless rejected
+            output, mean, var, rejected = fast
+            if rejected:
+                raise_non_finite()
+            return Normalized(output, mean, var) if with_stats else output
+        verify_spatial_size(input.size())
+    if input.numel() == 0 or input.dim() < 2:
+        return _empty_instance_norm(
+            input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+            with_stats=with_stats, reject_non_finite=reject_non_finite,
+        )
+    channels = input.size(1)
+    check_per_channel(
+        channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    if not use_input_stats and not with_stats:
+        return _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
+    mean, var = _instance_stats(input, use_input_stats, eps)
+    update = use_input_stats and running_mean is not None and running_var is not None
+    if update and reject_non_finite:
+        check_finite(mean, var)
+    if use_input_stats:
+        output = _normalize_instances(input, mean, var, weight, bias, eps)
+    else:
+        output = _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
+    if update:
+        count = input.numel() // mean.numel()  # values per (sample, channel)
+        # torch updates one copy of the running stats per sample and keeps their average.
+        update_running(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
+    return Normalized(output, mean, var) if with_stats else output
+
+
+def _instance_stats(input: Tensor, use_input_stats: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, var) of each (sample, channel), ``[N, C]`` each."""
+    # In eval mode the kernels' GroupNorm statistics serve, one channel a group; in
+    # training the input is one the kernels declined.
+    fast = None if use_input_stats else _fast.group_norm(
+        input, input.size(1), None, None, eps, output=False
+    )
+    if fast is not None:
+        return fast[1], fast[2]
+    var, mean = var_mean(input, range(2, input.dim()))
+    return mean, var
+
+
+def _normalize_instances(
+    input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    # Each (sample, channel) pair is one channel of a batch norm over a batch of one.
+    batch, channels = mean.shape
+    dtype = stat_dtype(input, weight)
+    flat = input.reshape(1, batch * channels, *input.shape[2:])
+    return torch.batch_norm(
+        flat, None if weight is None else weight.repeat(batch),
+        None if bias is None else bias.repeat(batch),
+        mean.reshape(-1).to(dtype), var.reshape(-1).to(dtype), False, 0.0, eps,
+        torch.backends.cudnn.enabled,
+    ).view_as(input)
+
+
+def _empty_instance_norm(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, use_input_stats: bool, momentum: float,
+    eps: float, *, with_stats: bool, reject_non_finite: bool,
+) -> Normalized | Tensor:
+    """torch's own answer for an empty input (or its error for one without a channel dim)."""
+    # NOTE: with input statistics torch sets the running statistics to the average of one
+    # updated copy per sample: NaN when there is none, which a layer may refuse.
+    tracked = running_mean is not None or running_var is not None
+    if reject_non_finite and use_input_stats and tracked and input.size(0) == 0:
+        raise_non_finite()
+    output = torch.instance_norm(
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+        torch.backends.cudnn.enabled,
+    )
+    return _with_nan_stats(output, input, range(2, input.dim()), with_stats)
+
+
+def _instance_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+) -> Tensor:
+    fast = _fast.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    if fast is not None:
+        return fast
+    return torch.instance_norm(
+        input, weight, bias, running_mean, running_var, False, momentum, eps,
+        torch.backends.cudnn.enabled,
+    )
+
+
+def instance_norm(
+    input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, use_input_stats: bool = True,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Tensor:
+    """Normalize each (sample, channel) over its spatial dims (dims 2 and up)."""
+    return run_instance_norm(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+        with_stats=False,
+    )
+
+
+def instance_norm_with_stats(
+    input: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, use_input_stats: bool = True,
+    momentum: float = 0.1, eps: float = 1e-5,
+) -> Normalized:
+    """``instance_norm`` that also returns the per-instance statistics, shape ``[N, C]``."""
+    return run_instance_norm(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+        with_stats=True,
+    )
