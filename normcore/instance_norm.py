@@ -57,6 +57,12 @@ class _InstanceNorm(_NormBase):
         use_input_stats = training or not self.track_running_stats
         if training and self.track_running_stats and x.numel() == 0:  # NaN or nothing learned
             raise InputError("a train step needs a non-empty batch")
+        if with_stats and x.size(0) == 0:
+            # No instances, no statistics. (torch.nn's affine InstanceNorm fails on an empty
+            # batch with an IndexError; forward follows it, normalize answers.)
+            dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            stats = x.new_empty((0, x.size(1)), dtype=dtype)
+            return F.Normalized(torch.empty_like(x), stats, stats.clone())
         weight, bias, running_mean, running_var = self._tensors()
         result = run_instance_norm(
             x, running_mean, running_var, weight, bias, use_input_stats,

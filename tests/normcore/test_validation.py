@@ -140,3 +140,15 @@ def test_empty_input_that_trains_nothing_gets_what_torch_nn_gives(row: Row) -> N
         row.precision.assert_close(result.output, expected)
         assert all(stat.isnan().all() for stat in result[1:])
     row.precision.assert_same_state(ours, ref)
+
+
+@pytest.mark.parametrize("cls", [normcore.InstanceNorm1d, normcore.InstanceNorm2d,
+                                 normcore.InstanceNorm3d])
+def test_normalize_answers_an_empty_batch_where_affine_torch_fails(cls) -> None:
+    layer = cls(4, affine=True)
+    x = torch.empty(0, 4, *[3] * layer._spatial)
+    with pytest.raises(IndexError):  # torch.nn's own behaviour, which forward keeps
+        getattr(torch.nn, cls.__name__)(4, affine=True)(x)
+    result = layer.normalize(x)
+    assert result.output.shape == x.shape
+    assert result.mean.shape == result.var.shape == (0, 4)
