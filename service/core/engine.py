@@ -101,6 +101,7 @@ class Engine:
         ``deadline`` (time.monotonic) raises ``RequestTimeoutError`` with nothing applied."""
         check_mode(mode)
         check_request_id(request_id)
+        _check_instance_channels(self.store.slot(name), x)
         if mode == "eval":
             return self.store.evaluate(name, x, deadline)
         return self.store.train(name, x, request_id, deadline)
@@ -212,3 +213,15 @@ class Engine:
             return path.relative_to(self.catalog_folder.resolve())
         except ValueError:
             return Path(path.name)
+
+
+def _check_instance_channels(slot: Slot, x: torch.Tensor) -> None:
+    """A served InstanceNorm takes the channel count it declares. (torch.nn lets a layer
+    without affine or running statistics take any count, with a warning per call.)"""
+    if not slot.spec.kind.startswith("InstanceNorm"):
+        return
+    dim = x.dim() - int(slot.spec.kind[-2]) - 1  # the channel dim, batched or not
+    features = slot.layer.num_features
+    if dim in (0, 1) and x.size(dim) != features:
+        raise InvalidRequestError(f"expected {features} channels at dim {dim}, "
+                                  f"got {x.size(dim)} (input shape {list(x.shape)})")
