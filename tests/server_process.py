@@ -70,8 +70,8 @@ class ServerProcess:
             port = free_port()
         self.port = port
         self.port_from_log = port_from_log
-        self.name = name or " ".join([Path(cmd[0]).name, *cmd[1:3]])
         self.cmd = [self._fill(part) for part in cmd]
+        self.name = name or " ".join([Path(cmd[0]).name, *self.cmd[1:3]])
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
         self.env["PYTHONUNBUFFERED"] = "1"  # the log is complete when a test fails
         self.env.update({k: self._fill(v) for k, v in (env or {}).items()})
