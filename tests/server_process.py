@@ -70,8 +70,8 @@ class ServerProcess:
             port = free_port()
         self.port = port
         self.port_from_log = port_from_log
-        self.name = name or " ".join([Path(cmd[0]).name, *cmd[1:3]])
         self.cmd = [self._fill(part) for part in cmd]
+        self.name = name or " ".join([Path(cmd[0]).name, *self.cmd[1:3]])
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("NORMCORE_")}
         self.env["PYTHONUNBUFFERED"] = "1"  # the log is complete when a test fails
         self.env.update({k: self._fill(v) for k, v in (env or {}).items()})
@@ -107,8 +107,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"{self.name} exited with {self.proc.returncode}\n"
-                                  f"{self.tail()}")
+                raise self._error(f"exited with {self.proc.returncode}")
             if self.port is None:
                 text = self.log_path.read_bytes()[offset:].decode(errors="replace")
                 found = self.port_from_log.search(text)
@@ -117,7 +116,11 @@ class ServerProcess:
                 return self
             time.sleep(0.05)
         self.kill()
-        raise ServerError(f"{self.name} not ready after {self.ready_timeout:g} s\n{self.tail()}")
+        raise self._error(f"not ready after {self.ready_timeout:g} s")
+
+    def _error(self, what: str) -> ServerError:
+        return ServerError(f"{self.name} {what}; the end of its log, {self.log_path}:\n"
+                           f"{self.tail()}")
 
     def _ready(self) -> bool:
         if self.ready is None:

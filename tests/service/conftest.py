@@ -45,10 +45,13 @@ def server_url(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def v2_client(server_url: str):
-    """tritonclient's HTTP client on the session's server."""
+    """tritonclient's HTTP client on the session's server, closed after the module (an
+    unclosed one leaves a socket for the garbage collector: a ResourceWarning, an error)."""
     from .v2_helpers import triton_client
 
-    return triton_client(server_url)
+    client = triton_client(server_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")
