@@ -88,8 +88,19 @@ class Outcome:
 
 
 def fork(layer: nn.Module) -> nn.Module:
-    """A copy with its own buffers; parameters, which train steps never change, are shared."""
-    return copy.deepcopy(layer, memo={id(p): p for p in layer.parameters()})
+    """A copy with its own buffers; parameters, which train steps never change, are shared.
+
+    Built field by field rather than by ``copy.deepcopy`` (about 20x slower, which showed as
+    the gap between small train and eval requests): a norm layer is flat, its state is its
+    ``__dict__`` plus the three dicts of parameters, buffers and submodules.
+    """
+    twin = object.__new__(type(layer))
+    state = dict(layer.__dict__)
+    state["_buffers"] = {k: None if v is None else v.clone() for k, v in layer._buffers.items()}
+    state["_parameters"] = dict(layer._parameters)
+    state["_modules"] = dict(layer._modules)
+    twin.__dict__ = state
+    return twin
 
 
 def num_batches(layer: nn.Module) -> int | None:

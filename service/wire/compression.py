@@ -26,6 +26,8 @@ _SLICE = 1 << 16  # bytes of compressed input handed to zlib at a time
 # gzip allows several members back to back; clients send one. Each costs a fresh inflater,
 # so a body of thousands of empty members is refused rather than worked through.
 MAX_MEMBERS = 64
+SAMPLE_BYTES = 64 * 1024  # what a reply is judged on
+MIN_SAVING = 0.15  # the share of bytes compression must save to be used
 
 
 def decompress(body: bytearray, encoding: str | None, limit: int) -> bytearray:
@@ -84,6 +86,23 @@ def response_encoding(accept_encoding: str | None) -> str | None:
         if weight > 0:
             offered.add(token.strip())
     return next((e for e in ENCODINGS if e in offered), None)
+
+
+def pays(parts: list[bytes | memoryview]) -> bool:
+    """Whether compressing a reply is worth its time: ``Accept-Encoding`` allows it, it does
+    not demand it. A fast-level trial on a sample (the start of the largest part) must save
+    ``MIN_SAVING``: JSON does, float tensors rarely do (gzip saves about 7% on normal noise,
+    for ten times the time of sending it)."""
+    largest = memoryview(max(parts, key=len)).cast("B")
+    sample = largest[:SAMPLE_BYTES]
+    if not sample:
+        return False
+    return len(zlib.compress(sample, COMPRESS_LEVEL)) <= len(sample) * (1 - MIN_SAVING)
+
+
+def compress_if_it_pays(parts: list[bytes | memoryview], encoding: str) -> bytes | None:
+    """``compress(parts, encoding)``, or None when the reply goes better plain (``pays``)."""
+    return compress(parts, encoding) if pays(parts) else None
 
 
 def compress(parts: list[bytes | memoryview], encoding: str) -> bytes:

@@ -235,6 +235,20 @@ def test_response_is_compressed_only_when_offered(http, algorithm):
     assert "content-encoding" not in plain.headers
 
 
+def test_float_tensors_go_plain_even_when_compression_is_offered(http):
+    # Accept-Encoding allows compression, it does not demand it: noise saves almost nothing.
+    x = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "x", "shape": [4096, 64], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    reply = http.post("/v2/models/features.ln/infer", content=header + x.tobytes(),
+                      headers={"Inference-Header-Content-Length": str(len(header)),
+                               "Accept-Encoding": "gzip, deflate"})
+    assert reply.status_code == 200
+    assert "content-encoding" not in reply.headers
+    assert len(reply.content) > x.nbytes
+
+
 def test_gzip_request_of_several_members(http):
     header = json.dumps({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
                                      "parameters": {"binary_data_size": 256}}],

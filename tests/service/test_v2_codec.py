@@ -77,6 +77,16 @@ def test_response_is_compressed_only_with_an_offered_encoding(accept, chosen):
     assert compression.response_encoding(accept) == chosen
 
 
+def test_compression_is_used_only_where_it_pays():
+    noise = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)
+    assert not compression.pays([b'{"model_name": "m"}', memoryview(noise).cast("B")])
+    assert compression.compress_if_it_pays([memoryview(noise).cast("B")], "gzip") is None
+    assert compression.pays([orjson.dumps({"data": noise[:4096]},
+                                          option=orjson.OPT_SERIALIZE_NUMPY)])
+    assert compression.pays([bytes(1 << 16)])  # zeros
+    assert not compression.pays([b""])
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_compress_streams_the_parts(encoding):
     parts = [b"head", memoryview(np.arange(10, dtype=np.float32)).cast("B")]

@@ -188,6 +188,9 @@ async def _send(request: Request, head: bytes, blobs: list) -> Response:
     parts = [head, *blobs]
     encoding = compression.response_encoding(request.headers.get("accept-encoding"))
     if encoding is not None:
-        parts = [await run_in_threadpool(compression.compress, parts, encoding)]
-        headers["Content-Encoding"] = encoding
+        size = sum(len(p) for p in parts)
+        packed = await off_loop(size, compression.compress_if_it_pays, parts, encoding)
+        if packed is not None:
+            parts = [packed]
+            headers["Content-Encoding"] = encoding
     return BuffersResponse(parts, headers, BINARY if blobs else "application/json")
