@@ -93,6 +93,11 @@ class Engine:
     def layer_count(self) -> int:
         return len(self.store)
 
+    @property
+    def durable(self) -> bool:
+        """Whether changes wait for a change log (a train step may block on the disk)."""
+        return self.store.persistence != "memory"
+
     def normalize(
         self, name: str, x: torch.Tensor, mode: str, request_id: str | None = None,
         deadline: float | None = None,

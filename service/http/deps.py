@@ -15,6 +15,7 @@ from ..core.errors import (
     BodyTooLargeError,
     InvalidTokenError,
     MissingTokenError,
+    RequestTimeoutError,
 )
 from ..settings import Settings
 from ..wire.tensors import Limits, work_elements
@@ -122,9 +123,17 @@ async def normalize_tensor(request: Request, name: str, x, mode: str,
     state = request.app.state
     if mode == "eval" and state.batcher is not None and state.engine.can_batch(name, x):
         return await state.batcher.evaluate(name, x)
+    engine, elements = state.engine, work_elements(x.shape)
+    if mode == "train" and elements <= INLINE_ELEMENTS and not engine.durable:
+        try:
+            # On the loop when the step can start at once (a deadline of now): the layer is
+            # free and no journal is waited on. The hop to a thread costs more than the step.
+            return engine.normalize(name, x, mode, request_id, time.monotonic())
+        except RequestTimeoutError:
+            pass  # busy, and nothing was applied: wait for it in a worker thread
     deadline = time.monotonic() + state.settings.request_timeout
-    return await run_step(work_elements(x.shape), mode == "train", state.engine.normalize,
-                          name, x, mode, request_id, deadline)
+    return await run_step(elements, mode == "train", engine.normalize, name, x, mode,
+                          request_id, deadline)
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
