@@ -5,8 +5,12 @@ Run from the repository root (``make test`` builds .venv):
     .venv/bin/python bench/kernels.py                    # full run, a few minutes
     .venv/bin/python bench/kernels.py --quick            # smoke run
     .venv/bin/python bench/kernels.py --filter BatchNorm2d --threads 1 --json /tmp/bn.json
+    .venv/bin/python bench/kernels.py --dtypes all       # float32, float16, bfloat16, float64
 
-Each case times these contenders on one float32 input, interleaved in one run:
+Each case times these contenders on one input, interleaved in one run. Inputs are float32
+unless ``--dtypes`` names others: float16 and bfloat16 inputs run against float32 layers
+(as the service serves them, and as torch.nn takes them), float64 inputs against float64
+layers; sizes are in bytes, so a half-precision case has twice the elements.
 
 - ``normcore``: the layer's forward with the fused kernels (``normcore.kernels``);
 - ``fallback``: the same forward with the kernels switched off (the plain torch path);
@@ -84,8 +88,13 @@ FAMILIES = {
 }
 
 
-def shapes(sample: tuple[int, ...], small: tuple[int, ...]) -> list[tuple[int, ...]]:
-    per = math.prod(sample) * 4
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def shapes(sample: tuple[int, ...], small: tuple[int, ...],
+           itemsize: int = 4) -> list[tuple[int, ...]]:
+    per = math.prod(sample) * itemsize
     return [small] + [(max(1, round(mb * MB / per)), *sample) for mb in TARGETS_MB]
 
 
@@ -150,12 +159,15 @@ def wait_idle(limit_s: float, idle_share: float = 0.85) -> float:
     return time.perf_counter() - start
 
 
-def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries: int) -> dict:
+def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries: int,
+             dtype: torch.dtype = torch.float32) -> dict:
     make = FAMILIES[family][0]
     ours, ref = make(shape)
+    if dtype == torch.float64:
+        ours, ref = ours.double(), ref.double()
     ours.train(mode == "train")
     ref.train(mode == "train")
-    x = torch.randn(shape)
+    x = torch.randn(shape).to(dtype)
     dst = torch.empty_like(x)
     fns = {
         "normcore": (lambda: ours(x), True),
@@ -177,6 +189,7 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries:
     return {
         "family": family,
         "mode": mode,
+        "dtype": str(dtype).removeprefix("torch."),
         "shape": list(shape),
         "mb": x.numel() * x.element_size() / MB,
         "inner": inner,
@@ -196,6 +209,7 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries:
 COLUMNS = [  # header, width, row -> text
     ("family", 14, lambda r: r["family"]),
     ("mode", 5, lambda r: r["mode"]),
+    ("dtype", 8, lambda r: r["dtype"]),
     ("shape", 16, lambda r: "x".join(map(str, r["shape"]))),
     ("MB", 6, lambda r: f"{r['mb']:.3f}" if r["mb"] < 1 else f"{r['mb']:.1f}"),
     ("normcore ms", 11, lambda r: f"{r['normcore_ms']:.4f}"),
@@ -217,13 +231,13 @@ def fmt(cells: list[str]) -> str:
     # Text columns left-aligned, numbers right-aligned.
     widths = [w for _, w, _ in COLUMNS]
     return "  ".join(
-        c.ljust(w) if i < 3 else c.rjust(w)
+        c.ljust(w) if i < 4 else c.rjust(w)
         for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     )
 
 
 def _where(row: dict) -> str:
-    return f"{row['family']} {row['mode']} {'x'.join(map(str, row['shape']))}"
+    return f"{row['family']} {row['mode']} {row['dtype']} {'x'.join(map(str, row['shape']))}"
 
 
 def torch_claim(label: str, rows: list[dict], key: str) -> str:
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the small (< 64 KB) or the big (4-32 MB) inputs")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each case, wait up to this long for idle CPUs (shared boxes)")
+    p.add_argument("--dtypes", default="float32", metavar="LIST",
+                   help="comma-separated input dtypes, or all (float32)")
     p.add_argument("--no-tune", action="store_true",
                    help="leave glibc's allocator as it is (fresh outputs page-fault)")
     args = p.parse_args(argv)
@@ -275,17 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     fast = kernels.warm_up()
     load_s = time.perf_counter() - t0
 
+    names = list(DTYPES) if args.dtypes == "all" else args.dtypes.split(",")
     cases = [
-        (family, mode, shape)
+        (family, mode, shape, DTYPES[name])
+        for name in names
         for family, (_, sample, small) in FAMILIES.items()
         for mode in ("train", "eval")
-        for shape in shapes(sample, small)
+        for shape in shapes(sample, small, DTYPES[name].itemsize)
     ]
     if args.sizes != "all":
         small_only = args.sizes == "small"
-        cases = [c for c in cases if (math.prod(c[2]) * 4 < SMALL_BYTES) == small_only]
+        cases = [c for c in cases
+                 if (math.prod(c[2]) * c[3].itemsize < SMALL_BYTES) == small_only]
     want = args.filter.lower()
-    cases = [c for c in cases if want in f"{c[0]} {c[1]} {'x'.join(map(str, c[2]))}".lower()]
+    cases = [c for c in cases if want in f"{c[0]} {c[1]} {str(c[3])[6:]} "
+                                         f"{'x'.join(map(str, c[2]))}".lower()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} reps, "
           f"median per call; kernels {'loaded' if fast else 'UNAVAILABLE'} in {load_s:.2f} s; "
           f"allocator {'tuned' if tuned else 'as is'}")
@@ -293,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     print(fmt([h for h, _, _ in COLUMNS]))
     rows = []
     with torch.inference_mode():
-        for family, mode, shape in cases:
+        for family, mode, shape, dtype in cases:
             if args.wait_idle and Path("/proc/stat").exists():
                 wait_idle(args.wait_idle)
-            row = run_case(family, mode, shape, reps, warmup_s, args.retries)
+            row = run_case(family, mode, shape, reps, warmup_s, args.retries, dtype)
             rows.append(row)
             print(fmt([f(row) for _, _, f in COLUMNS]), flush=True)
 
