@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -249,3 +251,52 @@ def test_impossible_devices_are_422(http, device) -> None:
         "kind": "BatchNorm1d", "config": {"num_features": 4}, "device": device})
     assert reply.status_code == 422
     assert http.get("/stats/odd").status_code == 404
+
+
+# --- 7. a full disk at start-up ----------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Iterator[tuple]:
+    """A 1 MiB tmpfs filled to the last byte; yields (its folder, the file that fills it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode()[:80]}")
+    try:
+        (disk / "state").mkdir()
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:  # ENOSPC: full
+            pass
+        finally:
+            os.close(fd)
+        yield disk, filler
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_starts_read_only_and_recovers_by_itself(full_disk) -> None:
+    disk, filler = full_disk
+    env = {"NORMCORE_STATE_DIR": str(disk / "state"), "NORMCORE_DEVICE": "cpu"}
+    with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
+                                                        timeout=30) as http:
+        assert http.get("/stats").json()["server"]["persistence"].startswith("read-only")
+        body = {"layer": "stream.bn", "tensor": {"shape": [4, 64], "data": [1.0] * 256}}
+        assert http.post("/normalize", json=body).status_code == 200
+        refused = http.post("/normalize", json={**body, "mode": "train"})
+        assert refused.status_code == 503
+        assert "cannot be written" in refused.json()["error"]
+        assert _count(http, "stream.bn") == 0
+        filler.unlink()  # space is back: no restart needed
+        deadline = time.monotonic() + 15
+        while http.get("/stats").json()["server"]["persistence"] != "durable":
+            assert time.monotonic() < deadline, "still read-only after space came back"
+            time.sleep(0.2)
+        assert http.post("/normalize", json={**body, "mode": "train"}).status_code == 200
+        assert _count(http, "stream.bn") == 1

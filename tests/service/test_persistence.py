@@ -356,3 +356,37 @@ def test_a_state_dir_serves_one_process_at_a_time(tmp_path: Path, specs) -> None
         finally:
             holder.kill()
     _open(tmp_path, specs)  # the holder is gone, and so is its lock
+
+
+def test_a_state_dir_that_cannot_be_written_serves_read_only_until_it_can(
+        tmp_path: Path, specs, monkeypatch) -> None:
+    from service.state import persistence as module
+
+    full = threading.Event()
+    full.set()
+    real = module.write_snapshot
+
+    def write_snapshot(folder, payload):
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(folder, payload)
+
+    monkeypatch.setattr(module, "write_snapshot", write_snapshot)
+    monkeypatch.setattr(module, "READ_ONLY_RETRY_S", 0.05)
+    store, persistence = _open(tmp_path, specs)
+    try:
+        assert persistence.status.startswith("read-only: the state dir cannot be written")
+        store.evaluate("stream.bn", torch.randn(4, 64))  # reads are served
+        with pytest.raises(JournalFailedError, match="No space left"):
+            store.train("stream.bn", torch.randn(4, 64))
+        assert int(store.slot("stream.bn").layer.num_batches_tracked) == 0
+        full.clear()  # space is back
+        deadline = time.monotonic() + 5
+        while persistence.status != "durable":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert store.train("stream.bn", torch.randn(4, 64)).num_batches_tracked == 1
+    finally:
+        persistence.close()
+    again, _ = _open(tmp_path, specs)
+    assert int(again.slot("stream.bn").layer.num_batches_tracked) == 1
