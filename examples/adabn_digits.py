@@ -5,7 +5,7 @@ scikit-learn's 8x8 digits (scripts/make_default_checkpoint.py) as the model ``di
 This script runs that CNN locally with its BatchNorms attached to the served layers, and:
 
 1. resets the four layers to the trained statistics;
-2. measures accuracy on the test set under a covariate shift (``x * 0.5 + 0.35`` plus
+2. measures accuracy on the clean test set and under a covariate shift (``x * 0.5 + 0.35`` plus
    Gaussian noise of std 0.1, seed 0): the source statistics no longer fit;
 3. streams the shifted test set through the model once in train mode, in batches of 32:
    each BatchNorm call is a train request, and the server adapts the running statistics;
@@ -90,14 +90,16 @@ def main() -> int:
         with nc.attach(model, prefix=PREFIX) as attached:
             print(f"attached: {attached.layers}")
             before = accuracy(model, shifted, y_test)
+            clean_before = accuracy(model, x_test, y_test)
             adapt(model, shifted)
             after = accuracy(model, shifted, y_test)
             clean = accuracy(model, x_test, y_test)
         state = nc.state_dict(prefix=PREFIX)
 
+    print(f"clean,   source statistics:  {clean_before:.1%}")
     print(f"shifted, source statistics:  {before:.1%}")
     print(f"shifted, adapted statistics: {after:.1%}")
-    print(f"clean, adapted statistics:   {clean:.1%}")
+    print(f"clean,   adapted statistics: {clean:.1%}")
 
     if args.out:
         safetensors.torch.save_file(state, str(args.out))
