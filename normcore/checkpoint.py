@@ -6,11 +6,13 @@ corrupt or truncated file, missing keys, wrong shapes or dtypes, NaN/Inf, a nega
 ``running_var`` - raises one ``CheckpointError`` naming the file and the reason, and leaves
 the target layer untouched.
 
-Writing: a layer's state as safetensors, so adapted statistics can go back into a model.
+Writing: a layer's state, or several layers' under their module paths, as safetensors, so
+adapted statistics can go back into a model.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = [
     "load_layer_state",
     "load_state_dict",
     "load_state_dict_bytes",
+    "modules_state_bytes",
     "save_layer_state",
 ]
 
@@ -165,6 +168,16 @@ def _layer_tensors(layer: nn.Module) -> dict[str, Tensor]:
 def layer_state_bytes(layer: nn.Module) -> bytes:
     """The layer's state dict as safetensors bytes, keys as torch.nn names them."""
     return safetensors.torch.save(_layer_tensors(layer), metadata={"kind": type(layer).__name__})
+
+
+def modules_state_bytes(modules: Mapping[str, nn.Module]) -> bytes:
+    """The state dicts of several layers as one safetensors file, each key prefixed by the
+    layer's module path (``{"features.1": bn}`` -> ``features.1.running_mean``, ...): the
+    part of a whole model's ``state_dict`` that these layers hold."""
+    tensors = {f"{path}.{key}": value for path, layer in modules.items()
+               for key, value in _layer_tensors(layer).items()}
+    kinds = {path: type(layer).__name__ for path, layer in modules.items()}
+    return safetensors.torch.save(tensors, metadata={"kinds": json.dumps(kinds)})
 
 
 def save_layer_state(layer: nn.Module, path: str | Path) -> None:

@@ -12,8 +12,9 @@ Run it from the repository root:
     .venv/bin/python scripts/make_default_checkpoint.py           # regenerate
     .venv/bin/python scripts/make_default_checkpoint.py --check   # verify committed file
 
-scikit-learn is needed only here, not by the project at runtime: install it into the
-venv first (``.venv/bin/pip install scikit-learn``).
+scikit-learn is needed only to load the data, not by the project at runtime: install it
+into the venv first (``.venv/bin/pip install -e '.[examples]'``). ``DigitsCNN`` and the rest
+import without it (the tests and examples/adabn_digits.py use them).
 
 The run is fully deterministic (fixed seeds, one thread, deterministic algorithms),
 so regenerating on the same platform and torch version gives a byte-identical file;
@@ -30,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +84,9 @@ def seed_everything(seed: int) -> None:
 
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): images N,1,8,8 in [0, 1], labels 0..9."""
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     # Pixels are integers 0..16; dividing by 16 puts them in [0, 1].
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)  # N,1,8,8

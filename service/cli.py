@@ -5,6 +5,7 @@
     normcore normalize LAYER FILE.npy [--mode train] [--out OUT.npy]
     normcore reset LAYER | delete LAYER
     normcore export LAYER OUT.safetensors | import LAYER IN.safetensors
+    normcore export-model PREFIX OUT.safetensors   a catalog model's state, by module path
 
 The URL and token come from --url/--token or NORMCORE_URL/NORMCORE_API_TOKEN.
 """
@@ -40,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="download a layer's state as safetensors")
     export.add_argument("layer")
     export.add_argument("path")
+    model = sub.add_parser("export-model", help="download a catalog model's state as "
+                           "safetensors, keyed by module path (load_state_dict-ready)")
+    model.add_argument("prefix", help="the [[model]] entry's name_prefix, e.g. digits.")
+    model.add_argument("path")
     upload = sub.add_parser("import", help="upload a layer's state from safetensors")
     upload.add_argument("layer")
     upload.add_argument("path")
@@ -61,9 +66,11 @@ def _run(args: argparse.Namespace, client: Client) -> object:
     if args.command == "delete":
         client.delete_layer(args.layer)
         return {"deleted": args.layer}
-    if args.command == "export":
+    if args.command in ("export", "export-model"):
+        data = (client.download_state(args.layer) if args.command == "export"
+                else client.download_model_state(args.prefix))
         with open(args.path, "wb") as f:
-            f.write(client.download_state(args.layer))
+            f.write(data)
         return {"written": args.path}
     with open(args.path, "rb") as f:  # import
         return client.upload_state(args.layer, f.read())

@@ -14,6 +14,15 @@
     name_prefix = "resnet18."       # layer names become name_prefix + module path
     kind = "BatchNorm2d"            # optional: the class to serve them as (default)
 
+    [[model]]                       a model made of [[layer]] entries declared in the file
+    name_prefix = "digits."         # how clients and GET /models/{name_prefix} name it
+    [model.layers]                  # module path in the model -> served layer
+    "features.1" = "digits.bn1"
+
+Either form of ``[[model]]`` tells which module of a whole model each layer serves
+(``LayerSpec.model`` and ``LayerSpec.module``): that is how a client attaches a local model
+and how a model's adapted state is exported under its module paths.
+
 Anything wrong stops loading with one ``CatalogError`` naming the file and the entry.
 """
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -42,6 +52,8 @@ KINDS = (
 )
 _LAYER_KEYS = {"name", "kind", "checkpoint", "prefix", "device"}
 _MODEL_KEYS = {"checkpoint", "name_prefix", "kind", "device", "eps", "momentum"}
+# A module path as torch names submodules: attribute names and indices joined by dots.
+MODULE_PATH = re.compile(r"^[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,31}\Z")
 
 
 class CatalogError(Exception):
@@ -59,6 +71,8 @@ class LayerSpec:
     prefix: str = ""
     device: str | None = None
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    model: str | None = None  # the name_prefix of the [[model]] this layer belongs to
+    module: str = ""  # its module path in that model, e.g. "layer1.0.bn1"
 
     def build(self, device: torch.device) -> torch.nn.Module:
         """The layer with its checkpoint's state, in eval mode, on its device."""
@@ -210,6 +224,8 @@ class _Loader:
         return spec
 
     def model(self, index: int, entry: dict[str, Any]) -> list[LayerSpec]:
+        if "layers" in entry:
+            return []  # made of [[layer]] entries: see ``group``, once every layer is known
         where = f"[[model]] #{index + 1} ({entry.get('checkpoint', 'no checkpoint')})"
         unknown = set(entry) - _MODEL_KEYS
         if unknown:
@@ -224,16 +240,41 @@ class _Loader:
         if not found:
             raise self.fail(where, f"{path} holds no layer with running statistics")
         specs = []
+        name_prefix = entry.get("name_prefix", "")
         for layer in found:
             kwargs = {"num_features": layer.num_features, "affine": layer.affine}
             kwargs |= {k: entry[k] for k in ("eps", "momentum") if k in entry}
             if kind.startswith("InstanceNorm"):
                 kwargs["track_running_stats"] = True
-            spec = LayerSpec(f"{entry.get('name_prefix', '')}{layer.path}", kind, kwargs, path,
-                             layer.prefix, entry.get("device"), state)
+            spec = LayerSpec(f"{name_prefix}{layer.path}", kind, kwargs, path, layer.prefix,
+                             entry.get("device"), state, model=name_prefix, module=layer.path)
             self.check(f"{where} layer {layer.path!r}", spec)
             specs.append(spec)
         return specs
+
+    def group(self, index: int, entry: dict[str, Any], specs: dict[str, LayerSpec]) -> None:
+        """Mark the [[layer]] entries a ``layers`` table names as modules of one model."""
+        name_prefix = entry.get("name_prefix")
+        where = f"[[model]] #{index + 1} ({shown(name_prefix)})"
+        unknown = set(entry) - {"name_prefix", "layers"}
+        if unknown:
+            raise self.fail(where, f"unknown key(s) {', '.join(sorted(unknown))}: a model made "
+                                   "of [[layer]] entries takes name_prefix and layers only")
+        if not isinstance(name_prefix, str) or not NAME.match(name_prefix):
+            raise self.fail(where, "name_prefix must match [A-Za-z0-9._-]+")
+        layers = entry["layers"]
+        if not isinstance(layers, dict) or not layers:
+            raise self.fail(where, "layers must be a table of module path = layer name")
+        for module, name in layers.items():
+            if not MODULE_PATH.match(module):
+                raise self.fail(where, f"{module!r} is not a module path (such as 'features.1')")
+            spec = specs.get(name) if isinstance(name, str) else None
+            if spec is None:
+                raise self.fail(where, f"module {module!r}: no [[layer]] named {name!r}")
+            if spec.model is not None:
+                raise self.fail(where, f"layer {name!r} already serves module {spec.module!r} "
+                                       f"of model {spec.model!r}")
+            spec.model, spec.module = name_prefix, module
 
     def check(self, where: str, spec: LayerSpec) -> None:
         if not NAME.match(spec.name):
@@ -271,4 +312,23 @@ def load_catalog(path: Path | None = None) -> list[LayerSpec]:
         if spec.name in seen:
             raise CatalogError(f"{path}: layer name {spec.name!r} is used twice")
         seen.add(spec.name)
+    by_name = {spec.name: spec for spec in specs}
+    for i, entry in enumerate(document.get("model", [])):
+        if "layers" in entry:
+            loader.group(i, entry, by_name)
+    modules: set[tuple[str, str]] = set()
+    for spec in specs:
+        if spec.model is not None and (spec.model, spec.module) in modules:
+            raise CatalogError(f"{path}: model {spec.model!r} has two layers for module "
+                               f"{spec.module!r}")
+        modules.add((spec.model, spec.module))
     return specs
+
+
+def models_of(specs: list[LayerSpec]) -> dict[str, dict[str, str]]:
+    """Each model's layers by module path: ``{name_prefix: {module path: layer name}}``."""
+    models: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        if spec.model is not None:
+            models.setdefault(spec.model, {})[spec.module] = spec.name
+    return models

@@ -14,13 +14,20 @@ from typing import Any
 
 import torch
 
-from normcore.checkpoint import load_layer_state, load_state_dict_bytes
+from normcore.checkpoint import load_layer_state, load_state_dict_bytes, modules_state_bytes
 
 from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
-from .catalog import LayerSpec, check_arguments, layer_config, layer_width, make_layer
+from .catalog import (
+    LayerSpec,
+    check_arguments,
+    layer_config,
+    layer_width,
+    make_layer,
+    models_of,
+)
 from .devices import resolve_device
-from .errors import NAME, NAME_PATTERN, InvalidRequestError
+from .errors import NAME, NAME_PATTERN, InvalidRequestError, ModelNotFoundError
 
 MODES = ("eval", "train")
 
@@ -73,11 +80,15 @@ class Engine:
         self.max_layer_features = max_layer_features
         self.catalog_folder = catalog_folder  # checkpoint paths are shown relative to it
         self.started = time.time()
+        # The catalog's [[model]] entries: {name_prefix: {module path: layer name}}. Fixed at
+        # load; a layer replaced through the admin API keeps its place in its model.
+        self.models: dict[str, dict[str, str]] = {}
 
     # --- life cycle ---------------------------------------------------------------------
 
     def load(self, specs: list[LayerSpec]) -> None:
         """Serve ``specs``, with any saved state over them."""
+        self.models = models_of(specs)
         self.store.load(specs)
 
     def close(self) -> None:
@@ -143,6 +154,24 @@ class Engine:
             self.store.persistence,
             self.store.default_device,
         )
+
+    # --- models -------------------------------------------------------------------------
+
+    def model_layers(self, prefix: str) -> dict[str, str]:
+        """A catalog model's layers by module path; ``ModelNotFoundError`` if none."""
+        try:
+            return dict(self.models[prefix])
+        except KeyError:
+            raise ModelNotFoundError(prefix) from None
+
+    def export_model(self, prefix: str) -> bytes:
+        """A catalog model's served state as one safetensors file keyed by module path
+        (``features.1.running_mean``, ...): what ``model.load_state_dict(...,
+        strict=False)`` takes. ``LayerNotFoundError`` if one of its layers was deleted.
+        Each layer is read as served when its turn comes, not all at one instant."""
+        layers = {module: self.store.slot(name).layer
+                  for module, name in self.model_layers(prefix).items()}
+        return modules_state_bytes(layers)
 
     # --- admin --------------------------------------------------------------------------
 

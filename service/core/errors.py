@@ -6,7 +6,8 @@ in ``service.http.errors`` turns these into REST and V2 replies.
     │   │                         mode, name, configuration or device)
     │   └── MalformedRequestError the body cannot even be parsed (not JSON, not gzip, ...)
     ├── PayloadTooLargeError      a body over the size limit, sent or once decompressed
-    ├── NotFoundError             no such layer (``LayerNotFoundError``) or model version
+    ├── NotFoundError             no such layer (``LayerNotFoundError``), catalog model
+    │                             (``ModelNotFoundError``) or V2 model version
     ├── ConflictError             a request_id already used for another input or layer
     ├── MissingTokenError         a token is required and none was sent
     ├── InvalidTokenError         the token sent is not the server's
@@ -76,6 +77,14 @@ class LayerNotFoundError(NotFoundError):
         if isinstance(self.name, str) and NAME.match(self.name):
             return f"unknown layer {self.name!r}"
         return f"unknown layer (names match {NAME_PATTERN})"
+
+
+class ModelNotFoundError(NotFoundError):
+    """No catalog ``[[model]]`` has that name_prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(f"unknown model {shown(prefix)!r}; the catalog's [[model]] entries "
+                         "name them by their name_prefix")
 
 
 class VersionNotFoundError(NotFoundError):

@@ -116,6 +116,15 @@ class StatsResponse(BaseModel):
     server: dict[str, Any]
 
 
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "name_prefix": "digits.",
+        "layers": {"features.1": "digits.bn1", "head.2": "digits.head.bn"}}})
+
+    name_prefix: str
+    layers: dict[str, str] = Field(description="Module path in the model -> served layer.")
+
+
 class Deleted(BaseModel):
     deleted: str = Field(description="The layer no longer served.")
 

@@ -17,6 +17,7 @@ from normcore.checkpoint import (
     load_layer_state,
     load_state_dict,
     load_state_dict_bytes,
+    modules_state_bytes,
     save_layer_state,
 )
 from normcore.errors import CheckpointError
@@ -175,6 +176,18 @@ def test_saved_state_goes_back_into_a_torch_model(tmp_path: Path) -> None:
     for key, value in layer.state_dict().items():
         assert torch.equal(model[1].state_dict()[key], value)
     assert load_state_dict_bytes(layer_state_bytes(layer)).keys() == layer.state_dict().keys()
+
+
+def test_modules_state_is_the_models_own_state_dict_for_those_modules(convnet) -> None:
+    fresh = _trained_convnet()  # other running statistics, the same keys
+    state = load_state_dict_bytes(modules_state_bytes({"1": convnet[1], "8": convnet[8]}))
+    own = convnet.state_dict()
+    assert set(state) == {k for k in own if k.startswith(("1.", "8."))}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert unexpected == []
+    assert not [k for k in missing if k.startswith(("1.", "8."))]
+    for key in state:
+        assert torch.equal(fresh.state_dict()[key], own[key]), key
 
 
 def test_upload_bytes_must_be_safetensors(convnet, tmp_path: Path) -> None:

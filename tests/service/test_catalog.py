@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from service.core.catalog import CatalogError, default_catalog, load_catalog
+from service.core.catalog import CatalogError, default_catalog, load_catalog, models_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,12 @@ def test_default_catalog_serves_the_trained_digits_statistics() -> None:
         assert int(layer.num_batches_tracked) > 0
         assert not torch.allclose(layer.running_var, torch.ones_like(layer.running_var))
     assert specs["stream.bn"].build(torch.device("cpu")).momentum is None
+
+
+def test_default_catalog_names_the_digits_model_by_module_path() -> None:
+    assert models_of(load_catalog()) == {"digits.": {
+        "features.1": "digits.bn1", "features.4": "digits.bn2", "features.8": "digits.bn3",
+        "head.2": "digits.head.bn"}}
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -53,6 +59,7 @@ def test_model_entry_serves_every_batch_norm_of_a_checkpoint(tmp_path: Path) -> 
                             'momentum = "cumulative"\n')
     specs = {s.name: s for s in load_catalog(path)}
     assert set(specs) == {"net.1", "net.3.1"}
+    assert models_of(list(specs.values())) == {"net.": {"1": "net.1", "3.1": "net.3.1"}}
     layer = specs["net.3.1"].build(torch.device("cpu"))
     assert layer.momentum is None
     assert torch.equal(layer.running_mean, model[3][1].running_mean)
@@ -104,6 +111,18 @@ BAD = {
                   "used twice"),
     "unknown table": ('[[layers]]\nname = "a"\n', "unknown table(s) layers"),
     "model key": ('[[model]]\ncheckpoint = "bn4.safetensors"\nlayers = 3\n', "unknown key(s)"),
+    "model of an unknown layer": ('[[model]]\nname_prefix = "m."\n[model.layers]\n'
+                                  '"head.0" = "absent"\n', "no [[layer]] named 'absent'"),
+    "model module path": ('[[layer]]\nname = "a"\nkind = "LayerNorm"\nnormalized_shape = [4]\n'
+                          '[[model]]\nname_prefix = "m."\nlayers = {"x..0" = "a"}\n',
+                          "is not a module path"),
+    "layer in two models": ('[[layer]]\nname = "a"\nkind = "LayerNorm"\nnormalized_shape = [4]\n'
+                            '[[model]]\nname_prefix = "m."\nlayers = {"x" = "a"}\n'
+                            '[[model]]\nname_prefix = "n."\nlayers = {"y" = "a"}\n',
+                            "already serves module 'x' of model 'm.'"),
+    "model without a prefix": ('[[layer]]\nname = "a"\nkind = "LayerNorm"\n'
+                               'normalized_shape = [4]\n[[model]]\nlayers = {"x" = "a"}\n',
+                               "name_prefix must match"),
     "bad momentum": ('[[layer]]\nname = "a"\nkind = "BatchNorm1d"\nnum_features = 4\n'
                      'momentum = "fast"\n', "invalid arguments"),
 }

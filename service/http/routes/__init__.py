@@ -1,1 +1,1 @@
-"""The routers, one per surface: normalize, stats, admin, V2, health."""
+"""The routers, one per surface: normalize, stats, models, admin, V2, health."""
