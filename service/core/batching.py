@@ -17,8 +17,8 @@ import torch
 
 from .engine import Engine, Outcome
 
-# Runs fn(*args) inline or in the thread pool, with the request timeout (the HTTP layer's
-# run_step): the batcher itself knows nothing of threads or timeouts.
+# Runs fn(*args) inline or in the thread pool (the HTTP layer's run_step): the batcher
+# itself knows nothing of threads. Merged evals change nothing, so they have no deadline.
 Runner = Callable[..., Awaitable[list[Outcome]]]
 
 

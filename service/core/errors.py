@@ -13,6 +13,7 @@ in ``service.http.errors`` turns these into REST and V2 replies.
     ├── InvalidTokenError         the token sent is not the server's
     └── UnavailableError          the server cannot take the request now
         ├── NotReadyError         it is still loading its layers
+        ├── KeyInFlightError      a retry's request_id is still being applied
         ├── JournalFailedError    (``service.state``) changes cannot be made durable
         └── RequestTimeoutError   it could not start in time (nothing applied)
 
@@ -118,6 +119,15 @@ class NotReadyError(UnavailableError):
 
     def __init__(self) -> None:
         super().__init__("starting: catalog not loaded yet")
+
+
+class KeyInFlightError(UnavailableError):
+    """A retry waited past its deadline for the first request with its request_id, which
+    is still being applied."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the request with request_id '{shown(key)}' is still being "
+                         "applied; retry later with the same request_id")
 
 
 class RequestTimeoutError(UnavailableError):

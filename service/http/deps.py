@@ -22,8 +22,9 @@ from ..wire.tensors import Limits, work_elements
 
 # Tensors up to this many elements (counting what their statistics span, see
 # wire.tensors.work_elements) are normalized on the event loop: the hop to a worker thread
-# costs more than the work. Larger ones, and every train step (which may wait on the
-# journal), run in the thread pool so the loop keeps serving.
+# costs more than the work. So are small train steps that can start at once with state in
+# memory (see normalize_tensor). Larger tensors, and train steps that may wait for a layer
+# or the journal, run in the thread pool so the loop keeps serving.
 INLINE_ELEMENTS = 16384
 # Bodies and replies over this many bytes (or elements) are parsed and built off the loop.
 OFF_LOOP_SIZE = 256 * 1024

@@ -53,7 +53,10 @@ class ChangeLog(Protocol):
 
     def record(self, change: Change) -> Waiter | None:
         """Record ``change`` (called under the lock that orders it); return what waits
-        until it is safe, or None if it already is. Raises if it cannot be recorded."""
+        until it is safe, or None if it already is. Raises if it cannot be recorded.
+
+        A failure is final: once a record or a waiter has failed, every later ``record``
+        raises, so the store may drop the steps that were not yet safe."""
         ...
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.errors import ConflictError
+from ..core.errors import ConflictError, shown
 
 
 class IdempotencyConflictError(ConflictError):
@@ -54,10 +54,10 @@ class Applied:
     def check(self, key: str, layer: str, digest: str) -> None:
         if layer != self.layer:
             raise IdempotencyConflictError(
-                f"request_id {key!r} was already used for layer {self.layer!r}")
+                f"request_id '{shown(key)}' was already used for layer '{self.layer}'")
         if digest != self.digest:
             raise IdempotencyConflictError(
-                f"request_id {key!r} was already used with a different tensor")
+                f"request_id '{shown(key)}' was already used with a different tensor")
 
 
 class KeyWindow:

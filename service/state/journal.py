@@ -83,7 +83,11 @@ class Journal:
     def _open(self, generation: int) -> int:
         fd = os.open(journal_path(self.folder, generation),
                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        fsync_folder(self.folder)  # the new file's name must survive a crash too
+        try:
+            fsync_folder(self.folder)  # the new file's name must survive a crash too
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _fail(self, what: str, exc: OSError) -> JournalFailedError:
@@ -91,6 +95,10 @@ class Journal:
             self._failed = f"journal {what} failed ({exc.strerror or exc})"
             log.critical("%s; train and admin changes are refused until a restart",
                          self._failed)
+            # An fsync under way covers records its waiters will be told are safe: let it
+            # finish, then cut only what no fsync covered.
+            while self._syncing:
+                self._cond.wait()
             self._cut_unsafe()
         self._cond.notify_all()
         return JournalFailedError(self._refusal())

@@ -296,7 +296,8 @@ class Persistence:
             self.compact()
         except (OSError, JournalFailedError, StateFileError) as exc:
             # The journals stay until a snapshot covers them, so nothing is lost.
-            log.error("snapshot failed (the journal still holds every change): %s", exc)
+            log.error("snapshot failed (the journal still holds every acknowledged change): "
+                      "%s", exc)
 
     def _capture(self, generation: int) -> tuple[dict[str, Any], Tensors]:
         """The snapshot's metadata and tensors; recorded layers are immutable, so the
@@ -326,14 +327,13 @@ class Persistence:
     def close(self) -> None:
         """Sync the journal and write a last snapshot; later changes are refused."""
         self._closed.set()
-        if self._lock_fd is None:
-            return  # never restored, or closed already
-        if self.journal is None:  # read-only: nothing was changed, nothing to save
-            with self._compacting, self._lock:
+        with self._compacting, self._lock:
+            if self._lock_fd is None:
+                return  # never restored, or closed already
+            if self.journal is None:  # read-only: nothing was changed, nothing to save
                 os.close(self._lock_fd)
                 self._lock_fd = None
-            return
-        with self._compacting, self._lock:
+                return
             failed = self.journal.failed
             self.journal.close()
             if failed is None:
@@ -351,9 +351,17 @@ def _lock_folder(folder: Path) -> int:
     """Hold ``folder/lock`` for the life of the process: two servers appending to one
     journal would corrupt it. The kernel drops the lock when the process dies, even by
     SIGKILL, so a crash never leaves it stale."""
-    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = fcntl.lockf
+    except OSError as exc:
+        # A read-only mount, or a full disk without the file yet: the server will start
+        # read-only, so a lock on the folder itself serves (it needs no write access).
+        log.warning("%s: cannot open its lock file (%s); locking the folder instead", folder,
+                    exc.strerror or exc)
+        fd, lock = os.open(folder, os.O_RDONLY), fcntl.flock
+    try:
+        lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise StateFileError(f"{folder}: in use by another server process") from None

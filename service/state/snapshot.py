@@ -8,6 +8,7 @@ stops rather than silently serving defaults in its place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -67,4 +68,5 @@ def read_snapshot(folder: Path) -> bytes | None:
 def remove_temp_files(folder: Path) -> None:
     """Drop what a crash mid-snapshot left behind (the renamed snapshot is the real one)."""
     for temp in folder.glob(f"{_TEMP_PREFIX}*.tmp"):
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder keeps them, harmlessly
+            temp.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from normcore.checkpoint import layer_state_bytes, load_layer_state
 from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
 
 from ..core.catalog import LayerSpec
-from ..core.errors import LayerNotFoundError, RequestTimeoutError
+from ..core.errors import KeyInFlightError, LayerNotFoundError, RequestTimeoutError
 from .changes import Change, ChangeLog, Waiter
 from .idempotency import Applied, KeyWindow, input_digest
 
@@ -53,8 +53,9 @@ class Slot:
     last_update: float | None = None
     retired: bool = False  # replaced or deleted: steps must look the name up again
     head: nn.Module | None = None  # the newest layer, with steps recorded but not yet safe
-    recorded: int = 0  # changes recorded on this slot
-    published: int = 0  # the newest of them that is served
+    recorded: int = 0  # changes recorded on this slot (numbers them)
+    head_seq: int = 0  # the change ``head`` is the result of
+    published: int = 0  # the change ``layer`` is the result of
 
     def __post_init__(self) -> None:
         self.head = self.layer
@@ -66,11 +67,14 @@ class Slot:
             if seq > self.published:
                 self.layer, self.published = layer, seq
                 self.last_update = time.time()
+            if seq > self.head_seq:  # steps dropped meanwhile had pointed head back
+                self.head, self.head_seq = layer, seq
 
     def drop_unsafe(self) -> None:
-        """The log failed: steps after the served layer will never be safe."""
+        """A record could not be made safe: the steps after the served layer are dropped
+        (the log refuses every change after such a failure)."""
         with self.lock:
-            self.head, self.recorded = self.layer, self.published
+            self.head, self.head_seq = self.layer, self.published
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ class Store:
             _wait(self._record(Change(change, name, layer)))
             slot.recorded += 1
             slot.layer = slot.head = layer
-            slot.published = slot.recorded
+            slot.published = slot.head_seq = slot.recorded
             slot.last_update = time.time()
         finally:
             slot.lock.release()
@@ -319,7 +323,7 @@ class Store:
                 break  # the key is ours: take the step
             prior.check(request_id, name, digest)
             if not prior.done.wait(_timeout(deadline)):
-                raise RequestTimeoutError
+                raise KeyInFlightError(request_id)
             if prior.settled:  # applied and safe
                 return self._answer_retry(name, x, prior)
             # the first attempt was refused, so nothing was applied: claim the key again
@@ -351,7 +355,8 @@ class Store:
             applied = None if digest is None else Applied(name, digest, count)
             wait = self._record(Change("train", name, layer, key=request_id, applied=applied))
             slot.recorded += 1
-            slot.head, seq = layer, slot.recorded
+            slot.head, slot.head_seq = layer, slot.recorded
+            seq = slot.recorded
         finally:
             slot.lock.release()
         # The next step on this layer may start while this one's record is made safe

@@ -57,13 +57,11 @@ def decompress(body: bytearray, encoding: str | None, limit: int) -> bytearray:
                         else f"more than {MAX_MEMBERS} gzip members in one body")
                 offset -= rest
                 inflater = zlib.decompressobj(wbits)
-            if inflater.unconsumed_tail:  # output was capped: go on with the same input
-                chunk = inflater.unconsumed_tail
-            elif offset < len(view):
-                chunk = view[offset:offset + _SLICE]
-                offset += len(chunk)
-            else:
+            if offset >= len(view):
                 raise MalformedRequestError(f"{name} request body is truncated")
+            chunk = view[offset:offset + _SLICE]
+            offset += len(chunk)
+            # Capped one byte past the limit: input left over then means too large.
             out += inflater.decompress(chunk, limit + 1 - len(out))
             if len(out) > limit:
                 raise PayloadTooLargeError(

@@ -22,7 +22,7 @@ from .tensors import ENCODINGS, Limits, encode_tensor, parse_json
 @dataclass(frozen=True)
 class NormalizeRequest:
     layer: str
-    mode: str  # as given: the engine refuses anything but eval and train
+    mode: str  # eval or train
     output_encoding: str | None
     request_id: str | None
     tensor: Any  # the tensor object, not yet decoded

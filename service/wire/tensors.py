@@ -45,6 +45,7 @@ class Limits:
 # as V2 binary data, which is viewed in place.
 _VALUES_PER_STEP = 1 << 18
 MAX_EMPTY_SPAN = 1 << 16  # see check_shape
+MAX_JSON_LISTS = 1 << 16  # see parse_json
 _B64_CHARS_PER_STEP = 1 << 22  # a multiple of 4
 
 
@@ -55,6 +56,12 @@ def parse_json(body: bytes | bytearray, limits: Limits | None = None) -> Any:
         raise PayloadTooLargeError(
             f"a JSON body of {len(body)} bytes exceeds max_json_bytes ({limits.max_json_bytes}, "
             "NORMCORE_MAX_JSON_BYTES); send big tensors as V2 binary data")
+    # Millions of tiny lists cost seconds of one GIL-holding parse (and its garbage
+    # collections) and half a gigabyte: nested data is for small tensors.
+    if len(body) > MAX_JSON_LISTS and body.count(b"[") > MAX_JSON_LISTS:
+        raise MalformedRequestError(
+            f"the JSON holds more than {MAX_JSON_LISTS} lists; send tensor data flat (or as "
+            "V2 binary data)")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -125,9 +132,11 @@ def _from_list(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
         raise InvalidRequestError("tensor data must be a list of numbers")
     _check_numbers(data)
     try:
-        parts = [np.array(data[i:i + _VALUES_PER_STEP], dtype=np.float64)
-                 for i in range(0, len(data), _VALUES_PER_STEP)]
-        array = np.concatenate(parts) if len(parts) > 1 else np.array(data, dtype=np.float64)
+        if len(data) <= _VALUES_PER_STEP:
+            array = np.array(data, dtype=np.float64)
+        else:
+            array = np.concatenate([np.array(data[i:i + _VALUES_PER_STEP], dtype=np.float64)
+                                    for i in range(0, len(data), _VALUES_PER_STEP)])
     except (ValueError, TypeError, OverflowError):
         raise InvalidRequestError("tensor data must be a (nested) list of numbers") from None
     if array.size != math.prod(shape):
@@ -145,6 +154,10 @@ def _from_list(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
 def _from_b64(data: Any, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     if not isinstance(data, str):
         raise InvalidRequestError("tensor b64 must be a base64 string")
+    # Decoded a slice at a time, so padding is checked here: only at the very end.
+    unpadded = data.rstrip("=")
+    if "=" in unpadded or len(data) - len(unpadded) > 2:
+        raise InvalidRequestError("tensor b64 is not valid base64")
     try:
         raw = bytearray()
         for start in range(0, len(data), _B64_CHARS_PER_STEP):

@@ -14,6 +14,7 @@ without copying. Mistakes raise ``InvalidRequestError`` naming the problem.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ class InferRequest:
 def _header_length(value: str | None, body_length: int) -> int:
     if value is None:
         return body_length
-    if not value.strip().isdigit() or int(value) > body_length:
+    if not re.fullmatch(r"[0-9]{1,19}", value.strip()) or int(value) > body_length:
         raise _bad(f"Inference-Header-Content-Length must be an integer from 0 to the body "
                    f"length ({body_length})")
     return int(value)
@@ -152,7 +153,7 @@ def decode_infer_request(
     tensor = _input(payload.get("inputs"))
     name = tensor["name"]
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise _bad(f"input '{shown(name)}': datatype '{shown(datatype)}' is not supported; "
                    f"use {', '.join(DATATYPES)}")
     shape = tensor.get("shape")

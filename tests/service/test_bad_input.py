@@ -249,3 +249,13 @@ def test_a_started_step_finishes_and_is_answered_past_the_timeout() -> None:
         assert reply.status_code == 200
         assert reply.json()["num_batches_tracked"] == 1
 
+
+
+def test_millions_of_tiny_lists_are_refused_before_parsing(client) -> None:
+    # One GIL-holding parse of 4 Mi one-value lists would take seconds and gigabytes.
+    data = b"[" + b",".join([b"[0]"] * (1 << 20)) + b"]"
+    start = time.perf_counter()
+    reply = client.post("/normalize", content=_normalize(data, shape=(1 << 20, 1)))
+    assert reply.status_code == 400
+    assert "lists" in reply.json()["error"]
+    assert time.perf_counter() - start < 1.0

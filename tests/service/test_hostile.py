@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "hostile-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-HEALTHZ_BUDGET = 0.1  # seconds
+HEALTHZ_BUDGET = 0.1  # seconds, for 95% of the polls
+HEALTHZ_WORST = 0.5  # seconds, for any one (a loaded 2-core machine preempts anyone)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,13 @@ def healthz_watch(server: ServerProcess) -> Iterator[list[float]]:
         thread.join(10)
 
 
+def assert_responsive(latencies: list[float]) -> None:
+    assert latencies, "no /healthz poll finished"
+    ordered = sorted(latencies)
+    assert ordered[int(0.95 * (len(ordered) - 1))] < HEALTHZ_BUDGET, ordered[-5:]
+    assert ordered[-1] < HEALTHZ_WORST, ordered[-5:]
+
+
 def _v2_binary(shape: list[int], blob: bytes = b"", params: dict | None = None) -> tuple:
     header = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32",
                                      "parameters": {"binary_data_size": len(blob)}}],
@@ -95,7 +103,7 @@ def test_an_empty_input_cannot_ask_for_a_huge_reply(server, http, layer, shape) 
     assert "an empty tensor whose other dims span" in reply.json()["error"]
     assert len(reply.content) < 1000
     assert elapsed < 1.0
-    assert max(latencies) < HEALTHZ_BUDGET
+    assert_responsive(latencies)
 
 
 @pytest.mark.parametrize("shape", [[1_000_000, 16, 0], [0, 2**63, 1, 1], [0, 2**40]])
@@ -119,7 +127,7 @@ def test_a_body_of_empty_gzip_members_is_refused_at_once(server, http) -> None:
     assert reply.status_code == 400
     assert "gzip members" in reply.json()["error"]
     assert elapsed < 1.0
-    assert max(latencies) < HEALTHZ_BUDGET
+    assert_responsive(latencies)
 
 
 def test_a_gzip_body_that_inflates_past_the_limit_is_413(http) -> None:
@@ -132,20 +140,27 @@ def test_a_gzip_body_that_inflates_past_the_limit_is_413(http) -> None:
 # --- 3. honest replies -----------------------------------------------------------------
 
 
-def test_every_acknowledged_step_is_applied_and_no_refused_one_is() -> None:
-    env = {"NORMCORE_REQUEST_TIMEOUT": "0.05", "NORMCORE_DEVICE": "cpu"}
+def test_every_acknowledged_step_is_applied_and_no_refused_one_is(tmp_path) -> None:
+    # Steps big enough for worker threads, with a journal, and a deadline of 10 ms to start:
+    # many are refused. Each reply must say the truth about its step.
+    env = {"NORMCORE_REQUEST_TIMEOUT": "0.01", "NORMCORE_DEVICE": "cpu",
+           "NORMCORE_STATE_DIR": str(tmp_path / "state")}
     with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
                                                         timeout=60) as http:
         body = {"layer": "stream.bn", "mode": "train",
-                "tensor": {"shape": [64, 64], "data": np.ones(64 * 64).tolist()}}
+                "tensor": {"shape": [300, 64], "data": np.ones(300 * 64).tolist()}}
         before = _count(http, "stream.bn")
         with ThreadPoolExecutor(80) as pool:
             replies = list(pool.map(lambda _: http.post("/normalize", json=body), range(80)))
         statuses = [r.status_code for r in replies]
-        assert set(statuses) <= {200, 503}
+        assert set(statuses) == {200, 503}
         refused = [r.json()["error"] for r in replies if r.status_code == 503]
         assert all("nothing of it was applied" in message for message in refused)
         assert _count(http, "stream.bn") - before == statuses.count(200)
+        proc.stop()
+        proc.start()  # and after a restart, the same
+        with httpx.Client(base_url=proc.url, trust_env=False, timeout=60) as again:
+            assert _count(again, "stream.bn") - before == statuses.count(200)
 
 
 # --- 4. nothing stalls the loop --------------------------------------------------------
@@ -158,7 +173,7 @@ def test_a_huge_layer_is_refused_before_it_is_built(server, http) -> None:
     assert reply.status_code == 422
     assert "max_layer_features" in reply.json()["error"]
     assert http.get("/stats/big1").status_code == 404
-    assert max(latencies) < HEALTHZ_BUDGET
+    assert_responsive(latencies)
 
 
 def test_stats_leave_out_the_vectors_of_wide_layers(http) -> None:
@@ -185,7 +200,7 @@ def test_healthz_answers_while_a_big_json_body_is_served(server, http) -> None:
         reply = http.post("/normalize", content=payload,
                           headers={"Content-Type": "application/json"})
     assert reply.status_code == 200
-    assert max(latencies) < HEALTHZ_BUDGET
+    assert_responsive(latencies)
 
 
 def test_healthz_answers_while_a_big_binary_body_is_served(server, http) -> None:
@@ -194,7 +209,7 @@ def test_healthz_answers_while_a_big_binary_body_is_served(server, http) -> None
     with healthz_watch(server) as latencies:
         reply = http.post("/v2/models/stream.bn/infer", content=body, headers=headers)
     assert reply.status_code == 200
-    assert max(latencies) < HEALTHZ_BUDGET
+    assert_responsive(latencies)
 
 
 def test_json_bodies_over_max_json_bytes_are_413(http) -> None:

@@ -173,3 +173,48 @@ def test_corrupt_snapshot_is_an_error_naming_the_file(tmp_path: Path, damage: st
     assert "corrupt snapshot" in str(info.value)
     with pytest.raises(StateFileError, match="never replaced by defaults"):
         read_snapshot(tmp_path)
+
+
+def test_a_failed_write_keeps_the_records_an_fsync_under_way_covers(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    from service.state import journal as module
+
+    in_fsync, release = threading.Event(), threading.Event()
+
+    def blocking_fsync(fd: int) -> None:
+        in_fsync.set()
+        assert release.wait(10)
+
+    class FullDisk:
+        """``os`` with a write that fails once the disk is full."""
+
+        full = False
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def write(self, fd, data):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.write(fd, data)
+
+    fake = FullDisk()
+    monkeypatch.setattr(module, "os", fake)
+    journal = Journal(tmp_path, 1, fsync=blocking_fsync)
+    record = frame(b"acknowledged")
+    seq = journal.append(record)
+    acknowledged = []
+    leader = threading.Thread(target=lambda: acknowledged.append(journal.sync(seq) is None))
+    leader.start()
+    assert in_fsync.wait(10)  # the fsync that covers the record is under way ...
+    fake.full = True
+    failed = threading.Thread(target=lambda: pytest.raises(JournalFailedError,
+                                                           journal.append, frame(b"x")))
+    failed.start()  # ... when the next write fails
+    time.sleep(0.05)
+    release.set()
+    leader.join(10)
+    failed.join(10)
+    assert acknowledged == [True]
+    payloads, _ = read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")
+    assert payloads == [b"acknowledged"]  # still there: it was acknowledged

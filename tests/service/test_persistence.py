@@ -288,7 +288,9 @@ def test_a_key_in_flight_survives_a_full_window(specs) -> None:
     slot.lock.acquire()  # the first attempt is in flight, waiting for the layer
     try:
         attempts[0].start()
+        deadline = time.monotonic() + 10
         while store.applied.get("k") is None:
+            assert time.monotonic() < deadline
             time.sleep(0.001)
         for i in range(5):  # more keys than the window holds
             store.train("digits.head.bn", torch.randn(4, 64), request_id=f"other-{i}")
@@ -390,3 +392,13 @@ def test_a_state_dir_that_cannot_be_written_serves_read_only_until_it_can(
         persistence.close()
     again, _ = _open(tmp_path, specs)
     assert int(again.slot("stream.bn").layer.num_batches_tracked) == 1
+
+
+def test_a_reused_key_is_not_echoed_raw(specs) -> None:
+    store = Store(CPU)
+    store.load(specs)
+    key = "<script>alert(1)</script>"
+    store.train("stream.bn", torch.randn(4, 64), request_id=key)
+    with pytest.raises(IdempotencyConflictError) as caught:
+        store.train("stream.bn", torch.randn(4, 64), request_id=key)
+    assert "<script>" not in str(caught.value)

@@ -201,3 +201,16 @@ def test_model_metadata_shapes(kind, config, shape, stats):
     assert [o["name"] for o in meta["outputs"]] == list(types.output_names(kind))
     assert meta["outputs"][0]["shape"] == shape
     assert all(o["shape"] == stats for o in meta["outputs"][1:])
+
+
+@pytest.mark.parametrize(("header", "length"), [
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": [1], "data": [1.0]}]}, None),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": {}, "data": [1.0]}]}, None),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, "9" * 5000),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, "١٢"),
+])
+def test_odd_datatypes_and_header_lengths_are_client_errors(header, length):
+    body, _ = _request(header)
+    with pytest.raises(ServiceError) as caught:
+        codec.decode_infer_request(body, length, OUTPUTS)
+    assert status_of(caught.value, "v2") == 400

@@ -28,14 +28,18 @@ async def put_layer(name: LayerName, request: Request, engine: EngineDep) -> Res
     checkpoint (base64 in ``checkpoint_b64``; ``prefix`` selects its keys)."""
     body = await read_body(request)
     # Off the loop: a checkpoint to parse, a layer to build, a record to make safe.
-    info = await run_in_threadpool(_put_layer, engine, name, body, request.app.state.limits)
-    return json_response(encode_layer(info))
+    return await run_in_threadpool(_put_layer, engine, name, body, request.app.state.limits)
 
 
-def _put_layer(engine, name: str, body: bytearray, limits):
+def _put_layer(engine, name: str, body: bytearray, limits) -> Response:
     layer = decode_layer_request(body, limits)
-    return engine.put_layer(name, layer.kind, layer.config, layer.checkpoint, layer.prefix,
-                            layer.device)
+    return _entry(engine.put_layer(name, layer.kind, layer.config, layer.checkpoint,
+                                   layer.prefix, layer.device))
+
+
+def _entry(info) -> Response:
+    """A changed layer's entry; a wide layer's vectors are left out (``/stats/{name}``)."""
+    return json_response(encode_layer(info, summary=True))
 
 
 @router.delete("/{name}", response_model=Deleted, responses=errors(401, 403, 404, 422))
@@ -49,7 +53,7 @@ def delete_layer(name: LayerName, engine: EngineDep) -> Response:
              responses=errors(401, 403, 404, 422))
 def reset_layer(name: LayerName, engine: EngineDep) -> Response:
     """Return a layer to its checkpoint's statistics (torch's defaults without one)."""
-    return json_response(encode_layer(engine.reset_layer(name)))
+    return _entry(engine.reset_layer(name))
 
 
 @router.get(
@@ -75,5 +79,4 @@ async def upload_state(name: LayerName, request: Request, engine: EngineDep) -> 
     """Replace a layer's state with a safetensors file holding its keys."""
     engine.kind_of(name)  # 404 before the body is read
     body = bytes(await read_body(request))
-    info = await run_in_threadpool(engine.upload_state, name, body)
-    return json_response(encode_layer(info))
+    return await run_in_threadpool(lambda: _entry(engine.upload_state(name, body)))

@@ -38,6 +38,9 @@ async def normalize(request: Request) -> Response:
     label(request.scope, "mode", call.mode)
     x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor, limits)
     outcome = await normalize_tensor(request, call.layer, x, call.mode, call.request_id)
-    reply = encode_normalize_response(call.layer, call.mode, outcome,
-                                      call.output_encoding or given_encoding)
-    return await off_loop(outcome.output.numel(), json_response, reply)
+    return await off_loop(outcome.output.numel(), _reply, call, outcome,
+                          call.output_encoding or given_encoding)
+
+
+def _reply(call, outcome, encoding: str) -> Response:
+    return json_response(encode_normalize_response(call.layer, call.mode, outcome, encoding))
