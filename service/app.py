@@ -28,7 +28,7 @@ from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
 from .http.routes import admin, health, normalize, stats, v2
 from .http.schemas import with_request_models
-from .settings import Settings
+from .settings import ENV_FILE, Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
 from .state.store import Store
@@ -88,7 +88,8 @@ def create_app(
     settings: Settings | None = None, *, specs: list[LayerSpec] | None = None,
     load_in_background: bool = False, change_log: ChangeLog | None = None,
 ) -> FastAPI:
-    """The service for ``settings``, serving ``specs`` (the catalog file's if None).
+    """The service for ``settings`` (without them: the environment's and ``.env``'s),
+    serving ``specs`` (the catalog file's if None).
 
     State changes go to ``change_log`` if given, else to the one the settings name (the
     state dir's journal, or none: memory only).
@@ -96,7 +97,7 @@ def create_app(
     With ``load_in_background`` the server answers /healthz at once and /readyz turns 200
     when the layers are loaded; otherwise start-up waits for them.
     """
-    settings = settings or Settings()
+    settings = settings or Settings(_env_file=ENV_FILE)  # as an entry point (uvicorn --factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

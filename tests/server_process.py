@@ -189,7 +189,8 @@ def service_process(args: Sequence[str] = (), env: Mapping[str, str] | None = No
 
     Unless ``args`` name a ``--port`` (``"{port}"`` for a free one, as a server that logs
     below level info needs), it binds port 0 and the port is read from uvicorn's start-up
-    line. ``options`` go to ServerProcess (``log``, ``ready_timeout``, ...).
+    line. ``options`` go to ServerProcess (``log``, ``ready_timeout``, ...); the working
+    folder is a new empty one unless ``cwd`` says otherwise (the server reads ``.env`` there).
     """
     args = list(args)
     if "--port" not in args:
@@ -199,4 +200,6 @@ def service_process(args: Sequence[str] = (), env: Mapping[str, str] | None = No
     inherited = env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), inherited]))
     options.setdefault("name", "python -m service")
+    # A folder of its own, so no .env lying in the checkout reaches the server.
+    options.setdefault("cwd", Path(tempfile.mkdtemp(prefix="normcore-server-cwd-")))
     return ServerProcess([sys.executable, "-m", "service", *args], env=env, **options)
