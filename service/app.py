@@ -26,6 +26,7 @@ from .http.body_limit import BodyLimitMiddleware
 from .http.deps import run_step
 from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
+from .http.request_id import RequestIdMiddleware
 from .http.routes import admin, health, normalize, stats, v2
 from .http.schemas import with_request_models
 from .settings import ENV_FILE, Settings
@@ -158,4 +159,6 @@ def create_app(
     # Added first, so it runs inside the metrics middleware and its 413s are counted.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Outermost: every reply carries the request's id, and everything inside can log it.
+    app.add_middleware(RequestIdMiddleware)
     return app
