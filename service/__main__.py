@@ -3,7 +3,6 @@ uvicorn. ``python -m service --help`` lists every setting."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -17,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     # shared machine that multiplies latency. Read once, when torch loads; the
     # environment's own value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from . import logs
     from .settings import load_settings
 
     # First: --help and bad flags answer before the server is set up.
@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .core.catalog import CatalogError, load_catalog
     from .http.protocol import guarded_http_protocol
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
-                        else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     if settings.tune_allocator:
         from normcore.kernels import tune_allocator
 
@@ -49,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     # The guarded protocol closes connections whose request does not arrive within
     # client_timeout (slow clients); the service has no WebSocket routes, so none are served.
+    # Logging is configured above (log_config=None: uvicorn leaves it as it is); the access
+    # lines come from the app (service.logs.access), with the request id, layer and latency.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=20, ws="none",
+                log_config=None, access_log=False, timeout_graceful_shutdown=20, ws="none",
                 http=guarded_http_protocol(settings.client_timeout))
     return 1 if app.state.failure else 0
 

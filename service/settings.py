@@ -101,6 +101,10 @@ class Settings(BaseSettings):
                                  "resident memory stays near its peak.")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="Least severe messages logged.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per "
+        "line (time, level, message, request_id, route, status, latency_ms, layer).")
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:

@@ -8,6 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import logs
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
@@ -41,8 +43,8 @@ def label(scope: Scope, key: str, value: str) -> None:
 
 
 class MetricsMiddleware:
-    """Times every request and counts it by route template (never by raw path, which a
-    client could vary without bound), layer and mode."""
+    """Times every request, counts it by route template (never by raw path, which a
+    client could vary without bound), layer and mode, and writes its access log line."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -68,7 +70,9 @@ class MetricsMiddleware:
             state = scope.get("state", {})
             layer = state.get("metrics_layer", "")
             mode = state.get("metrics_mode", "")
-            self.metrics.latency.labels(route, layer, mode).observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self.metrics.latency.labels(route, layer, mode).observe(elapsed)
+            logs.access(scope["method"], scope["path"], route, status, elapsed, layer, mode)
             self.metrics.requests.labels(route, layer, mode, str(status)).inc()
             if 400 <= status < 500:
                 self.metrics.rejected.labels(route, str(status)).inc()
