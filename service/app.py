@@ -28,7 +28,7 @@ from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
 from .http.request_id import RequestIdMiddleware
 from .http.routes import admin, health, normalize, stats, v2
-from .http.schemas import with_request_models
+from .http.schemas import with_bearer_scheme, with_request_models
 from .settings import ENV_FILE, Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
@@ -145,7 +145,8 @@ def create_app(
             settings.batch_max_size, settings.batch_max_delay_ms / 1000,
         )
     install_error_handlers(app)
-    app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
+    app.openapi = lambda: app.openapi_schema or with_bearer_scheme(
+        with_request_models(FastAPI.openapi(app)))
     for router in (health.router, normalize.router, stats.router, admin.router):
         app.include_router(router)
     app.include_router(v2.router)
