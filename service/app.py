@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Route
 
 from normcore import kernels
@@ -36,6 +37,10 @@ from .state.store import Store
 from .wire.tensors import Limits
 
 log = logging.getLogger("normcore.service")
+
+# What a browser may send cross-origin: the token, bodies (compressed, V2 binary) and ids.
+CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept-Encoding",
+                "Inference-Header-Content-Length", "X-Request-ID"]
 
 
 def _warn_about(settings: Settings) -> None:
@@ -160,6 +165,13 @@ def create_app(
     # Added first, so it runs inside the metrics middleware and its 413s are counted.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        # Browsers on these origins may call the API; the token travels in a header, never
+        # in cookies, so no credentials mode.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=CORS_HEADERS,
+            expose_headers=["X-Request-ID", "Inference-Header-Content-Length"], max_age=600)
     # Outermost: every reply carries the request's id, and everything inside can log it.
     app.add_middleware(RequestIdMiddleware)
     return app

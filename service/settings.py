@@ -10,13 +10,14 @@ drift apart. Secrets are never flags (a command line shows in ``ps``): the token
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 
 from .core.devices import DEVICE_HELP, DEVICE_OR_AUTO
 
@@ -104,6 +105,20 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="text: one readable line per event; json: one JSON object per "
         "line (time, level, message, request_id, route, status, latency_ms, layer).")
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Origins browsers may call from, comma-separated "
+        "(or *); none by default.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @field_validator("device")
     @classmethod
