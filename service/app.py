@@ -79,6 +79,17 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
              engine.server_info().default_device)
 
 
+def _start_grpc(app: FastAPI):
+    """KServe V2 over gRPC on the same engine; grpc is loaded only here."""
+    from .grpc.server import GrpcServer
+
+    state = app.state
+    server = GrpcServer(state.engine, state.settings, state.limits, lambda: state.ready,
+                        state.metrics.observe)
+    server.start()
+    return server
+
+
 class _DirectRoute(Route):
     """A plain route that still names itself in the scope, as FastAPI's routes do, so
     metrics are labelled by its path template."""
@@ -115,7 +126,10 @@ def create_app(
                              name="normcore-load").start()
         else:
             _load(app, specs)
+        grpc_server = _start_grpc(app) if settings.grpc_port else None
         yield
+        if grpc_server is not None:  # the calls in flight are answered
+            await run_in_threadpool(grpc_server.stop, 10.0)
         # uvicorn has finished the requests in flight: sync the journal, write a snapshot.
         await run_in_threadpool(app.state.engine.close)
 

@@ -35,7 +35,8 @@ def cores() -> int:
 
 
 HELP = """\
-Serve normcore layers over HTTP: REST and the KServe V2 protocol. Every flag also reads
+Serve normcore layers over HTTP (REST and the KServe V2 protocol) and gRPC (KServe V2).
+Every flag also reads
 the environment variable shown with it, and a .env file in the working folder; flags win,
 then the environment, then .env. The token is never a flag: set NORMCORE_API_TOKEN or
 NORMCORE_API_TOKEN_FILE."""
@@ -50,6 +51,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to bind; the image sets 0.0.0.0.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free one).")
+    grpc_port: int = Field(8001, ge=0, le=65535,
+                           description="gRPC port (KServe V2), on the same host; 0: no gRPC.")
     catalog: Path | None = Field(None, description="Layer catalog TOML; built-in if unset.")
     state_dir: Path | None = Field(None, description="Durable state; memory only if unset.")
     snapshot_every: int = Field(10_000, gt=0,

@@ -189,13 +189,16 @@ def service_process(args: Sequence[str] = (), env: Mapping[str, str] | None = No
 
     Unless ``args`` name a ``--port`` (``"{port}"`` for a free one, as a server that logs
     below level info needs), it binds port 0 and the port is read from uvicorn's start-up
-    line. ``options`` go to ServerProcess (``log``, ``ready_timeout``, ...); the working
-    folder is a new empty one unless ``cwd`` says otherwise (the server reads ``.env`` there).
+    line. gRPC is off unless ``args`` or ``env`` name its port. ``options`` go to
+    ServerProcess (``log``, ``ready_timeout``, ...); the working folder is a new empty one
+    unless ``cwd`` says otherwise (the server reads ``.env`` there).
     """
     args = list(args)
     if "--port" not in args:
         args += ["--port", "0"]
         options.setdefault("port_from_log", UVICORN_LISTENING)
+    if "--grpc-port" not in args and "NORMCORE_GRPC_PORT" not in (env or {}):
+        args += ["--grpc-port", "0"]  # no fixed port that another server could hold
     env = dict(env or {})
     inherited = env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), inherited]))

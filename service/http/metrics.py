@@ -36,6 +36,17 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def observe(self, route: str, layer: str, mode: str, status: str, seconds: float,
+                ok: bool, rejected: bool) -> None:
+        """One request served (over HTTP or gRPC): ``ok`` if it succeeded, ``rejected`` if
+        the client was refused (a 4xx, or its gRPC equivalent)."""
+        self.latency.labels(route, layer, mode).observe(seconds)
+        self.requests.labels(route, layer, mode, status).inc()
+        if rejected:
+            self.rejected.labels(route, status).inc()
+        if ok and mode == "train" and layer:
+            self.train_updates.labels(layer).inc()
+
 
 def label(scope: Scope, key: str, value: str) -> None:
     """Attach a metrics label (layer, mode) to the request being served."""
@@ -71,10 +82,6 @@ class MetricsMiddleware:
             layer = state.get("metrics_layer", "")
             mode = state.get("metrics_mode", "")
             elapsed = time.perf_counter() - start
-            self.metrics.latency.labels(route, layer, mode).observe(elapsed)
+            self.metrics.observe(route, layer, mode, str(status), elapsed, status == 200,
+                                 400 <= status < 500)
             logs.access(scope["method"], scope["path"], route, status, elapsed, layer, mode)
-            self.metrics.requests.labels(route, layer, mode, str(status)).inc()
-            if 400 <= status < 500:
-                self.metrics.rejected.labels(route, str(status)).inc()
-            if status == 200 and mode == "train" and layer:
-                self.metrics.train_updates.labels(layer).inc()
