@@ -28,7 +28,7 @@ from .http.deps import run_step
 from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
 from .http.request_id import RequestIdMiddleware
-from .http.routes import admin, health, normalize, stats, v2
+from .http.routes import admin, health, normalize, stats, v2, v2_repository
 from .http.schemas import with_bearer_scheme, with_request_models
 from .settings import ENV_FILE, Settings
 from .state.changes import ChangeLog
@@ -168,6 +168,8 @@ def create_app(
         with_request_models(FastAPI.openapi(app)))
     for router in (health.router, normalize.router, stats.router, admin.router):
         app.include_router(router)
+    # First: /v2/models/stats must not be taken for the model "stats".
+    app.include_router(v2_repository.router)
     app.include_router(v2.router)
     # The two hot routes are also matched first as plain routes: the same endpoints, minus
     # the per-request dependency solving and routing scan (the FastAPI routes above still

@@ -20,7 +20,7 @@ from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
 from .catalog import LayerSpec, check_arguments, layer_config, layer_width, make_layer
 from .devices import resolve_device
-from .errors import NAME, NAME_PATTERN, InvalidRequestError
+from .errors import NAME, NAME_PATTERN, InvalidRequestError, LayerUnloadedError
 
 MODES = ("eval", "train")
 
@@ -42,6 +42,10 @@ class LayerInfo:
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: int | None
+    version: int = 1  # changes when the layer is replaced
+    loaded: bool = True  # served; an unloaded layer keeps its state
+    compute_ns: int = 0  # time spent normalizing
+    last_inference: float | None = None  # seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,16 @@ class Engine:
     # --- normalize ----------------------------------------------------------------------
 
     def kind_of(self, name: str) -> str:
-        """The kind of a served layer; ``LayerNotFoundError`` if there is none."""
+        """The kind of a layer; ``LayerNotFoundError`` if there is none."""
         return self.store.slot(name).spec.kind
+
+    def served(self, name: str) -> tuple[str, int]:
+        """(kind, version) of a layer that is served: ``LayerNotFoundError`` if there is
+        none, ``LayerUnloadedError`` if it is unloaded."""
+        slot = self.store.slot(name)
+        if not slot.loaded:
+            raise LayerUnloadedError(name)
+        return slot.spec.kind, slot.version
 
     def layer_count(self) -> int:
         return len(self.store)
@@ -101,7 +113,10 @@ class Engine:
         ``deadline`` (time.monotonic) raises ``RequestTimeoutError`` with nothing applied."""
         check_mode(mode)
         check_request_id(request_id)
-        _check_instance_channels(self.store.slot(name), x)
+        slot = self.store.slot(name)
+        if not slot.loaded:
+            raise LayerUnloadedError(name)
+        _check_instance_channels(slot, x)
         if mode == "eval":
             return self.store.evaluate(name, x, deadline)
         return self.store.train(name, x, request_id, deadline)
@@ -176,6 +191,14 @@ class Engine:
         self.store.put(spec, layer)
         return self.layer_info(name)
 
+    def load_layer(self, name: str) -> None:
+        """Serve an unloaded layer again (V2 repository load)."""
+        self.store.set_loaded(name, True)
+
+    def unload_layer(self, name: str) -> None:
+        """Stop serving a layer and keep it, state and all (V2 repository unload)."""
+        self.store.set_loaded(name, False)
+
     def delete_layer(self, name: str) -> None:
         self.store.delete(name)
 
@@ -202,6 +225,7 @@ class Engine:
             self._shown_path(slot.spec.checkpoint), dict(slot.requests), slot.rejected,
             slot.last_update, running_mean,
             None if running_mean is None else layer.running_var, num_batches(layer),
+            slot.version, slot.loaded, slot.compute_ns, slot.last_inference,
         )
 
     def _shown_path(self, path: Path | None) -> Path | None:

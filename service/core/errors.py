@@ -6,7 +6,8 @@ in ``service.http.errors`` turns these into REST and V2 replies.
     │   │                         mode, name, configuration or device)
     │   └── MalformedRequestError the body cannot even be parsed (not JSON, not gzip, ...)
     ├── PayloadTooLargeError      a body over the size limit, sent or once decompressed
-    ├── NotFoundError             no such layer (``LayerNotFoundError``) or model version
+    ├── NotFoundError             no such layer (``LayerNotFoundError``) or model version,
+    │                             or a layer not served now (``LayerUnloadedError``)
     ├── ConflictError             a request_id already used for another input or layer
     ├── MissingTokenError         a token is required and none was sent
     ├── InvalidTokenError         the token sent is not the server's
@@ -76,6 +77,14 @@ class LayerNotFoundError(NotFoundError):
         if isinstance(self.name, str) and NAME.match(self.name):
             return f"unknown layer {self.name!r}"
         return f"unknown layer (names match {NAME_PATTERN})"
+
+
+class LayerUnloadedError(NotFoundError):
+    """The layer is kept, with its state, but not served (V2 repository unload)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model '{name}' is unloaded: load it to serve it again "
+                         f"(POST /v2/repository/models/{name}/load)")
 
 
 class VersionNotFoundError(NotFoundError):

@@ -28,10 +28,10 @@ import grpc
 from .. import __version__, logs
 from ..context import REQUEST_ID, request_id_from
 from ..core.auth import Access
-from ..core.engine import Engine
+from ..core.engine import Engine, LayerInfo
 from ..http.errors import grpc_status_of
 from ..settings import Settings
-from ..wire import v2_grpc, v2_types
+from ..wire import v2_grpc, v2_repository, v2_types
 from ..wire.proto import METHODS, SERVICE, messages
 from ..wire.tensors import Limits
 
@@ -86,21 +86,60 @@ class InferenceService:
         self.access.read(call.authorization)
         call.layer = request.name
         try:
-            self.engine.kind_of(request.name)
+            _, version = self.engine.served(request.name)
             if request.version:
-                v2_types.check_version(request.name, request.version)
-        except LookupError:  # an unknown model or version is not ready, as over HTTP
+                v2_types.check_version(request.name, request.version, version)
+        except LookupError:  # unknown, unloaded, another version: not ready, as over HTTP
             return messages.ModelReadyResponse(ready=False)
         return messages.ModelReadyResponse(ready=True)
 
-    def ModelMetadata(self, request: Any, call: Call) -> Any:
+    def _info(self, name: str, version: str, call: Call) -> LayerInfo:
         self.access.read(call.authorization)
-        call.layer = request.name
-        info = self.engine.layer_info(request.name)
-        if request.version:
-            v2_types.check_version(request.name, request.version)
-        return v2_grpc.to_message(v2_types.model_metadata(request.name, info.kind, info.config),
-                                  messages.ModelMetadataResponse)
+        call.layer = name
+        info = self.engine.layer_info(name)
+        if version:
+            v2_types.check_version(name, version, info.version)
+        return info
+
+    def ModelMetadata(self, request: Any, call: Call) -> Any:
+        info = self._info(request.name, request.version, call)
+        return v2_grpc.to_message(
+            v2_types.model_metadata(request.name, info.kind, info.config, info.version),
+            messages.ModelMetadataResponse)
+
+    # --- extensions: configuration, statistics, repository -------------------------------
+
+    def ModelConfig(self, request: Any, call: Call) -> Any:
+        info = self._info(request.name, request.version, call)
+        return v2_grpc.to_message({"config": v2_repository.model_config(info)},
+                                  messages.ModelConfigResponse)
+
+    def ModelStatistics(self, request: Any, call: Call) -> Any:
+        if request.name:
+            layers = [self._info(request.name, request.version, call)]
+        else:
+            self.access.read(call.authorization)
+            layers = self.engine.server_info().layers
+        return v2_grpc.to_message(v2_repository.model_statistics(layers),
+                                  messages.ModelStatisticsResponse)
+
+    def RepositoryIndex(self, request: Any, call: Call) -> Any:
+        self.access.read(call.authorization)
+        index = v2_repository.repository_index(self.engine.server_info().layers, request.ready)
+        return v2_grpc.to_message({"models": index}, messages.RepositoryIndexResponse)
+
+    def RepositoryModelLoad(self, request: Any, call: Call) -> Any:
+        self.access.write(call.authorization)
+        call.layer = request.model_name
+        v2_repository.decode_load_request({"parameters": dict(request.parameters)})
+        self.engine.load_layer(request.model_name)
+        return messages.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request: Any, call: Call) -> Any:
+        self.access.write(call.authorization)
+        call.layer = request.model_name
+        self.engine.unload_layer(request.model_name)
+        return messages.RepositoryModelUnloadResponse()
 
     # --- infer --------------------------------------------------------------------------
 
@@ -108,17 +147,17 @@ class InferenceService:
         name = request.model_name
         # Before the lookup (with reads protected, NOT_FOUND names layers) and the tensor.
         self.access.early(call.authorization)
-        kind = self.engine.kind_of(name)
+        kind, version = self.engine.served(name)
         call.layer = name
         if request.model_version:
-            v2_types.check_version(name, request.model_version)
+            v2_types.check_version(name, request.model_version, version)
         parsed = v2_grpc.decode_infer_request(request, v2_types.output_names(kind), self.limits)
         call.mode = parsed.mode
         self.access.for_mode(parsed.mode, call.authorization)
         deadline = time.monotonic() + self.settings.request_timeout
         outcome = self.engine.normalize(name, parsed.x, parsed.mode, parsed.request_id,
                                         deadline)
-        return v2_grpc.encode_infer_response(name, v2_types.MODEL_VERSION, parsed,
+        return v2_grpc.encode_infer_response(name, str(version), parsed,
                                              outcome.output, outcome.stats,
                                              outcome.num_batches_tracked)
 

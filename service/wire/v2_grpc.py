@@ -158,5 +158,6 @@ def encode_infer_response(
 
 
 def to_message(value: dict[str, Any], message_class: type) -> Any:
-    """A metadata or configuration reply from the dict HTTP sends (same field names)."""
-    return json_format.ParseDict(value, message_class())
+    """A metadata, configuration or statistics reply from the dict HTTP sends (the same
+    field names; what the messages leave out, such as ``batch_stats``, is dropped)."""
+    return json_format.ParseDict(value, message_class(), ignore_unknown_fields=True)
