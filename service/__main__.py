@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     # shared machine that multiplies latency. Read once, when torch loads; the
     # environment's own value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from . import logs
+    from . import logs, tracing
     from .settings import load_settings
 
     # First: --help and bad flags answer before the server is set up.
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     from .core.catalog import CatalogError, load_catalog
     from .http.protocol import guarded_http_protocol
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        tracing.configure()  # by the OTEL_* variables; nothing is loaded without them
+    except tracing.TracingConfigError as exc:
+        print(f"normcore: cannot start: {exc}", file=sys.stderr)
+        return 2
     if settings.tune_allocator:
         from normcore.kernels import tune_allocator
 
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 log_config=None, access_log=False, timeout_graceful_shutdown=20, ws="none",
                 http=guarded_http_protocol(settings.client_timeout))
+    tracing.shutdown()  # the spans still buffered are sent
     return 1 if app.state.failure else 0
 
 

@@ -18,7 +18,7 @@ from starlette.routing import Match, Route
 
 from normcore import kernels
 
-from . import __version__
+from . import __version__, tracing
 from .core.batching import EvalBatcher
 from .core.catalog import LayerSpec, default_catalog, load_catalog
 from .core.devices import resolve_device
@@ -30,6 +30,7 @@ from .http.metrics import Metrics, MetricsMiddleware
 from .http.request_id import RequestIdMiddleware
 from .http.routes import admin, health, normalize, stats, v2, v2_repository
 from .http.schemas import with_bearer_scheme, with_request_models
+from .http.tracing import TracingMiddleware
 from .settings import ENV_FILE, Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
@@ -188,6 +189,8 @@ def create_app(
             CORSMiddleware, allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=CORS_HEADERS,
             expose_headers=["X-Request-ID", "Inference-Header-Content-Length"], max_age=600)
+    if tracing.enabled():  # off (the default): not even a pass-through layer
+        app.add_middleware(TracingMiddleware)
     # Outermost: every reply carries the request's id, and everything inside can log it.
     app.add_middleware(RequestIdMiddleware)
     return app

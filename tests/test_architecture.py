@@ -114,6 +114,13 @@ def test_only_the_grpc_transport_imports_grpc() -> None:
     assert all(user.startswith(GRPC) for user in users), users
 
 
+def test_only_the_tracing_module_imports_opentelemetry() -> None:
+    # Imported there lazily, so nothing of it loads while tracing is off.
+    users = {_rel(p) for p in _service_modules()
+             if "opentelemetry" in _top(_imported_modules(p))}
+    assert users == {"service/tracing.py"}
+
+
 def test_the_grpc_transport_reaches_http_only_for_the_error_table() -> None:
     for path in (SERVICE / "grpc").rglob("*.py"):
         http = {m for m in _imported_modules(path) if m.startswith("service.http")}

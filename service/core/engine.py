@@ -16,6 +16,7 @@ import torch
 
 from normcore.checkpoint import load_layer_state, load_state_dict_bytes
 
+from .. import tracing
 from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
 from .catalog import LayerSpec, check_arguments, layer_config, layer_width, make_layer
@@ -117,6 +118,13 @@ class Engine:
         if not slot.loaded:
             raise LayerUnloadedError(name)
         _check_instance_channels(slot, x)
+        if tracing.enabled():  # off: not even a no-op span on the hot path
+            with tracing.span("normalize", **{"normcore.layer": name, "normcore.mode": mode}):
+                return self._step(name, x, mode, request_id, deadline)
+        return self._step(name, x, mode, request_id, deadline)
+
+    def _step(self, name: str, x: torch.Tensor, mode: str, request_id: str | None,
+              deadline: float | None) -> Outcome:
         if mode == "eval":
             return self.store.evaluate(name, x, deadline)
         return self.store.train(name, x, request_id, deadline)
@@ -139,7 +147,9 @@ class Engine:
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
         """Eval outcomes for inputs merged into one layer call (see ``can_batch``)."""
-        return self.store.evaluate_many(name, xs)
+        with tracing.span("normalize batch", **{"normcore.layer": name,
+                                                "normcore.batch_requests": len(xs)}):
+            return self.store.evaluate_many(name, xs)
 
     # --- statistics ---------------------------------------------------------------------
 

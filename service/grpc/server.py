@@ -9,7 +9,8 @@ What HTTP does, gRPC does the same way: the token (metadata ``authorization: Bea
 ``service.core.auth``), the limits (``max_body_bytes`` caps a message, ``max_rank`` and
 ``max_elements`` a tensor), the request timeout, durability and idempotent retries (the
 engine's), ``x-request-id`` (honoured or generated, echoed in the initial metadata), one
-access log line and the Prometheus counters per call. Errors are the gRPC codes and V2
+access log line and the Prometheus counters per call, and a server span when tracing is on
+(``service.tracing``). Errors are the gRPC codes and V2
 messages of ``service.http.errors``.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from .. import __version__, logs
+from .. import __version__, logs, tracing
 from ..context import REQUEST_ID, request_id_from
 from ..core.auth import Access
 from ..core.engine import Engine, LayerInfo
@@ -180,7 +181,18 @@ def _handler(service: InferenceService, method: str, observe: Observer | None):
         status = "OK"
         try:
             context.send_initial_metadata((("x-request-id", request_id),))
-            return serve(request, call)
+            if not tracing.enabled():
+                return serve(request, call)
+            with tracing.server_span(f"{SERVICE}/{method}", call.metadata, **{
+                "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method,
+                "normcore.request_id": request_id,
+            }) as span:
+                try:
+                    return serve(request, call)
+                finally:
+                    for key, value in (("layer", call.layer), ("mode", call.mode)):
+                        if value:
+                            span.set_attribute(f"normcore.{key}", value)
         except Exception as exc:
             status, message = grpc_status_of(exc)
             context.abort(grpc.StatusCode[status], message)
