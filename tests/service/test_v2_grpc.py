@@ -242,3 +242,34 @@ def test_grpc_calls_are_counted_in_the_metrics(client, http) -> None:
     infer(client, "features.ln", np.ones((1, 64), np.float32), "FP32")
     text = http.get("/metrics").text
     assert 'route="/inference.GRPCInferenceService/ModelInfer"' in text
+
+
+@pytest.mark.slow
+def test_a_grpc_train_step_is_durable(tmp_path) -> None:
+    grpc_port = free_port()
+    args = ["--grpc-port", str(grpc_port), "--state-dir", str(tmp_path / "state")]
+    x = np.random.default_rng(5).normal(size=(8, 64)).astype(np.float32)
+    with service_process(args, env={"NORMCORE_DEVICE": "cpu"}) as server:
+        with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            result = infer(client, "stream.bn", x, "FP32", parameters={"mode": "train"})
+        count = int(result.get_response(as_json=True)["parameters"]["num_batches_tracked"]
+                    ["int64_param"])
+        server.kill()  # no graceful stop: the journal alone must hold the step
+        server.start()
+        stats = httpx.get(f"{server.url}/stats/stream.bn", trust_env=False).json()
+    assert stats["num_batches_tracked"] == count
+
+
+def test_a_grpc_port_that_is_taken_stops_start_up() -> None:
+    import socket
+
+    from tests.server_process import ServerError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = service_process(["--grpc-port", str(port)], env={"NORMCORE_DEVICE": "cpu"})
+        with pytest.raises(ServerError, match="exited"):
+            server.start()
+    assert "gRPC cannot listen on 127.0.0.1:" in server.log()
