@@ -24,7 +24,7 @@ def _load() -> tuple[descriptor_pool.DescriptorPool, SimpleNamespace]:
     files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
-        pool.Add(file)
+        pool.AddSerializedFile(file.SerializeToString())
     (file,) = files.file
     classes = {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(
         f"{PACKAGE}.{name}")) for name in (m.name for m in file.message_type)}
