@@ -56,6 +56,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     NORMCORE_HOST=0.0.0.0 \
     NORMCORE_PORT=8000 \
+    NORMCORE_GRPC_PORT=8001 \
     NORMCORE_STATE_DIR=/var/lib/normcore
 
 # State (flushed on SIGTERM) and an optional user catalog folder: point NORMCORE_CATALOG at a
@@ -65,7 +66,9 @@ VOLUME ["/var/lib/normcore", "/etc/normcore"]
 WORKDIR /home/normcore
 USER 10001:10001
 
+# HTTP (REST and KServe V2), then gRPC (KServe V2).
 EXPOSE 8000
+EXPOSE 8001
 
 # No curl in a slim image: probe /readyz with the standard library (503 -> exception -> exit 1).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

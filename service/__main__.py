@@ -1,30 +1,13 @@
-"""``python -m service``: settings -> catalog -> create_app -> uvicorn."""
+"""``python -m service``: settings (flags, environment, .env) -> catalog -> create_app ->
+uvicorn. ``python -m service --help`` lists every setting."""
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import signal
 import sys
 
 from pydantic import ValidationError
-
-
-def parse_args(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description="Serve normcore layers over HTTP. Every flag also reads NORMCORE_<NAME>; "
-        "flags win.",
-    )
-    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--catalog", help="layer catalog TOML (default: the built-in one)")
-    parser.add_argument("--state-dir", help="folder for durable state (default: memory only)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--log-level", help="critical|error|warning|info|debug|trace")
-    args = vars(parser.parse_args(argv))
-    return {k: v for k, v in args.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,21 +16,27 @@ def main(argv: list[str] | None = None) -> int:
     # shared machine that multiplies latency. Read once, when torch loads; the
     # environment's own value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from . import logs, tracing
+    from .settings import load_settings
+
+    # First: --help and bad flags answer before the server is set up.
+    try:
+        settings = load_settings(argv)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"normcore: invalid settings: {problems}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from .app import create_app
     from .core.catalog import CatalogError, load_catalog
     from .http.protocol import guarded_http_protocol
-    from .settings import Settings
-
+    logs.configure(settings.log_level, settings.log_format)
     try:
-        settings = Settings(**parse_args(argv))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"normcore: invalid settings: {problems}", file=sys.stderr)
+        tracing.configure()  # by the OTEL_* variables; nothing is loaded without them
+    except tracing.TracingConfigError as exc:
+        print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
-                        else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.tune_allocator:
         from normcore.kernels import tune_allocator
 
@@ -64,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     # The guarded protocol closes connections whose request does not arrive within
     # client_timeout (slow clients); the service has no WebSocket routes, so none are served.
+    # Logging is configured above (log_config=None: uvicorn leaves it as it is); the access
+    # lines come from the app (service.logs.access), with the request id, layer and latency.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=20, ws="none",
+                log_config=None, access_log=False, timeout_graceful_shutdown=20, ws="none",
                 http=guarded_http_protocol(settings.client_timeout))
+    tracing.shutdown()  # the spans still buffered are sent
     return 1 if app.state.failure else 0
 
 

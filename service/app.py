@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, Route
 
 from normcore import kernels
 
-from . import __version__
+from . import __version__, tracing
 from .core.batching import EvalBatcher
 from .core.catalog import LayerSpec, default_catalog, load_catalog
 from .core.devices import resolve_device
@@ -26,15 +27,21 @@ from .http.body_limit import BodyLimitMiddleware
 from .http.deps import run_step
 from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
-from .http.routes import admin, health, models, normalize, stats, v2
-from .http.schemas import with_request_models
-from .settings import Settings
+from .http.request_id import RequestIdMiddleware
+from .http.routes import admin, health, models, normalize, stats, v2, v2_repository
+from .http.schemas import with_bearer_scheme, with_request_models
+from .http.tracing import TracingMiddleware
+from .settings import ENV_FILE, Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
 from .state.store import Store
 from .wire.tensors import Limits
 
 log = logging.getLogger("normcore.service")
+
+# What a browser may send cross-origin: the token, bodies (compressed, V2 binary) and ids.
+CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept-Encoding",
+                "Inference-Header-Content-Length", "X-Request-ID"]
 
 
 def _warn_about(settings: Settings) -> None:
@@ -73,6 +80,17 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
              engine.server_info().default_device)
 
 
+def _start_grpc(app: FastAPI):
+    """KServe V2 over gRPC on the same engine; grpc is loaded only here."""
+    from .grpc.server import GrpcServer
+
+    state = app.state
+    server = GrpcServer(state.engine, state.settings, state.limits, lambda: state.ready,
+                        state.metrics.observe)
+    server.start()
+    return server
+
+
 class _DirectRoute(Route):
     """A plain route that still names itself in the scope, as FastAPI's routes do, so
     metrics are labelled by its path template."""
@@ -88,7 +106,8 @@ def create_app(
     settings: Settings | None = None, *, specs: list[LayerSpec] | None = None,
     load_in_background: bool = False, change_log: ChangeLog | None = None,
 ) -> FastAPI:
-    """The service for ``settings``, serving ``specs`` (the catalog file's if None).
+    """The service for ``settings`` (without them: the environment's and ``.env``'s),
+    serving ``specs`` (the catalog file's if None).
 
     State changes go to ``change_log`` if given, else to the one the settings name (the
     state dir's journal, or none: memory only).
@@ -96,7 +115,7 @@ def create_app(
     With ``load_in_background`` the server answers /healthz at once and /readyz turns 200
     when the layers are loaded; otherwise start-up waits for them.
     """
-    settings = settings or Settings()
+    settings = settings or Settings(_env_file=ENV_FILE)  # as an entry point (uvicorn --factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,7 +127,10 @@ def create_app(
                              name="normcore-load").start()
         else:
             _load(app, specs)
+        grpc_server = _start_grpc(app) if settings.grpc_port else None
         yield
+        if grpc_server is not None:  # the calls in flight are answered
+            await run_in_threadpool(grpc_server.stop, 10.0)
         # uvicorn has finished the requests in flight: sync the journal, write a snapshot.
         await run_in_threadpool(app.state.engine.close)
 
@@ -143,10 +165,13 @@ def create_app(
             settings.batch_max_size, settings.batch_max_delay_ms / 1000,
         )
     install_error_handlers(app)
-    app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
+    app.openapi = lambda: app.openapi_schema or with_bearer_scheme(
+        with_request_models(FastAPI.openapi(app)))
     for router in (health.router, normalize.router, stats.router, models.router,
                    admin.router):
         app.include_router(router)
+    # First: /v2/models/stats must not be taken for the model "stats".
+    app.include_router(v2_repository.router)
     app.include_router(v2.router)
     # The two hot routes are also matched first as plain routes: the same endpoints, minus
     # the per-request dependency solving and routing scan (the FastAPI routes above still
@@ -158,4 +183,15 @@ def create_app(
     # Added first, so it runs inside the metrics middleware and its 413s are counted.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        # Browsers on these origins may call the API; the token travels in a header, never
+        # in cookies, so no credentials mode.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=CORS_HEADERS,
+            expose_headers=["X-Request-ID", "Inference-Header-Content-Length"], max_age=600)
+    if tracing.enabled():  # off (the default): not even a pass-through layer
+        app.add_middleware(TracingMiddleware)
+    # Outermost: every reply carries the request's id, and everything inside can log it.
+    app.add_middleware(RequestIdMiddleware)
     return app

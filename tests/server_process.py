@@ -189,14 +189,20 @@ def service_process(args: Sequence[str] = (), env: Mapping[str, str] | None = No
 
     Unless ``args`` name a ``--port`` (``"{port}"`` for a free one, as a server that logs
     below level info needs), it binds port 0 and the port is read from uvicorn's start-up
-    line. ``options`` go to ServerProcess (``log``, ``ready_timeout``, ...).
+    line. gRPC is off unless ``args`` or ``env`` name its port. ``options`` go to
+    ServerProcess (``log``, ``ready_timeout``, ...); the working folder is a new empty one
+    unless ``cwd`` says otherwise (the server reads ``.env`` there).
     """
     args = list(args)
     if "--port" not in args:
         args += ["--port", "0"]
         options.setdefault("port_from_log", UVICORN_LISTENING)
+    if "--grpc-port" not in args and "NORMCORE_GRPC_PORT" not in (env or {}):
+        args += ["--grpc-port", "0"]  # no fixed port that another server could hold
     env = dict(env or {})
     inherited = env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), inherited]))
     options.setdefault("name", "python -m service")
+    # A folder of its own, so no .env lying in the checkout reaches the server.
+    options.setdefault("cwd", Path(tempfile.mkdtemp(prefix="normcore-server-cwd-")))
     return ServerProcess([sys.executable, "-m", "service", *args], env=env, **options)

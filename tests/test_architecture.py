@@ -1,7 +1,8 @@
 """The layering the project depends on (docs/ARCHITECTURE.md): normcore is pure compute;
-the web framework lives in service/http and the entry points; routes call the engine, only
-the engine calls the store, the store and its change log meet through one interface; only
-service/http/errors.py chooses status codes; no module grows past 400 lines."""
+the web framework lives in service/http and the entry points, grpc in service/grpc;
+transports call the engine, only the engine calls the store, the store and its change log
+meet through one interface; only service/http/errors.py chooses status codes; no module
+grows past 400 lines."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ WEB = {"service", "fastapi", "starlette", "uvicorn", "httpx", "pydantic", "pydan
        "prometheus_client", "orjson"}
 FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 ENTRY_POINTS = {"service/__main__.py", "service/app.py", "service/cli.py"}
+# The gRPC transport: the one place that imports grpc. It reaches service/http only for the
+# error table, which loads the web framework with it (both run in the app's process).
+GRPC = "service/grpc/"
+# protobuf: the messages (wire/proto), their codec, and the gRPC transport.
+PROTOBUF_USERS = ("service/wire/proto/", "service/wire/v2_grpc.py", GRPC)
 
 
 def _rel(path: Path) -> str:
@@ -68,25 +74,57 @@ def _outside_http() -> list[Path]:
             if not _rel(p).startswith("service/http/") and _rel(p) not in ENTRY_POINTS]
 
 
-def test_the_web_framework_is_not_loaded_outside_http_even_indirectly() -> None:
-    # Each module in a fresh interpreter: an import chain (a journal that pulls in an
-    # error module that pulls in FastAPI) shows in sys.modules, not in the source.
-    modules = [_module(p) for p in _outside_http()] + ["normcore"]
+def _loaded_by(modules: list[str], watched: set[str]) -> dict[str, list[str]]:
+    """Which of the ``watched`` top-level packages importing each module loads, each in a
+    fresh state: an import chain (a journal that pulls in an error module that pulls in
+    FastAPI) shows in sys.modules, not in the source."""
+    watched = set(watched)
     script = (
         "import importlib, json, sys\n"
         f"found = {{}}\nfor name in {modules!r}:\n"
-        "    before = set(sys.modules)\n"
         "    for m in list(sys.modules):\n"
-        "        if m.split('.')[0] in ('service', 'fastapi', 'starlette', 'uvicorn'):\n"
+        f"        if m.split('.')[0] in {watched | {'service'}!r}:\n"
         "            del sys.modules[m]\n"
         "    importlib.import_module(name)\n"
-        f"    found[name] = sorted({{m.split('.')[0] for m in sys.modules}} & {set(FRAMEWORK)!r})\n"
+        f"    found[name] = sorted({{m.split('.')[0] for m in sys.modules}} & {watched!r})\n"
         "print(json.dumps(found))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=120).stdout
-    loaded = {name: frameworks for name, frameworks in json.loads(out).items() if frameworks}
-    assert loaded == {}
+    return {name: found for name, found in json.loads(out).items() if found}
+
+
+def test_the_web_framework_is_not_loaded_outside_http_even_indirectly() -> None:
+    modules = [_module(p) for p in _outside_http() if not _rel(p).startswith(GRPC)]
+    assert _loaded_by([*modules, "normcore"], set(FRAMEWORK)) == {}
+
+
+def test_grpc_and_protobuf_are_loaded_only_where_they_are_used() -> None:
+    # service.app starts the gRPC server, importing it only when a port is set.
+    modules = [_module(p) for p in _service_modules() if not _rel(p).startswith(GRPC)]
+    loaded = _loaded_by([*modules, "normcore"], {"grpc", "google"})
+    allowed = {_module(p) for p in _service_modules() if _rel(p).startswith(PROTOBUF_USERS)}
+    assert {name: found for name, found in loaded.items()
+            if not (name in allowed and found == ["google"])} == {}
+
+
+def test_only_the_grpc_transport_imports_grpc() -> None:
+    users = {_rel(p) for p in _service_modules() if "grpc" in _top(_imported_modules(p))}
+    assert users
+    assert all(user.startswith(GRPC) for user in users), users
+
+
+def test_only_the_tracing_module_imports_opentelemetry() -> None:
+    # Imported there lazily, so nothing of it loads while tracing is off.
+    users = {_rel(p) for p in _service_modules()
+             if "opentelemetry" in _top(_imported_modules(p))}
+    assert users == {"service/tracing.py"}
+
+
+def test_the_grpc_transport_reaches_http_only_for_the_error_table() -> None:
+    for path in (SERVICE / "grpc").rglob("*.py"):
+        http = {m for m in _imported_modules(path) if m.startswith("service.http")}
+        assert http <= {"service.http.errors", "service.http.errors.grpc_status_of"}, path
 
 
 @pytest.mark.parametrize("path", _outside_http(), ids=_rel)
@@ -100,7 +138,7 @@ def _importers_of(prefix: str) -> set[str]:
 
 
 def test_routes_reach_the_state_only_through_the_engine() -> None:
-    for path in (SERVICE / "http").rglob("*.py"):
+    for path in [*(SERVICE / "http").rglob("*.py"), *(SERVICE / "grpc").rglob("*.py")]:
         assert not {m for m in _imported_modules(path) if m.startswith("service.state")}, path
         attributes = {n.attr for n in ast.walk(ast.parse(path.read_text()))
                       if isinstance(n, ast.Attribute)}
@@ -126,7 +164,7 @@ def test_lower_layers_do_not_reach_up() -> None:
         name, imported = _rel(path), _imported_modules(path)
         up = set()
         if name.startswith(("service/state/", "service/core/", "service/wire/")):
-            up |= {m for m in imported if m.startswith("service.http")}
+            up |= {m for m in imported if m.startswith(("service.http", "service.grpc"))}
         if name.startswith("service/state/"):
             up |= {m for m in imported if m.startswith(
                 ("service.wire", "service.core.engine", "service.core.batching"))}

@@ -16,6 +16,7 @@ import torch
 
 from normcore.checkpoint import load_layer_state, load_state_dict_bytes, modules_state_bytes
 
+from .. import tracing
 from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
 from .catalog import (
@@ -27,7 +28,13 @@ from .catalog import (
     models_of,
 )
 from .devices import resolve_device
-from .errors import NAME, NAME_PATTERN, InvalidRequestError, ModelNotFoundError
+from .errors import (
+    NAME,
+    NAME_PATTERN,
+    InvalidRequestError,
+    LayerUnloadedError,
+    ModelNotFoundError,
+)
 
 MODES = ("eval", "train")
 
@@ -49,6 +56,10 @@ class LayerInfo:
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: int | None
+    version: int = 1  # changes when the layer is replaced
+    loaded: bool = True  # served; an unloaded layer keeps its state
+    compute_ns: int = 0  # time spent normalizing
+    last_inference: float | None = None  # seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -98,8 +109,16 @@ class Engine:
     # --- normalize ----------------------------------------------------------------------
 
     def kind_of(self, name: str) -> str:
-        """The kind of a served layer; ``LayerNotFoundError`` if there is none."""
+        """The kind of a layer; ``LayerNotFoundError`` if there is none."""
         return self.store.slot(name).spec.kind
+
+    def served(self, name: str) -> tuple[str, int]:
+        """(kind, version) of a layer that is served: ``LayerNotFoundError`` if there is
+        none, ``LayerUnloadedError`` if it is unloaded."""
+        slot = self.store.slot(name)
+        if not slot.loaded:
+            raise LayerUnloadedError(name)
+        return slot.spec.kind, slot.version
 
     def layer_count(self) -> int:
         return len(self.store)
@@ -117,7 +136,17 @@ class Engine:
         ``deadline`` (time.monotonic) raises ``RequestTimeoutError`` with nothing applied."""
         check_mode(mode)
         check_request_id(request_id)
-        _check_instance_channels(self.store.slot(name), x)
+        slot = self.store.slot(name)
+        if not slot.loaded:
+            raise LayerUnloadedError(name)
+        _check_instance_channels(slot, x)
+        if tracing.enabled():  # off: not even a no-op span on the hot path
+            with tracing.span("normalize", **{"normcore.layer": name, "normcore.mode": mode}):
+                return self._step(name, x, mode, request_id, deadline)
+        return self._step(name, x, mode, request_id, deadline)
+
+    def _step(self, name: str, x: torch.Tensor, mode: str, request_id: str | None,
+              deadline: float | None) -> Outcome:
         if mode == "eval":
             return self.store.evaluate(name, x, deadline)
         return self.store.train(name, x, request_id, deadline)
@@ -140,7 +169,9 @@ class Engine:
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
         """Eval outcomes for inputs merged into one layer call (see ``can_batch``)."""
-        return self.store.evaluate_many(name, xs)
+        with tracing.span("normalize batch", **{"normcore.layer": name,
+                                                "normcore.batch_requests": len(xs)}):
+            return self.store.evaluate_many(name, xs)
 
     # --- statistics ---------------------------------------------------------------------
 
@@ -210,6 +241,14 @@ class Engine:
         self.store.put(spec, layer)
         return self.layer_info(name)
 
+    def load_layer(self, name: str) -> None:
+        """Serve an unloaded layer again (V2 repository load)."""
+        self.store.set_loaded(name, True)
+
+    def unload_layer(self, name: str) -> None:
+        """Stop serving a layer and keep it, state and all (V2 repository unload)."""
+        self.store.set_loaded(name, False)
+
     def delete_layer(self, name: str) -> None:
         self.store.delete(name)
 
@@ -236,6 +275,7 @@ class Engine:
             self._shown_path(slot.spec.checkpoint), dict(slot.requests), slot.rejected,
             slot.last_update, running_mean,
             None if running_mean is None else layer.running_var, num_batches(layer),
+            slot.version, slot.loaded, slot.compute_ns, slot.last_inference,
         )
 
     def _shown_path(self, path: Path | None) -> Path | None:

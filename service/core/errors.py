@@ -7,7 +7,8 @@ in ``service.http.errors`` turns these into REST and V2 replies.
     │   └── MalformedRequestError the body cannot even be parsed (not JSON, not gzip, ...)
     ├── PayloadTooLargeError      a body over the size limit, sent or once decompressed
     ├── NotFoundError             no such layer (``LayerNotFoundError``), catalog model
-    │                             (``ModelNotFoundError``) or V2 model version
+    │                             (``ModelNotFoundError``) or V2 model version, or a layer
+    │                             not served now (``LayerUnloadedError``)
     ├── ConflictError             a request_id already used for another input or layer
     ├── MissingTokenError         a token is required and none was sent
     ├── InvalidTokenError         the token sent is not the server's
@@ -86,6 +87,14 @@ class ModelNotFoundError(NotFoundError):
     def __init__(self, prefix: str) -> None:
         super().__init__(f"unknown model {shown(prefix)!r}; the catalog's [[model]] entries "
                          "name them by their name_prefix")
+
+
+class LayerUnloadedError(NotFoundError):
+    """The layer is kept, with its state, but not served (V2 repository unload)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model '{name}' is unloaded: load it to serve it again "
+                         f"(POST /v2/repository/models/{name}/load)")
 
 
 class VersionNotFoundError(NotFoundError):

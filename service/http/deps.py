@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
+from ..core.auth import check_bearer
 from ..core.engine import Engine, Outcome
-from ..core.errors import (
-    NAME_PATTERN,
-    BodyTooLargeError,
-    InvalidTokenError,
-    MissingTokenError,
-    RequestTimeoutError,
-)
+from ..core.errors import NAME_PATTERN, BodyTooLargeError, RequestTimeoutError
 from ..settings import Settings
 from ..wire.tensors import Limits, work_elements
 
@@ -59,13 +53,8 @@ async def read_body(request: Request) -> bytearray:
 
 def _check_token(request: Request) -> None:
     token = request.app.state.settings.api_token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise MissingTokenError
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise InvalidTokenError
+    if token is not None:
+        check_bearer(token.get_secret_value(), request.headers.get("authorization"))
 
 
 def authorize_write(request: Request) -> None:

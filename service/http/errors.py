@@ -1,9 +1,12 @@
-"""The one place that turns exceptions into HTTP replies, for REST and for V2 alike.
+"""The one place that turns exceptions into statuses: HTTP replies for REST and V2, and
+gRPC status codes for V2 over gRPC.
 
-Every error is ``{"error": "..."}``. The two protocols differ only in the status of an
+Every HTTP error is ``{"error": "..."}``. The two protocols differ only in the status of an
 invalid request: REST says 422, V2 says 400 (V2 clients expect 400 for every mistake in a
-request, and tritonclient shows the message only from an ``{"error"}`` body). Messages are
-the exceptions' own words, which never echo raw client input, and are bounded in length.
+request, and tritonclient shows the message only from an ``{"error"}`` body). gRPC gets the
+V2 message with the code of the table's last column (named as ``grpc.StatusCode`` names
+them: this module does not load grpc). Messages are the exceptions' own words, which never
+echo raw client input, and are bounded in length.
 """
 
 from __future__ import annotations
@@ -37,32 +40,47 @@ log = logging.getLogger("normcore.service")
 Protocol = Literal["rest", "v2"]
 MAX_MESSAGE = 500  # characters; longer messages are cut (a backstop against echoing input)
 
-# (exception, REST status, V2 status); the first row that matches wins, so subclasses
-# come before their bases.
-STATUS: list[tuple[type[BaseException], int, int]] = [
-    (MalformedRequestError, 400, 400),
-    (InvalidRequestError, 422, 400),
-    (InputError, 422, 400),  # a tensor the layer cannot take
-    (CheckpointError, 422, 400),  # an uploaded checkpoint that cannot be used
-    (NotFoundError, 404, 404),
-    (ConflictError, 409, 409),
-    (PayloadTooLargeError, 413, 413),
-    (MissingTokenError, 401, 401),
-    (InvalidTokenError, 403, 403),
-    (UnavailableError, 503, 503),
-    (ClientDisconnect, 400, 400),  # nobody reads it: the client is gone
+# (exception, REST status, V2 status, gRPC status); the first row that matches wins, so
+# subclasses come before their bases.
+STATUS: list[tuple[type[BaseException], int, int, str]] = [
+    (MalformedRequestError, 400, 400, "INVALID_ARGUMENT"),
+    (InvalidRequestError, 422, 400, "INVALID_ARGUMENT"),
+    (InputError, 422, 400, "INVALID_ARGUMENT"),  # a tensor the layer cannot take
+    (CheckpointError, 422, 400, "INVALID_ARGUMENT"),  # an unusable uploaded checkpoint
+    (NotFoundError, 404, 404, "NOT_FOUND"),
+    (ConflictError, 409, 409, "ALREADY_EXISTS"),
+    (PayloadTooLargeError, 413, 413, "RESOURCE_EXHAUSTED"),
+    (MissingTokenError, 401, 401, "UNAUTHENTICATED"),
+    (InvalidTokenError, 403, 403, "PERMISSION_DENIED"),
+    (UnavailableError, 503, 503, "UNAVAILABLE"),
+    (ClientDisconnect, 400, 400, "CANCELLED"),  # nobody reads it: the client is gone
 ]
+GRPC_INTERNAL = "INTERNAL"
 _HEADERS = {MissingTokenError: {"WWW-Authenticate": "Bearer"}}
 
 
 def status_of(exc: BaseException, protocol: Protocol = "rest") -> int:
     """The HTTP status for an exception raised while serving a request (500: a bug)."""
-    for kind, rest, v2 in STATUS:
+    for kind, rest, v2, _ in STATUS:
         if isinstance(exc, kind):
             return rest if protocol == "rest" else v2
     if isinstance(exc, HTTPException):  # routing: unknown path, method not allowed
         return exc.status_code
     return 500
+
+
+def grpc_status_of(exc: BaseException) -> tuple[str, str]:
+    """(gRPC status code name, message) for an exception raised while serving an RPC;
+    anything unexpected is logged and told as INTERNAL."""
+    for kind, _, _, code in STATUS:
+        if isinstance(exc, kind):
+            return code, _bounded(message_of(exc, "v2"))
+    log.error("unhandled error in a gRPC call", exc_info=exc)
+    return GRPC_INTERNAL, "internal server error"
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
 def message_of(exc: BaseException, protocol: Protocol = "rest") -> str:
@@ -74,9 +92,8 @@ def message_of(exc: BaseException, protocol: Protocol = "rest") -> str:
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 3] + "..."
-    return Response(dumps({"error": message}), status, headers, media_type="application/json")
+    return Response(dumps({"error": _bounded(message)}), status, headers,
+                    media_type="application/json")
 
 
 def reply_to(request: Request | None, exc: BaseException,

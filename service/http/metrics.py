@@ -8,6 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import logs
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
 
@@ -34,6 +36,17 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def observe(self, route: str, layer: str, mode: str, status: str, seconds: float,
+                ok: bool, rejected: bool) -> None:
+        """One request served (over HTTP or gRPC): ``ok`` if it succeeded, ``rejected`` if
+        the client was refused (a 4xx, or its gRPC equivalent)."""
+        self.latency.labels(route, layer, mode).observe(seconds)
+        self.requests.labels(route, layer, mode, status).inc()
+        if rejected:
+            self.rejected.labels(route, status).inc()
+        if ok and mode == "train" and layer:
+            self.train_updates.labels(layer).inc()
+
 
 def label(scope: Scope, key: str, value: str) -> None:
     """Attach a metrics label (layer, mode) to the request being served."""
@@ -41,8 +54,8 @@ def label(scope: Scope, key: str, value: str) -> None:
 
 
 class MetricsMiddleware:
-    """Times every request and counts it by route template (never by raw path, which a
-    client could vary without bound), layer and mode."""
+    """Times every request, counts it by route template (never by raw path, which a
+    client could vary without bound), layer and mode, and writes its access log line."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -68,9 +81,7 @@ class MetricsMiddleware:
             state = scope.get("state", {})
             layer = state.get("metrics_layer", "")
             mode = state.get("metrics_mode", "")
-            self.metrics.latency.labels(route, layer, mode).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(route, layer, mode, str(status)).inc()
-            if 400 <= status < 500:
-                self.metrics.rejected.labels(route, str(status)).inc()
-            if status == 200 and mode == "train" and layer:
-                self.metrics.train_updates.labels(layer).inc()
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(route, layer, mode, str(status), elapsed, status == 200,
+                                 400 <= status < 500)
+            logs.access(scope["method"], scope["path"], route, status, elapsed, layer, mode)

@@ -168,3 +168,24 @@ def with_request_models(openapi: dict[str, Any]) -> dict[str, Any]:
                 for name, schema in media.get("schema", {}).get("$defs", {}).items():
                     models.setdefault(name, schema)
     return openapi
+
+
+BEARER = "bearer"
+# Open to everyone, whatever the settings: probes and the protocol's server-level calls.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2", "/v2/health/live", "/v2/health/ready"})
+
+
+def with_bearer_scheme(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Declare the bearer token, so /docs has an Authorize button and generated clients send
+    it. Whether a route needs it depends on the settings (a token set; reads protected) and,
+    for normalize and infer, on the mode, so every other route lists it as optional."""
+    schemes = openapi.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER] = {
+        "type": "http", "scheme": "bearer",
+        "description": "NORMCORE_API_TOKEN: needed for state changes when the server has a "
+        "token, and for reads too with NORMCORE_PROTECT_READS.",
+    }
+    for path, operations in openapi.get("paths", {}).items():
+        for operation in operations.values():
+            operation["security"] = [] if path in OPEN_PATHS else [{BEARER: []}, {}]
+    return openapi

@@ -37,6 +37,7 @@ from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
 from ..core.catalog import LayerSpec
 from ..core.errors import KeyInFlightError, LayerNotFoundError, RequestTimeoutError
 from .changes import Change, ChangeLog, Waiter
+from .copies import computing_copy, fork, restore_dtype
 from .idempotency import Applied, KeyWindow, input_digest
 
 
@@ -56,6 +57,10 @@ class Slot:
     recorded: int = 0  # changes recorded on this slot (numbers them)
     head_seq: int = 0  # the change ``head`` is the result of
     published: int = 0  # the change ``layer`` is the result of
+    version: int = 1  # counts the layers put under this name since the store started
+    loaded: bool = True  # unloaded: kept with its state, but not served
+    compute_ns: int = 0  # time spent normalizing, for the statistics
+    last_inference: float | None = None  # seconds since the epoch
 
     def __post_init__(self) -> None:
         self.head = self.layer
@@ -91,47 +96,9 @@ class Outcome:
         return cls(stats.pop("output"), stats, count)
 
 
-def fork(layer: nn.Module) -> nn.Module:
-    """A copy with its own buffers; parameters, which train steps never change, are shared.
-
-    Built field by field rather than by ``copy.deepcopy`` (about 20x slower, which showed as
-    the gap between small train and eval requests): a norm layer is flat, its state is its
-    ``__dict__`` plus the three dicts of parameters, buffers and submodules.
-    """
-    twin = object.__new__(type(layer))
-    state = dict(layer.__dict__)
-    state["_buffers"] = {k: None if v is None else v.clone() for k, v in layer._buffers.items()}
-    state["_parameters"] = dict(layer._parameters)
-    state["_modules"] = dict(layer._modules)
-    twin.__dict__ = state
-    return twin
-
-
 def num_batches(layer: nn.Module) -> int | None:
     count = getattr(layer, "num_batches_tracked", None)
     return None if count is None else int(count)
-
-
-def _computing_copy(layer: nn.Module, x: torch.Tensor) -> nn.Module | None:
-    """A private float64 copy of a float32 layer for float64 input, else None.
-
-    float16/bfloat16 inputs run natively against float32 state, as in torch.nn; float64
-    input is computed in float64 (torch.nn would refuse the mix) and any state it changes
-    is stored back in the layer's own dtype.
-    """
-    if x.dtype != torch.float64:
-        return None
-    state = layer.state_dict().values()
-    if all(t.dtype == torch.float64 for t in state if t.is_floating_point()):
-        return None
-    # A full copy: converting a module rewrites its parameters in place, and a fork's
-    # parameters are the served layer's own.
-    return copy.deepcopy(layer).double()
-
-
-def _restore_dtype(computed: nn.Module, like: nn.Module) -> nn.Module:
-    dtype = next((t.dtype for t in like.state_dict().values() if t.is_floating_point()), None)
-    return computed if dtype is None else computed.to(dtype)
 
 
 class Store:
@@ -145,6 +112,7 @@ class Store:
         self._admin = threading.Lock()  # serializes adding, replacing and removing layers
         self._log = log
         self.applied = KeyWindow(idempotency_window)  # request_id -> what it applied
+        self._versions: dict[str, int] = {}  # name -> its newest slot's version
 
     def __contains__(self, name: str) -> bool:
         return name in self._slots
@@ -217,6 +185,7 @@ class Store:
         layer = self._serve(layer if layer is not None else spec.build(device), device)
         slot = Slot(spec, layer, device)
         with self._admin:
+            self._versions[spec.name] = slot.version = self._versions.get(spec.name, 0) + 1
             old = self._slots.get(spec.name)
             # The old slot's lock orders the put after any step already under way on it;
             # admin changes are rare, so they hold it until their record is safe.
@@ -226,6 +195,14 @@ class Store:
                 if old is not None:
                     old.retired = True
                 self._slots[spec.name] = slot
+        return slot
+
+    def set_loaded(self, name: str, loaded: bool) -> Slot:
+        """Serve the layer again, or stop serving it and keep it as it is. Not a change of
+        state: not recorded, and every layer is loaded after a restart."""
+        with self._admin:
+            slot = self.slot(name)
+            slot.loaded = loaded
         return slot
 
     def delete(self, name: str) -> None:
@@ -279,10 +256,11 @@ class Store:
         _check_deadline(deadline)
         slot = self.slot(name)
         layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
-        layer = _computing_copy(layer, x) or layer
+        layer = computing_copy(layer, x) or layer
+        start = time.perf_counter_ns()
         with torch.inference_mode():
             result = layer.normalize(x.to(slot.device), train=False)
-        slot.requests["eval"] += 1
+        _count(slot, "eval", time.perf_counter_ns() - start)
         return Outcome.of(result)
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
@@ -294,6 +272,7 @@ class Store:
         """
         slot = self.slot(name)
         layer = slot.layer
+        start = time.perf_counter_ns()
         x = torch.cat(xs).to(slot.device)
         with torch.inference_mode():
             if slot.spec.kind.startswith("BatchNorm"):
@@ -304,7 +283,7 @@ class Store:
                 merged = layer.normalize(x, train=False)
                 parts = [value.split([len(t) for t in xs]) for value in merged]
                 results = [type(merged)(*values) for values in zip(*parts, strict=True)]
-        slot.requests["eval"] += len(xs)
+        _count(slot, "eval", time.perf_counter_ns() - start, len(xs))
         return [Outcome.of(result) for result in results]
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None,
@@ -341,16 +320,18 @@ class Store:
               deadline: float | None) -> Outcome:
         slot = self._acquire(name, deadline)
         try:
-            wide = _computing_copy(slot.head, x)
+            wide = computing_copy(slot.head, x)
             layer = wide if wide is not None else fork(slot.head)
+            start = time.perf_counter_ns()
             try:
                 with torch.inference_mode():
                     result = layer.normalize(x.to(slot.device), train=True)
                 if wide is not None:
-                    layer = _restore_dtype(layer, slot.head)
+                    layer = restore_dtype(layer, slot.head)
             except Exception:
                 slot.rejected += 1
                 raise
+            elapsed = time.perf_counter_ns() - start
             count = num_batches(layer)
             applied = None if digest is None else Applied(name, digest, count)
             wait = self._record(Change("train", name, layer, key=request_id, applied=applied))
@@ -368,16 +349,23 @@ class Store:
                 slot.drop_unsafe()
                 raise
         slot.publish(seq, layer)
-        slot.requests["train"] += 1
+        _count(slot, "train", elapsed)
         return Outcome.of(result, count)
 
     def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> Outcome:
         slot = self.slot(name)
         # A private copy takes the step and is dropped.
-        layer = _computing_copy(slot.layer, x) or fork(slot.layer)
+        layer = computing_copy(slot.layer, x) or fork(slot.layer)
         with torch.inference_mode():
             result = layer.normalize(x.to(slot.device), train=True)
         return Outcome.of(result, prior.num_batches_tracked)
+
+
+def _count(slot: Slot, mode: str, ns: int, requests: int = 1) -> None:
+    # Statistics, not state: unlocked, so concurrent counts may rarely be lost.
+    slot.requests[mode] += requests
+    slot.compute_ns += ns
+    slot.last_inference = time.time()
 
 
 def _wait(wait: Waiter | None) -> None:

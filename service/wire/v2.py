@@ -35,7 +35,7 @@ from .tensors import (
     parse_json,
     to_bytes,
 )
-from .v2_types import DATATYPE_OF, DATATYPES, MODEL_VERSION, OUTPUT, stat_output
+from .v2_types import DATATYPE_OF, DATATYPES, OUTPUT, stat_output
 
 
 def _bad(message: str) -> InvalidRequestError:
@@ -227,7 +227,7 @@ def _datatype(tensor: torch.Tensor) -> str:
 
 def encode_infer_response(
     model: str, request: InferRequest, output: torch.Tensor, stats: dict[str, torch.Tensor],
-    num_batches_tracked: int | None = None,
+    num_batches_tracked: int | None = None, version: int = 1,
 ) -> tuple[bytes, list[memoryview]]:
     """(JSON header, binary blobs in ``outputs`` order). ``output`` keeps its datatype,
     ``stats`` (keyed mean/var/mean_square) go out as FP32; blobs view the tensors."""
@@ -252,7 +252,7 @@ def encode_infer_response(
     parameters: dict[str, Any] = {"mode": request.mode}
     if num_batches_tracked is not None:
         parameters["num_batches_tracked"] = num_batches_tracked
-    body: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION}
+    body: dict[str, Any] = {"model_name": model, "model_version": str(version)}
     if request.id is not None:
         body["id"] = request.id
     body["parameters"] = parameters

@@ -17,10 +17,11 @@ from typing import Any
 from ..core.errors import VersionNotFoundError, shown
 
 PLATFORM = "normcore"
-# The one version of every model; layers replaced through the admin API keep it.
-MODEL_VERSION = "1"
+# A model has one version at a time: 1 for a layer of the catalog, one more each time a
+# layer is put under its name (since the server started).
 # NOTE: tritonclient never reads this list; Triton names the extensions this way.
-EXTENSIONS = ("binary_tensor_data", "parameters")
+EXTENSIONS = ("binary_tensor_data", "parameters", "model_repository", "statistics",
+              "model_configuration")
 
 # V2 datatype -> wire.tensors dtype name (the little-endian wire layout is the same).
 DATATYPES: dict[str, str] = {
@@ -53,7 +54,7 @@ def _rank(kind: str) -> int:
     return int(kind[-2])
 
 
-def _shapes(kind: str, config: dict[str, Any]) -> tuple[list[int], list[int]]:
+def tensor_shapes(kind: str, config: dict[str, Any]) -> tuple[list[int], list[int]]:
     """(input shape, statistics shape) of a layer, -1 for free dims."""
     if kind.startswith("BatchNorm"):
         spatial = 0 if kind == "BatchNorm1d" else _rank(kind)  # BatchNorm1d: [N, C] first
@@ -67,15 +68,16 @@ def _shapes(kind: str, config: dict[str, Any]) -> tuple[list[int], list[int]]:
     return [-1, *config["normalized_shape"]], [-1]
 
 
-def model_metadata(name: str, kind: str, config: dict[str, Any]) -> dict[str, Any]:
+def model_metadata(name: str, kind: str, config: dict[str, Any], version: int = 1
+                   ) -> dict[str, Any]:
     """``GET /v2/models/{name}`` for a layer of ``kind`` built with ``config``."""
-    shape, stats_shape = _shapes(kind, config)
+    shape, stats_shape = tensor_shapes(kind, config)
     outputs = [{"name": OUTPUT, "datatype": "FP32", "shape": shape}]
     outputs += [{"name": stat_output(s), "datatype": STATS_DATATYPE, "shape": stats_shape}
                 for s in stat_names(kind)]
     return {
         "name": name,
-        "versions": [MODEL_VERSION],
+        "versions": [str(version)],
         "platform": PLATFORM,
         # NOTE: one datatype per tensor in metadata; FP16, BF16 and FP64 inputs are
         # accepted as well, and the output then has the input's datatype.
@@ -89,10 +91,10 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": PLATFORM, "version": version, "extensions": list(EXTENSIONS)}
 
 
-def check_version(name: str, version: str) -> None:
-    """Refuse a version of a model other than the one there is."""
-    if version != MODEL_VERSION:
+def check_version(name: str, version: str, current: int = 1) -> None:
+    """Refuse a version of a model other than the one there is (``current``)."""
+    if version != str(current):
         raise VersionNotFoundError(f"model '{shown(name)}' has no version '{shown(version)}'; "
-                                   f"its only version is {MODEL_VERSION!r}")
+                                   f"its only version is '{current}'")
 
 

@@ -101,6 +101,7 @@ def test_dockerfile_runtime_stage(final_stage: list[tuple[str, str]]) -> None:
     env = _env_pairs(final_stage)
     assert env.get("NORMCORE_HOST") == "0.0.0.0"
     assert env.get("NORMCORE_PORT") == "8000"
+    assert env.get("NORMCORE_GRPC_PORT") == "8001"
     assert env.get("NORMCORE_STATE_DIR") == STATE_DIR
     assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
     assert env.get("PYTHONUNBUFFERED") == "1"
@@ -109,6 +110,7 @@ def test_dockerfile_runtime_stage(final_stage: list[tuple[str, str]]) -> None:
     assert STATE_DIR in volumes
     assert CATALOG_DIR in volumes
     assert ("EXPOSE", "8000") in final_stage
+    assert ("EXPOSE", "8001") in final_stage
     assert ("STOPSIGNAL", "SIGTERM") in final_stage
 
 

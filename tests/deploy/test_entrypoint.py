@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from service.client import encode_array
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,9 +71,9 @@ def image(tmp_path: Path) -> Iterator[ServerProcess]:
     cmd = image_cmd()
     assert cmd[0] == "python"
     env = {k: v for k, v in image_env().items() if k != "PATH"}
-    # Only the port (free here) and the state dir (a temp dir here) differ from the image.
-    env.update(NORMCORE_PORT="{port}", NORMCORE_STATE_DIR=str(tmp_path / "state"),
-               PYTHONPATH=str(REPO))
+    # Only the ports (free here) and the state dir (a temp dir here) differ from the image.
+    env.update(NORMCORE_PORT="{port}", NORMCORE_GRPC_PORT=str(free_port()),
+               NORMCORE_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(REPO))
     server = ServerProcess([sys.executable, *cmd[1:]], env=env, ready=healthy,
                            log=tmp_path / "server.log", cwd=REPO, name="the image's CMD")
     yield server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +145,8 @@ def test_server_refuses_to_start_on_a_bad_catalog(tmp_path: Path) -> None:
     path = _write(tmp_path, '[[layer]]\nname = "a"\nkind = "Dropout"\n')
     proc = subprocess.run(
         [sys.executable, "-m", "service", "--catalog", str(path), "--port", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+        text=True, timeout=60,
     )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -174,7 +174,7 @@ def test_compressed_body_that_inflates_past_the_limit_is_413(v2_client):
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/v2/models/features.ln/infer", 405),
     ("POST", "/v2/models/features.ln", 405),
-    ("GET", "/v2/models/features.ln/config", 404),
+    ("GET", "/v2/models/features.ln/labels", 404),
 ])
 def test_unknown_routes_answer_with_an_error_body(http, method, path, status):
     response = http.request(method, path)

@@ -33,7 +33,7 @@ async def normalize(request: Request) -> Response:
     call = await off_loop(len(body), decode_normalize_request, body, limits)
     # The token before the layer: without it, a 404 would tell which names exist.
     authorize_mode(request, call.mode)
-    engine.kind_of(call.layer)  # 404 before the tensor is looked at
+    engine.served(call.layer)  # 404 before the tensor is looked at
     label(request.scope, "layer", call.layer)
     label(request.scope, "mode", call.mode)
     x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor, limits)

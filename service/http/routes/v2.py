@@ -2,9 +2,12 @@
 
     GET  /v2                                        server metadata
     GET  /v2/health/live, /v2/health/ready          200, or 503 while starting
-    GET  /v2/models/{name}[/versions/1]             model metadata
-    GET  /v2/models/{name}[/versions/1]/ready       200, 404 for an unknown model
-    POST /v2/models/{name}[/versions/1]/infer       one tensor through the layer
+    GET  /v2/models/{name}[/versions/{v}]           model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready     200, 404 for an unknown or unloaded model
+    POST /v2/models/{name}[/versions/{v}]/infer     one tensor through the layer
+
+A model's one version changes when its layer is replaced (``v2_types``); the repository,
+configuration and statistics extensions are in ``v2_repository``.
 
 Infer runs ``Engine.normalize`` like ``POST /normalize``, with the same token rules: the
 request-level parameter ``mode`` (eval or train) and ``request_id`` (idempotency key).
@@ -106,28 +109,29 @@ def server_metadata() -> Response:
 def model_metadata(name: str, request: Request) -> Response:
     """Inputs and outputs of a layer, with datatype and shape (-1: free dims)."""
     info = request.app.state.engine.layer_info(name)
-    return json_response(v2_types.model_metadata(name, info.kind, info.config))
+    return json_response(v2_types.model_metadata(name, info.kind, info.config, info.version))
 
 
 @router.get("/models/{name}/versions/{version}", summary="V2 model version metadata",
             response_model=MetadataModel, responses=errors(401, 403, 404),
             dependencies=[ReadAccess])
 def model_version_metadata(name: str, version: str, request: Request) -> Response:
-    v2_types.check_version(name, version)
+    v2_types.check_version(name, version, request.app.state.engine.layer_info(name).version)
     return model_metadata(name, request)
 
 
 @router.get("/models/{name}/ready", summary="V2 model ready", responses=errors(401, 403, 404),
             dependencies=[ReadAccess])
 def model_ready(name: str, request: Request) -> Response:
-    request.app.state.engine.kind_of(name)
+    request.app.state.engine.served(name)
     return json_response({"name": name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="V2 model version ready",
             responses=errors(401, 403, 404), dependencies=[ReadAccess])
 def model_version_ready(name: str, version: str, request: Request) -> Response:
-    v2_types.check_version(name, version)
+    _, current = request.app.state.engine.served(name)
+    v2_types.check_version(name, version, current)
     return model_ready(name, request)
 
 
@@ -139,10 +143,16 @@ async def infer(name: str, request: Request) -> Response:
     """Normalize the input tensor in eval or train mode (``parameters.mode``). Outputs:
     ``output`` by default; ``batch_mean``/``batch_var`` (RMSNorm: ``batch_mean_square``)
     when asked for. JSON or binary tensors, gzip/deflate either way."""
+    return await _infer(name, request)
+
+
+async def _infer(name: str, request: Request, version: str | None = None) -> Response:
     engine = request.app.state.engine
     # Before the lookup (with reads protected, a 404 names layers) and the body.
     authorize_early(request)
-    kind = engine.kind_of(name)  # 404 before the body is read
+    kind, current = engine.served(name)  # 404 before the body is read
+    if version is not None:
+        v2_types.check_version(name, version, current)
     label(request.scope, "layer", name)
     body, parsed = await _read_request(request, v2_types.output_names(kind))
     label(request.scope, "mode", parsed.mode)
@@ -151,7 +161,7 @@ async def infer(name: str, request: Request) -> Response:
     outcome = await normalize_tensor(request, name, x, parsed.mode, parsed.request_id)
     head, blobs = await off_loop(outcome.output.numel(), codec.encode_infer_response, name,
                                  parsed, outcome.output, outcome.stats,
-                                 outcome.num_batches_tracked)
+                                 outcome.num_batches_tracked, current)
     return await _send(request, head, blobs)
 
 
@@ -162,8 +172,7 @@ infer_directly = answer_as_v2(lambda request: infer(request.path_params["name"],
 @router.post("/models/{name}/versions/{version}/infer", summary="V2 infer (version)",
              **_INFER_DOC)
 async def infer_version(name: str, version: str, request: Request) -> Response:
-    v2_types.check_version(name, version)
-    return await infer(name, request)
+    return await _infer(name, request, version)
 
 
 async def _read_request(
