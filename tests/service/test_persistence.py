@@ -15,37 +15,27 @@ import pytest
 import safetensors.torch
 import torch
 
-from normcore.errors import InputError
 from service.app import create_app
 from service.core.catalog import LayerSpec, load_catalog, make_layer
 from service.core.engine import Engine
 from service.settings import Settings
-from service.state.idempotency import IdempotencyConflictError
 from service.state.journal import JournalFailedError, journal_generations
 from service.state.persistence import Persistence
 from service.state.records import StateFileError
 from service.state.snapshot import snapshot_path
 from service.state.store import Store
 
+from .durable import CPU, open_store
+
 with warnings.catch_warnings():  # starlette nudges towards httpx2, which is not installed
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def specs() -> list[LayerSpec]:
     return load_catalog()
-
-
-def _open(folder: Path, specs: list[LayerSpec], **options) -> tuple[Store, Persistence]:
-    window = options.pop("idempotency_window", 10_000)
-    persistence = Persistence(folder, snapshot_every=options.pop("snapshot_every", 10**6),
-                              **options)
-    store = Store(CPU, log=persistence, idempotency_window=window)
-    store.load(specs)
-    return store, persistence
 
 
 def _state(store: Store) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
@@ -93,11 +83,11 @@ def _busy_day(store: Store, persistence: Persistence) -> None:
 
 @pytest.mark.parametrize("restart", ["after a crash", "after a stop"])
 def test_restart_restores_every_change_exactly(tmp_path: Path, specs, restart: str) -> None:
-    store, persistence = _open(tmp_path, specs)
+    store, persistence = open_store(tmp_path, specs)
     _busy_day(store, persistence)
     if restart == "after a stop":
         persistence.close()
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     _assert_same(store, again)
     assert "features.gn" not in again
     assert again.slot("features.ln").spec.kind == "BatchNorm1d"
@@ -106,48 +96,48 @@ def test_restart_restores_every_change_exactly(tmp_path: Path, specs, restart: s
 
 def test_state_dir_wins_over_the_checkpoint_and_reset_goes_back_to_it(tmp_path: Path,
                                                                       specs) -> None:
-    store, _ = _open(tmp_path, specs)
+    store, _ = open_store(tmp_path, specs)
     checkpoint = store.slot("digits.head.bn").layer.running_mean.clone()
     store.train("digits.head.bn", torch.randn(16, 64))
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     assert not torch.equal(again.slot("digits.head.bn").layer.running_mean, checkpoint)
     again.reset("digits.head.bn")
-    third, _ = _open(tmp_path, specs)
+    third, _ = open_store(tmp_path, specs)
     assert torch.equal(third.slot("digits.head.bn").layer.running_mean, checkpoint)
 
 
 def test_uploaded_layer_resets_to_its_upload_after_a_restart(tmp_path: Path, specs) -> None:
-    store, persistence = _open(tmp_path, specs)
+    store, persistence = open_store(tmp_path, specs)
     _busy_day(store, persistence)
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     again.reset("new.bn")
     assert torch.equal(again.slot("new.bn").layer.running_mean, torch.full((8,), 3.0))
     assert int(again.slot("new.bn").layer.num_batches_tracked) == 0
 
 
 def test_background_compaction_drops_the_journals_it_covers(tmp_path: Path, specs) -> None:
-    store, persistence = _open(tmp_path, specs, snapshot_every=5)
+    store, persistence = open_store(tmp_path, specs, snapshot_every=5)
     for _ in range(23):
         store.train("stream.bn", torch.randn(4, 64))
     persistence.close()  # waits for a compaction under way
     assert journal_generations(tmp_path) == []
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     _assert_same(store, again)
 
 
 def test_torn_last_record_is_dropped_at_restore(tmp_path: Path, specs) -> None:
-    store, persistence = _open(tmp_path, specs)
+    store, persistence = open_store(tmp_path, specs)
     for _ in range(5):
         store.train("stream.bn", torch.randn(4, 64))
     (latest,) = tmp_path.glob("journal-*.log")
     with latest.open("ab") as f:
         f.write(latest.read_bytes()[:30])  # the start of a sixth record, cut short
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     _assert_same(store, again)
 
 
 def test_corrupt_snapshot_stops_restore_and_serves_nothing(tmp_path: Path, specs) -> None:
-    _, persistence = _open(tmp_path, specs)
+    _, persistence = open_store(tmp_path, specs)
     persistence.close()
     path = snapshot_path(tmp_path)
     data = bytearray(path.read_bytes())
@@ -174,7 +164,7 @@ class FailingFsync:
 
 def test_failed_fsync_is_not_acknowledged_and_train_is_refused(tmp_path: Path, specs) -> None:
     fsync = FailingFsync(good=3)
-    store, persistence = _open(tmp_path, specs, fsync=fsync)
+    store, persistence = open_store(tmp_path, specs, fsync=fsync)
     for _ in range(3):
         store.train("stream.bn", torch.randn(4, 64))
     with pytest.raises(JournalFailedError, match="fsync failed"):
@@ -189,7 +179,7 @@ def test_failed_fsync_is_not_acknowledged_and_train_is_refused(tmp_path: Path, s
     # The refused step is not served: eval sees the three acknowledged ones ...
     assert int(store.slot("stream.bn").layer.num_batches_tracked) == 3
     assert persistence.status.startswith("failed: journal fsync failed")
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     # ... and so does a restart: the record that was not safe was cut off the journal.
     assert int(again.slot("stream.bn").layer.num_batches_tracked) == 3
 
@@ -217,111 +207,6 @@ def test_memory_only_without_a_state_dir() -> None:
         assert client.get("/stats").json()["server"]["persistence"] == "memory"
 
 
-# --- idempotency ------------------------------------------------------------------------------
-
-def test_retry_after_restart_is_answered_and_not_applied_again(tmp_path: Path, specs) -> None:
-    store, _ = _open(tmp_path, specs)
-    x = torch.randn(8, 64)
-    first = store.train("stream.bn", x, request_id="retry-me")
-    store.train("stream.bn", torch.randn(8, 64))
-    again, _ = _open(tmp_path, specs)
-    before = again.slot("stream.bn").layer.state_dict()
-    retry = again.train("stream.bn", x.clone(), request_id="retry-me")
-    assert retry.num_batches_tracked == first.num_batches_tracked == 1
-    assert torch.equal(retry.output, first.output)
-    assert torch.equal(retry.stats["mean"], first.stats["mean"])
-    for key, value in again.slot("stream.bn").layer.state_dict().items():
-        assert torch.equal(value, before[key]), key
-
-
-def test_reused_key_with_another_tensor_or_layer_is_a_conflict(specs) -> None:
-    store = Store(CPU)
-    store.load(specs)
-    x = torch.randn(4, 64)
-    store.train("stream.bn", x, request_id="k")
-    with pytest.raises(IdempotencyConflictError, match="different tensor"):
-        store.train("stream.bn", x + 1, request_id="k")
-    with pytest.raises(IdempotencyConflictError, match="stream.bn"):
-        store.train("digits.head.bn", x, request_id="k")
-    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
-
-
-def test_reused_key_answers_409() -> None:
-    body = {"layer": "stream.bn", "mode": "train", "request_id": "once",
-            "tensor": {"shape": [2, 64], "data": [0.5] * 64 + [1.5] * 64}}
-    with TestClient(create_app(Settings())) as client:
-        first = client.post("/normalize", json=body)
-        assert client.post("/normalize", json=body).json() == first.json()
-        body["tensor"]["data"][0] = 9.0
-        conflict = client.post("/normalize", json=body)
-        assert conflict.status_code == 409
-        assert "request_id" in conflict.json()["error"]
-
-
-def test_concurrent_retries_of_one_key_apply_once(tmp_path: Path, specs) -> None:
-    store, _ = _open(tmp_path, specs)
-    x = torch.randn(8, 64)
-    barrier = threading.Barrier(16)
-    answers = []
-
-    def client() -> None:
-        barrier.wait()
-        answers.append(store.train("stream.bn", x, request_id="same"))
-
-    threads = [threading.Thread(target=client) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert [a.num_batches_tracked for a in answers] == [1] * 16
-    assert all(torch.equal(a.output, answers[0].output) for a in answers)
-    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
-
-
-def test_a_key_in_flight_survives_a_full_window(specs) -> None:
-    store = Store(CPU, idempotency_window=2)
-    store.load(specs)
-    slot = store.slot("stream.bn")
-    x = torch.randn(4, 64)
-    attempts = [threading.Thread(target=store.train, args=("stream.bn", x, "k"), daemon=True)
-                for _ in range(2)]
-    slot.lock.acquire()  # the first attempt is in flight, waiting for the layer
-    try:
-        attempts[0].start()
-        deadline = time.monotonic() + 10
-        while store.applied.get("k") is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        for i in range(5):  # more keys than the window holds
-            store.train("digits.head.bn", torch.randn(4, 64), request_id=f"other-{i}")
-        in_flight = store.applied.get("k")
-        attempts[1].start()  # the retry
-        time.sleep(0.05)
-    finally:
-        slot.lock.release()
-    for attempt in attempts:
-        attempt.join(10)
-    assert in_flight is not None
-    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
-
-
-def test_refused_step_frees_its_key(specs) -> None:
-    store = Store(CPU)
-    store.load(specs)
-    with pytest.raises(InputError, match="channels"):
-        store.train("stream.bn", torch.randn(4, 3), request_id="k")
-    assert store.train("stream.bn", torch.randn(4, 64), request_id="k").num_batches_tracked == 1
-
-
-def test_key_window_is_bounded_across_restarts(tmp_path: Path, specs) -> None:
-    store, persistence = _open(tmp_path, specs, idempotency_window=3)
-    for i in range(5):
-        store.train("stream.bn", torch.randn(2, 64), request_id=f"k{i}")
-    persistence.close()
-    again, _ = _open(tmp_path, specs, idempotency_window=3)
-    assert [key for key, _ in again.applied] == ["k2", "k3", "k4"]
-
-
 def test_uploaded_state_does_not_touch_the_layer_being_served(specs) -> None:
     store = Store(CPU)
     store.load(specs)
@@ -335,14 +220,14 @@ def test_uploaded_state_does_not_touch_the_layer_being_served(specs) -> None:
 
 
 def test_engine_put_layer_with_a_checkpoint_survives_restart(tmp_path: Path, specs) -> None:
-    store, _ = _open(tmp_path, specs)
+    store, _ = open_store(tmp_path, specs)
     layer = make_layer("BatchNorm2d", {"num_features": 3})
     layer.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
     buffer = io.BytesIO(safetensors.torch.save({f"m.{k}": v for k, v in
                                                 layer.state_dict().items()}))
     Engine(store).put_layer("up.bn", "BatchNorm2d", {"num_features": 3}, buffer.getvalue(),
                             prefix="m.")
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     assert torch.equal(again.slot("up.bn").layer.running_mean, torch.tensor([1.0, 2.0, 3.0]))
 
 
@@ -354,10 +239,10 @@ def test_a_state_dir_serves_one_process_at_a_time(tmp_path: Path, specs) -> None
         try:
             assert holder.stdout.readline().strip() == "held"
             with pytest.raises(StateFileError, match="in use by another server"):
-                _open(tmp_path, specs)
+                open_store(tmp_path, specs)
         finally:
             holder.kill()
-    _open(tmp_path, specs)  # the holder is gone, and so is its lock
+    open_store(tmp_path, specs)  # the holder is gone, and so is its lock
 
 
 def test_a_state_dir_that_cannot_be_written_serves_read_only_until_it_can(
@@ -375,7 +260,7 @@ def test_a_state_dir_that_cannot_be_written_serves_read_only_until_it_can(
 
     monkeypatch.setattr(module, "write_snapshot", write_snapshot)
     monkeypatch.setattr(module, "READ_ONLY_RETRY_S", 0.05)
-    store, persistence = _open(tmp_path, specs)
+    store, persistence = open_store(tmp_path, specs)
     try:
         assert persistence.status.startswith("read-only: the state dir cannot be written")
         store.evaluate("stream.bn", torch.randn(4, 64))  # reads are served
@@ -390,15 +275,5 @@ def test_a_state_dir_that_cannot_be_written_serves_read_only_until_it_can(
         assert store.train("stream.bn", torch.randn(4, 64)).num_batches_tracked == 1
     finally:
         persistence.close()
-    again, _ = _open(tmp_path, specs)
+    again, _ = open_store(tmp_path, specs)
     assert int(again.slot("stream.bn").layer.num_batches_tracked) == 1
-
-
-def test_a_reused_key_is_not_echoed_raw(specs) -> None:
-    store = Store(CPU)
-    store.load(specs)
-    key = "<script>alert(1)</script>"
-    store.train("stream.bn", torch.randn(4, 64), request_id=key)
-    with pytest.raises(IdempotencyConflictError) as caught:
-        store.train("stream.bn", torch.randn(4, 64), request_id=key)
-    assert "<script>" not in str(caught.value)
