@@ -21,6 +21,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--catalog", help="layer catalog TOML (default: the built-in one)")
     parser.add_argument("--state-dir", help="folder for durable state (default: memory only)")
+    parser.add_argument("--state-url", help="postgresql://user:password@host:port/db: state "
+                        "shared by every replica using the same database")
+    parser.add_argument("--workers", type=int, help="server processes on one port, sharing "
+                        "one state (default 1)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--log-level", help="critical|error|warning|info|debug|trace")
     args = vars(parser.parse_args(argv))

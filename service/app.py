@@ -31,6 +31,7 @@ from .http.schemas import with_request_models
 from .settings import Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
+from .state.shared import Postgres, SharedLog
 from .state.store import Store
 from .wire.tensors import Limits
 
@@ -91,7 +92,8 @@ def create_app(
     """The service for ``settings``, serving ``specs`` (the catalog file's if None).
 
     State changes go to ``change_log`` if given, else to the one the settings name (the
-    state dir's journal, or none: memory only).
+    database of ``state_url``, shared with other replicas; the state dir's journal; or
+    none: memory only).
 
     With ``load_in_background`` the server answers /healthz at once and /readyz turns 200
     when the layers are loaded; otherwise start-up waits for them.
@@ -127,7 +129,11 @@ def create_app(
     app.state.exit_on_failure = False
     # The one place where the store meets its change log: changes are refused until the
     # log has restored the state dir (at start-up, in _load).
-    if change_log is None and settings.state_dir is not None:
+    if change_log is None and settings.state_url is not None:
+        change_log = SharedLog(Postgres(settings.state_url.get_secret_value()),
+                               snapshot_every=settings.snapshot_every,
+                               keys_kept=settings.idempotency_window)
+    elif change_log is None and settings.state_dir is not None:
         change_log = Persistence(settings.state_dir, snapshot_every=settings.snapshot_every)
     store = Store(resolve_device(settings.device), log=change_log,
                   reject_non_finite=not settings.allow_non_finite,

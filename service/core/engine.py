@@ -93,6 +93,10 @@ class Engine:
     def layer_count(self) -> int:
         return len(self.store)
 
+    def readiness(self) -> tuple[int, str]:
+        """(layers served, the state's persistence: "memory", "durable" or what is wrong)."""
+        return len(self.store), self.store.persistence
+
     def normalize(
         self, name: str, x: torch.Tensor, mode: str, request_id: str | None = None,
         deadline: float | None = None,

@@ -1,0 +1,125 @@
+"""The pieces of a train step: private copies of a layer, the step's outcome, and the step
+as what it adds (``StepDelta``), folded into running statistics.
+
+A shared log (``service.state.shared``) records a train step as its ``StepDelta`` — the
+batch's per-channel mean, biased variance and the count of values behind them — rather
+than the layer the step produced, so steps taken on different replicas can be applied in
+the log's order on every replica. ``fold_step`` applies one with the very update a train
+step runs (``normcore._stats.update_running``), with torch.nn's momentum rules:
+
+    BatchNorm:     momentum, or 1 / num_batches_tracked (after counting it) for None;
+                   num_batches_tracked += 1
+    InstanceNorm:  momentum, or 0 for None (torch.nn leaves the statistics as they are);
+                   the mean over the batch's instances of their statistics; never counted
+
+so a layer that folds the deltas of a series of steps holds what one layer taking those
+steps one at a time holds (to float32 rounding: the fused kernels update in C++).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import normcore
+from normcore._stats import update_running
+from normcore.functional import Normalized, RMSNormalized
+
+from .changes import StepDelta
+
+_BATCH_NORMS = (normcore.BatchNorm1d, normcore.BatchNorm2d, normcore.BatchNorm3d)
+_INSTANCE_NORMS = (normcore.InstanceNorm1d, normcore.InstanceNorm2d, normcore.InstanceNorm3d)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one normalize call produced."""
+
+    output: torch.Tensor
+    stats: dict[str, torch.Tensor]  # mean/var, or mean_square for RMSNorm
+    num_batches_tracked: int | None = None  # after a train step on a layer that counts them
+
+    @classmethod
+    def of(cls, result: Normalized | RMSNormalized, count: int | None = None) -> Outcome:
+        stats = result._asdict()
+        return cls(stats.pop("output"), stats, count)
+
+
+def fork(layer: nn.Module) -> nn.Module:
+    """A copy with its own buffers; parameters, which train steps never change, are shared."""
+    return copy.deepcopy(layer, memo={id(p): p for p in layer.parameters()})
+
+
+def num_batches(layer: nn.Module) -> int | None:
+    count = getattr(layer, "num_batches_tracked", None)
+    return None if count is None else int(count)
+
+
+def computing_copy(layer: nn.Module, x: torch.Tensor) -> nn.Module | None:
+    """A private float64 copy of a float32 layer for float64 input, else None.
+
+    float16/bfloat16 inputs run natively against float32 state, as in torch.nn; float64
+    input is computed in float64 (torch.nn would refuse the mix) and any state it changes
+    is stored back in the layer's own dtype.
+    """
+    if x.dtype != torch.float64:
+        return None
+    state = layer.state_dict().values()
+    if all(t.dtype == torch.float64 for t in state if t.is_floating_point()):
+        return None
+    # A full copy: converting a module rewrites its parameters in place, and a fork's
+    # parameters are the served layer's own.
+    return copy.deepcopy(layer).double()
+
+
+def restore_dtype(computed: nn.Module, like: nn.Module) -> nn.Module:
+    dtype = next((t.dtype for t in like.state_dict().values() if t.is_floating_point()), None)
+    return computed if dtype is None else computed.to(dtype)
+
+
+def same_parameters(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two layers share their weight and bias (a fork and its origin do), so a
+    train output computed with one is the other's."""
+    return all(a._parameters.get(k) is b._parameters.get(k) for k in ("weight", "bias"))
+
+
+def step_delta(layer: nn.Module, x: torch.Tensor, result: Normalized) -> StepDelta | None:
+    """What the train step that gave ``result`` on input ``x`` adds to ``layer``'s running
+    statistics; None for a layer that keeps none."""
+    if getattr(layer, "running_mean", None) is None:
+        return None
+    if isinstance(layer, _BATCH_NORMS):
+        return StepDelta(result.mean, result.var, x.numel() // x.size(1))
+    if isinstance(layer, _INSTANCE_NORMS):
+        mean, var = result.mean, result.var
+        if mean.dim() == 1:  # an unbatched input: one instance
+            mean, var = mean.unsqueeze(0), var.unsqueeze(0)
+        return StepDelta(mean.mean(0), var.mean(0), x.numel() // mean.numel())
+    return None
+
+
+def fold_step(layer: nn.Module, delta: StepDelta) -> nn.Module | None:
+    """A fork of ``layer`` with ``delta`` folded into its running statistics; None if the
+    delta does not fit the layer (it was replaced by one of another width or kind)."""
+    running_mean = getattr(layer, "running_mean", None)
+    if running_mean is None or running_mean.numel() != delta.mean.numel():
+        return None
+    if not isinstance(layer, _BATCH_NORMS + _INSTANCE_NORMS):
+        return None
+    new = fork(layer)
+    device = running_mean.device
+    mean, var = delta.mean.to(device), delta.var.to(device)
+    with torch.inference_mode():
+        if isinstance(new, _BATCH_NORMS):
+            tracked = new.num_batches_tracked
+            momentum = (new.momentum if new.momentum is not None
+                        else 1.0 / float(tracked.item() + 1))
+            update_running(new.running_mean, new.running_var, mean, var, delta.count, momentum)
+            tracked.add_(1)
+        else:
+            momentum = new.momentum if new.momentum is not None else 0.0
+            update_running(new.running_mean, new.running_var, mean, var, delta.count, momentum)
+    return new
