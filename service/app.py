@@ -47,9 +47,9 @@ def _warn_about(settings: Settings) -> None:
                     "delete layers", settings.host)
 
 
-def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
-    """Build the kernels and every catalog layer, restore the state dir over them, then
-    declare the app ready."""
+def _load(app: FastAPI, specs: list[LayerSpec] | None, background: bool = False) -> None:
+    """Build the kernels and every catalog layer, restore the saved state over them, then
+    declare the app ready. A failure is logged (and raised, unless in the background)."""
     settings = app.state.settings
     kernels.set_enabled(settings.kernels)
     # Compiles on a machine's first start (seconds), loads the cached build after; a failed
@@ -63,6 +63,8 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
         log.error("normcore cannot start: %s", exc)
         if app.state.exit_on_failure:
             os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; __main__ exits 1
+        if background:
+            return
         raise
     # Everything loaded so far (torch, the layers) lives as long as the process: moving it
     # out of the collector's sight keeps full collections, which requests' JSON lists
@@ -106,7 +108,7 @@ def create_app(
         torch.set_num_threads(settings.threads)
         _warn_about(settings)
         if load_in_background:
-            threading.Thread(target=_load, args=(app, specs), daemon=True,
+            threading.Thread(target=_load, args=(app, specs, True), daemon=True,
                              name="normcore-load").start()
         else:
             _load(app, specs)

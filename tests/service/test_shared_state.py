@@ -4,6 +4,7 @@ across restarts. Against a real server started by the ``postgres`` fixture."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -146,3 +147,23 @@ def test_a_put_layer_resets_to_its_upload_on_another_replica(replicas) -> None:
     other = replicas()
     other.reset("new.bn")
     assert torch.equal(other.slot("new.bn").layer.running_mean, torch.full((8,), 3.0))
+
+
+def test_readyz_says_the_database_is_awaited_at_start() -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.server_process import free_port
+
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"  # nothing listens there
+    app = create_app(Settings(state_url=url, threads=1, device="cpu"), load_in_background=True)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 10
+        while "cannot be reached" not in (text := client.get("/readyz").text):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "state database cannot be reached" in ready.json()["error"]
+        assert client.get("/healthz").status_code == 200
