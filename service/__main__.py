@@ -37,21 +37,32 @@ def main(argv: list[str] | None = None) -> int:
     # shared machine that multiplies latency. Read once, when torch loads; the
     # environment's own value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import uvicorn
-
-    from .app import create_app
-    from .core.catalog import CatalogError, load_catalog
-    from .http.protocol import guarded_http_protocol
     from .settings import Settings
+    from .workers import Workers, child_socket
 
+    flags = parse_args(argv)
     try:
-        settings = Settings(**parse_args(argv))
+        settings = Settings(**flags)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"normcore: invalid settings: {problems}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
                         else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = child_socket()
+    if settings.workers > 1 and sock is None:
+        try:
+            return Workers(settings, flags).run()
+        except OSError as exc:
+            print(f"normcore: cannot listen on {settings.host}:{settings.port}: {exc}",
+                  file=sys.stderr)
+            return 2
+    import uvicorn
+
+    from .app import create_app
+    from .core.catalog import CatalogError, load_catalog
+    from .http.protocol import guarded_http_protocol
+    from .state.records import StateFileError
     if settings.tune_allocator:
         from normcore.kernels import tune_allocator
 
@@ -59,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = load_catalog(settings.catalog)  # fail fast, with one clear message
         app = create_app(settings, specs=specs, load_in_background=True)
-    except (CatalogError, ValueError) as exc:
+    except (CatalogError, StateFileError, ValueError) as exc:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
     app.state.exit_on_failure = True
@@ -68,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     # The guarded protocol closes connections whose request does not arrive within
     # client_timeout (slow clients); the service has no WebSocket routes, so none are served.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=20, ws="none",
-                http=guarded_http_protocol(settings.client_timeout))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, timeout_graceful_shutdown=20,
+                            ws="none", http=guarded_http_protocol(settings.client_timeout))
+    # One of several workers accepts from the socket its parent bound (service/workers.py).
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
     return 1 if app.state.failure else 0
 
 

@@ -31,7 +31,8 @@ from .http.schemas import with_request_models
 from .settings import Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
-from .state.shared import Postgres, SharedLog
+from .state.records import StateFileError
+from .state.shared import SQLITE_FILE, Postgres, SharedLog, SQLite
 from .state.store import Store
 from .wire.tensors import Limits
 
@@ -74,6 +75,26 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None, background: bool = False)
     app.state.ready = True
     log.info("serving %d layers on %s", engine.layer_count(),
              engine.server_info().default_device)
+
+
+def _change_log(settings: Settings) -> ChangeLog | None:
+    """The change log the settings name: PostgreSQL shared by replicas (``state_url``); in
+    the state dir, SQLite shared by worker processes (``workers`` > 1, or a dir that holds
+    one) or the one-process journal; or None (memory only)."""
+    shared = {"snapshot_every": settings.snapshot_every,
+              "keys_kept": settings.idempotency_window}
+    if settings.state_url is not None:
+        return SharedLog(Postgres(settings.state_url.get_secret_value()), **shared)
+    folder = settings.state_dir
+    if folder is None:
+        return None
+    if settings.workers > 1 or (folder / SQLITE_FILE).exists():
+        if (folder / "snapshot.ncs").exists() and not (folder / SQLITE_FILE).exists():
+            raise StateFileError(
+                f"{folder} holds the state of one server process (a journal): serve it with "
+                "one worker, or move it away to start the workers' shared state afresh")
+        return SharedLog(SQLite(folder), poll_s=0.5, **shared)
+    return Persistence(folder, snapshot_every=settings.snapshot_every)
 
 
 class _DirectRoute(Route):
@@ -131,12 +152,8 @@ def create_app(
     app.state.exit_on_failure = False
     # The one place where the store meets its change log: changes are refused until the
     # log has restored the state dir (at start-up, in _load).
-    if change_log is None and settings.state_url is not None:
-        change_log = SharedLog(Postgres(settings.state_url.get_secret_value()),
-                               snapshot_every=settings.snapshot_every,
-                               keys_kept=settings.idempotency_window)
-    elif change_log is None and settings.state_dir is not None:
-        change_log = Persistence(settings.state_dir, snapshot_every=settings.snapshot_every)
+    if change_log is None:
+        change_log = _change_log(settings)
     store = Store(resolve_device(settings.device), log=change_log,
                   reject_non_finite=not settings.allow_non_finite,
                   idempotency_window=settings.idempotency_window)

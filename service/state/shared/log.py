@@ -47,6 +47,7 @@ from .codec import (
 )
 from .pending import DatabaseUnavailableError, Pending, reason
 from .postgres import Postgres
+from .sqlite import SQLite
 
 log = logging.getLogger("normcore.service")
 
@@ -60,8 +61,8 @@ class SharedLog:
 
     shared = True
 
-    def __init__(self, db: Postgres, *, snapshot_every: int = 10_000, keys_kept: int = 10_000,
-                 poll_s: float = 0.25, retry_s: float = 1.0) -> None:
+    def __init__(self, db: Postgres | SQLite, *, snapshot_every: int = 10_000,
+                 keys_kept: int = 10_000, poll_s: float = 0.25, retry_s: float = 1.0) -> None:
         self.db = db
         self.snapshot_every = snapshot_every
         self.keys_kept = keys_kept
