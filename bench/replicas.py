@@ -147,6 +147,37 @@ def visibility(url: str, folder: Path, steps: int) -> list[float]:
     return delays
 
 
+def _train(cluster: Cluster, folder: Path, args: argparse.Namespace) -> dict:
+    print(f"1. durable train, {args.connections} connections, {args.rounds} x "
+          f"{args.duration} s", flush=True)
+    train = measure({
+        "memory": server([], folder / "memory.log"),
+        "postgresql": server(["--state-url", cluster.new_database()], folder / "pg.log"),
+        "journal (state dir)": server(["--state-dir", str(folder / "journal")],
+                                      folder / "journal.log"),
+        "sqlite (state dir)": server(["--state-dir", str(sqlite_dir(folder / "sq1"))],
+                                     folder / "sq1.log"),
+        "sqlite, --workers 2": server(["--workers", "2", "--state-dir", str(folder / "sq2")],
+                                      folder / "sq2.log"),
+    }, "/normalize", train_script(folder), args)
+    table(train, "memory")
+    return train
+
+
+def _workers(folder: Path, args: argparse.Namespace) -> dict:
+    x = sample_input()
+    eval_body = json.dumps({"layer": "features.ln", "mode": "eval", "tensor": {
+        "shape": list(x.shape), "dtype": "float32", "data": x.tolist()}}).encode()
+    print(f"\n2. small eval requests, {args.connections} connections", flush=True)
+    workers = measure({
+        "1 process": server(["--state-dir", str(sqlite_dir(folder / "w1"))], folder / "w1.log"),
+        "--workers 2": server(["--workers", "2", "--state-dir", str(folder / "w2")],
+                              folder / "w2.log"),
+    }, "/normalize", lua_script(folder, "eval", eval_body), args)
+    table(workers, "1 process")
+    return workers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -154,49 +185,36 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50, help="visibility samples")
+    parser.add_argument("--part", action="append", choices=("train", "workers", "visibility"),
+                        help="measure only this (repeatable; default: all three)")
     args = parser.parse_args()
+    parts = set(args.part or ("train", "workers", "visibility"))
+    train = workers = delays = None
     folder = Path(tempfile.mkdtemp(prefix="normcore-bench-replicas-"))
     cluster = Cluster.create()
     cluster.start()
     try:
-        print(f"1. durable train, {args.connections} connections, {args.rounds} x "
-              f"{args.duration} s", flush=True)
-        train = measure({
-            "memory": server([], folder / "memory.log"),
-            "postgresql": server(["--state-url", cluster.new_database()], folder / "pg.log"),
-            "journal (state dir)": server(["--state-dir", str(folder / "journal")],
-                                          folder / "journal.log"),
-            "sqlite (state dir)": server(["--state-dir", str(sqlite_dir(folder / "sq1"))],
-                                         folder / "sq1.log"),
-            "sqlite, --workers 2": server(["--workers", "2", "--state-dir",
-                                           str(folder / "sq2")], folder / "sq2.log"),
-        }, "/normalize", train_script(folder), args)
-        table(train, "memory")
-        x = sample_input()
-        eval_body = json.dumps({"layer": "features.ln", "mode": "eval", "tensor": {
-            "shape": list(x.shape), "dtype": "float32", "data": x.tolist()}}).encode()
-        print(f"\n2. small eval requests, {args.connections} connections", flush=True)
-        workers = measure({
-            "1 process": server(["--state-dir", str(sqlite_dir(folder / "w1"))],
-                                folder / "w1.log"),
-            "--workers 2": server(["--workers", "2", "--state-dir", str(folder / "w2")],
-                                  folder / "w2.log"),
-        }, "/normalize", lua_script(folder, "eval", eval_body), args)
-        table(workers, "1 process")
-        print("\n3. visibility between two PostgreSQL replicas", flush=True)
-        delays = visibility(cluster.new_database(), folder, args.steps)
+        if "train" in parts:
+            train = _train(cluster, folder, args)
+        if "workers" in parts:
+            workers = _workers(folder, args)
+        if "visibility" in parts:
+            print("\n3. visibility between two PostgreSQL replicas", flush=True)
+            delays = visibility(cluster.new_database(), folder, args.steps)
     finally:
         cluster.destroy()
-    pg_ratio = paired_ratio(train["postgresql"], train["memory"])
-    workers_ratio = paired_ratio(workers["--workers 2"], workers["1 process"])
-    print(f"   {len(delays)} steps: median {statistics.median(delays) * 1e3:.1f} ms, "
-          f"worst {max(delays) * 1e3:.1f} ms")
-    print(f"\npostgresql / memory (train): {pg_ratio:.2f}x (goal >= 0.5x) "
-          f"{'ok' if pg_ratio >= 0.5 else 'BELOW'}")
-    print(f"--workers 2 / 1 process (eval): {workers_ratio:.2f}x (goal >= 1.25x) "
-          f"{'ok' if workers_ratio >= 1.25 else 'BELOW'}")
-    print(f"visibility worst: {max(delays) * 1e3:.1f} ms (goal < 1000 ms) "
-          f"{'ok' if max(delays) < 1 else 'BELOW'}")
+    if train:
+        ratio = paired_ratio(train["postgresql"], train["memory"])
+        print(f"\npostgresql / memory (train): {ratio:.2f}x (goal >= 0.5x) "
+              f"{'ok' if ratio >= 0.5 else 'BELOW'}")
+    if workers:
+        ratio = paired_ratio(workers["--workers 2"], workers["1 process"])
+        print(f"--workers 2 / 1 process (eval): {ratio:.2f}x (goal >= 1.25x) "
+              f"{'ok' if ratio >= 1.25 else 'BELOW'}")
+    if delays:
+        print(f"visibility: {len(delays)} steps, median {statistics.median(delays) * 1e3:.1f} "
+              f"ms, worst {max(delays) * 1e3:.1f} ms (goal < 1000 ms) "
+              f"{'ok' if max(delays) < 1 else 'BELOW'}")
     return 0
 
 

@@ -32,6 +32,7 @@ from .changes import StepDelta
 
 _BATCH_NORMS = (normcore.BatchNorm1d, normcore.BatchNorm2d, normcore.BatchNorm3d)
 _INSTANCE_NORMS = (normcore.InstanceNorm1d, normcore.InstanceNorm2d, normcore.InstanceNorm3d)
+_NUMPY = {torch.float16, torch.float32, torch.float64}
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ def fold_step(layer: nn.Module, delta: StepDelta) -> nn.Module | None:
         return None
     if not isinstance(layer, _BATCH_NORMS + _INSTANCE_NORMS):
         return None
+    if running_mean.device.type == "cpu" and {running_mean.dtype, delta.var.dtype} <= _NUMPY:
+        return _fold_in_numpy(layer, delta)
     new = fork(layer)
     device = running_mean.device
     mean, var = delta.mean.to(device), delta.var.to(device)
@@ -131,4 +134,30 @@ def fold_step(layer: nn.Module, delta: StepDelta) -> nn.Module | None:
         else:
             momentum = new.momentum if new.momentum is not None else 0.0
             update_running(new.running_mean, new.running_var, mean, var, delta.count, momentum)
+    return new
+
+
+def _fold_in_numpy(layer: nn.Module, delta: StepDelta) -> nn.Module:
+    """``fold_step`` for CPU buffers, in numpy: the same update, elementwise in the buffers'
+    dtype, without torch's per-call dispatch. (Each small torch call hands the GIL over, and
+    under load the thread that applies the log then waits a switch interval for it back.)"""
+    buffers = layer._buffers
+    running_mean = buffers["running_mean"].numpy()
+    running_var = buffers["running_var"].numpy()
+    mean, var = delta.mean.numpy(), delta.var.numpy()
+    unbiased = var * var.dtype.type(delta.count / (delta.count - 1))
+    new = copy.copy(layer)
+    new._buffers = dict(buffers)
+    new._parameters = dict(layer._parameters)
+    if isinstance(layer, _BATCH_NORMS):
+        tracked = int(buffers["num_batches_tracked"])
+        momentum = layer.momentum if layer.momentum is not None else 1.0 / float(tracked + 1)
+        new._buffers["num_batches_tracked"] = torch.tensor(tracked + 1)
+    else:
+        momentum = layer.momentum if layer.momentum is not None else 0.0
+    for key, running, stat in (("running_mean", running_mean, mean),
+                               ("running_var", running_var, unbiased)):
+        kind = running.dtype.type
+        folded = running * kind(1 - momentum) + kind(momentum) * stat.astype(running.dtype)
+        new._buffers[key] = torch.from_numpy(folded)
     return new

@@ -149,7 +149,9 @@ def test_database_restart_mid_stream(postgres: Cluster, state_url: str, tmp_path
         for thread in threads:
             thread.join(30)
         assert not any(r.stream.failure for r in streams), [r.stream.failure for r in streams]
-        assert all(r.refused for r in streams), "the outage went unnoticed"
+        # (A request whose write was under way when the database went down is settled
+        # once it is back: answered 200, never refused.)
+        assert any(r.refused for r in streams), "the outage went unnoticed"
         for url in urls:
             with httpx.Client(base_url=url, timeout=10.0) as client:
                 assert client.get("/readyz").json()["status"] == "ready"

@@ -1,30 +1,27 @@
 """SharedLog: the ``ChangeLog`` of replicas that share one database (``shared = True``).
 
-The database orders every replica's changes: a writer locks the log's head, so positions
-are given out in commit order. Each replica applies the committed changes in that order
-through the store's callback (``follow``), its own included, so every replica serves the
-same state. Three threads move changes:
+The database orders every replica's changes (a write locks the log's head, so positions
+follow commit order); each replica applies them in that order through the store's callback
+(``follow``), its own included, so every replica serves the same state. Three threads:
 
-- **writer** (group commit): the requests recorded while the last commit ran go out in one
-  transaction. Under the head lock it first applies what other replicas committed since
-  (so it knows the state its changes follow), claims the request_ids (a key committed
-  before is refused: ``KeyTakenError``), appends the rows, commits, and applies its own
-  changes; each waiter then returns its change's ``Folded``.
+- **writer** (group commit): the changes recorded while the last write ran go out in one
+  write (``Postgres.write``: lock the head, claim request_ids, append, commit). It then
+  applies what others committed before it, then its own rows; each waiter returns its
+  change's ``Folded``, or ``KeyTakenError`` for a request_id committed before.
 - **follower**: LISTENs for commits (and polls), and applies the rows it has not seen.
-- **compaction** (now and then): writes a snapshot as of the position applied here and
-  trims the rows an older snapshot covers. A replica that falls behind the trimmed rows
-  reloads from the snapshot.
+- **compaction** (now and then): a snapshot as of the position applied here; the rows an
+  older snapshot covers are trimmed, and a replica behind them reloads the snapshot.
 
 If the database cannot be reached, changes are refused at once (``DatabaseUnavailableError``,
-503), nothing half-applied, while eval keeps the last state applied; the follower
-reconnects and catches up, and changes are taken again. A commit whose reply is lost is
-settled by looking for its rows once the database answers again.
+503), nothing half-applied, and eval keeps the last state applied; the follower reconnects
+and catches up. A write whose reply was lost is settled by looking for its rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import socket
@@ -86,6 +83,8 @@ class SharedLog:
         self._down: str | None = None  # why the database cannot be reached now
         self._failed: str | None = None  # a change that could not be applied here
         self._following = False
+        self._batches = itertools.count(1)
+        self._written = 0  # the last log position this replica's writer committed
 
     @property
     def status(self) -> str:
@@ -147,10 +146,11 @@ class SharedLog:
 
     def _catch_up(self, conn, head: int | None = None) -> None:
         """Apply the committed rows after ``_folded`` (up to ``head`` if given: the writer,
-        which holds the head lock). Holds: ``_fold_lock``."""
+        whose own rows follow). Holds: ``_fold_lock``."""
         reloaded = False
-        while True:
-            rows = self.db.rows(conn, self._folded, CHUNK)
+        while head is None or self._folded < head:
+            limit = CHUNK if head is None else min(CHUNK, head - self._folded)
+            rows = self.db.rows(conn, self._folded, limit)
             behind = head is not None and head > self._folded
             if (rows and rows[0][0] != self._folded + 1) or (not rows and behind):
                 if reloaded:
@@ -161,7 +161,7 @@ class SharedLog:
                 continue
             for seq, _origin, op, name, body in rows:
                 self._fold(seq, decode_change(seq, op, name, bytes(body), self._spec_of))
-            if len(rows) < CHUNK:
+            if len(rows) < limit:
                 return
 
     def _fold(self, seq: int, change: Change) -> Folded:
@@ -241,81 +241,70 @@ class SharedLog:
                     pending.settle(error=exc)
 
     def _write(self, batch: list[Pending]) -> None:
+        """Commit ``batch`` in one write, apply what others committed before it, then it."""
+        token = f"{self.origin}/{next(self._batches)}"
+        entries = [(p.change.key, None if p.change.applied is None else p.change.applied.digest,
+                    p.change.op, p.change.name, p.body) for p in batch]
         with self._fold_lock:
             for attempt in (1, 2):
                 try:
-                    head, accepted = self._prepare(batch)
+                    if self._writer is None:
+                        self._writer = self.db.connect()
+                    head, accepted = self.db.write(self._writer, token, entries)
+                    self._written = head + len(accepted)  # the follower need not read them
                     break
                 except self.db.UNAVAILABLE as exc:
                     self._drop_writer()
+                    self._lost(exc)
+                    written = self._rows_of(token)  # did it commit before the reply was lost?
+                    if written is None:
+                        return self._fail(batch, DatabaseUnavailableError(
+                            "the state database went away while committing: whether the "
+                            "change was applied is unknown; retry with the same request_id"))
+                    if written:
+                        head, accepted = _match(batch, written)
+                        break
                     if attempt == 2 or self._closed.is_set():
-                        self._lost(exc)
                         error = DatabaseUnavailableError(f"not applied: {reason(exc)}")
                         return self._fail(batch, error)
-                    # A connection from before a database restart: once more, afresh.
+                    # Not applied: a connection from before a database restart. Once more.
                 except BaseException as exc:
                     self._drop_writer()
                     return self._fail(batch, exc)
-            if not accepted:
-                return None
+            self._apply_through(head)
+            for seq, i in enumerate(accepted, start=head + 1):
+                try:
+                    batch[i].settle(self._fold(seq, batch[i].change))
+                except Exception as exc:
+                    return self._fail(batch, exc)
+            for pending in batch:  # the keys another change holds: applied above
+                pending.settle(error=KeyTakenError(pending.change.key))
+        return None
+
+    def _apply_through(self, head: int) -> None:
+        """Apply the rows up to ``head``, which others committed before our write (retried
+        until the database answers: the write is committed, its reply waits for them)."""
+        while self._folded < head:
             try:
-                self._writer.commit()
+                if self._writer is None:
+                    self._writer = self.db.connect()
+                self._catch_up(self._writer, head)
             except self.db.UNAVAILABLE as exc:
                 self._drop_writer()
                 self._lost(exc)
-                try:
-                    committed = self._committed_after_all(head + 1)
-                except DatabaseUnavailableError as unknown:
-                    return self._fail(accepted, unknown)
-                if not committed:
-                    error = DatabaseUnavailableError(f"not applied: {reason(exc)}")
-                    return self._fail(accepted, error)
-            for i, pending in enumerate(accepted):
-                try:
-                    pending.settle(self._fold(head + 1 + i, pending.change))
-                except Exception as exc:
-                    return self._fail(accepted, exc)
-        return None
+                self._closed.wait(self.retry_s)
 
-    def _prepare(self, batch: list[Pending]) -> tuple[int, list[Pending]]:
-        """Lock the head, catch up, claim keys, append; (head before, changes appended)."""
-        batch = [p for p in batch if not p.done.is_set()]
-        if self._writer is None:
-            self._writer = self.db.connect()
-        conn = self._writer
-        head = self.db.lock_head(conn)
-        self._catch_up(conn, head)
-        keyed = [(p.change.key, p.change.name, p.change.applied.digest) for p in batch
-                 if p.change.key is not None and p.change.applied is not None]
-        taken = self.db.claim_keys(conn, keyed, head + 1)
-        accepted = []
-        for pending in batch:
-            if pending.change.key is not None and pending.change.key in taken:
-                pending.settle(error=KeyTakenError(pending.change.key))
-            else:
-                accepted.append(pending)
-        if not accepted:
-            conn.rollback()
-            return head, []
-        self.db.append(conn, [(head + 1 + i, self.origin, p.change.op, p.change.name, p.body)
-                              for i, p in enumerate(accepted)])
-        return head, accepted
-
-    def _committed_after_all(self, seq: int) -> bool:
-        """Whether our commit starting at ``seq`` happened, asked once the database answers;
-        ``DatabaseUnavailableError`` if that cannot be known in time."""
+    def _rows_of(self, token: str) -> list | None:
+        """The rows of the write ``token`` (empty: it was not committed), asked once the
+        database answers; None if it does not answer in time."""
         for _ in range(max(1, int(RESOLVE_S / self.retry_s))):
             try:
-                with self.db.connect(autocommit=True) as conn:
-                    origin, head = self.db.origin_at(conn, seq), self.db.head(conn)
-                return origin == self.origin or (origin is None and head >= seq
-                                                 and self.db.snapshot_seq(conn) >= seq)
+                with self.db.connect() as conn:
+                    return self.db.written(conn, token)
             except self.db.UNAVAILABLE:
                 if self._closed.wait(self.retry_s):
                     break
-        raise DatabaseUnavailableError(
-            "the state database went away while committing: whether the change was applied "
-            "is unknown; retry with the same request_id")
+        return None
 
     def _fail(self, batch: list[Pending], error: BaseException) -> None:
         for pending in batch:
@@ -340,14 +329,18 @@ class SharedLog:
         while not self._closed.is_set():
             try:
                 if conn is None:
-                    conn = self.db.connect(autocommit=True)
+                    conn = self.db.connect()
                     self.db.listen(conn)
                 with self._fold_lock:
                     self._catch_up(conn)
                 if self._down is not None:
                     log.warning("the state database answers again: changes are taken")
                     self._down = None
-                self.db.wait(conn, self.poll_s)
+                # This replica's own commits are applied by its writer: wait past them.
+                while (seq := self.db.wait(conn, self.poll_s)) is not None \
+                        and seq <= max(self._folded, self._written) \
+                        and not self._closed.is_set():
+                    pass
             except self.db.UNAVAILABLE as exc:
                 self._lost(exc)
                 if conn is not None:
@@ -394,3 +387,14 @@ class SharedLog:
             thread.join(30)
         with self._fold_lock:
             self._drop_writer()
+
+
+def _match(batch: list[Pending], written: list) -> tuple[int, list[int]]:
+    """(head before, indices appended) of a write found by its rows: they hold the batch's
+    changes in order, less those whose key was claimed before."""
+    accepted, j = [], 0
+    for i, pending in enumerate(batch):
+        if j < len(written) and bytes(written[j][4]) == pending.body:
+            accepted.append(i)
+            j += 1
+    return written[0][0] - 1, accepted

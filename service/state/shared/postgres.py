@@ -49,6 +49,30 @@ CREATE TABLE IF NOT EXISTS normcore_snapshot (
 """
 
 Row = tuple[int, str, str, str, bytes]  # seq, origin, op, layer, body
+Entry = tuple[str | None, str | None, str, str, bytes]  # key, digest, op, layer, body
+
+# One write, one round trip. The head row is locked first (FOR UPDATE waits for the writer
+# before, then reads the head it left); a key committed before is not claimed again.
+WRITE = """
+WITH head AS (SELECT seq FROM normcore_head WHERE id = 1 FOR UPDATE),
+input AS (
+    SELECT * FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::bytea[]) AS t(i, key, digest, op, layer, body)),
+claimed AS (
+    INSERT INTO normcore_keys (key, layer, digest, seq)
+    SELECT key, layer, digest, (SELECT seq FROM head) + 1 FROM input WHERE key IS NOT NULL
+    ON CONFLICT (key) DO NOTHING RETURNING key),
+accepted AS (
+    SELECT i, op, layer, body, (SELECT seq FROM head) + row_number() OVER (ORDER BY i) AS seq
+    FROM input WHERE key IS NULL OR key IN (SELECT key FROM claimed)),
+appended AS (
+    INSERT INTO normcore_log (seq, origin, op, layer, body)
+    SELECT seq, %s, op, layer, body FROM accepted),
+last AS (SELECT (SELECT seq FROM head) + (SELECT count(*) FROM accepted) AS seq),
+moved AS (UPDATE normcore_head SET seq = (SELECT seq FROM last) WHERE id = 1)
+SELECT (SELECT seq FROM head), ARRAY(SELECT i FROM accepted ORDER BY i),
+       pg_notify('normcore_log', (SELECT seq FROM last)::text)
+"""
 
 
 class Postgres:
@@ -67,14 +91,13 @@ class Postgres:
         return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/" \
                f"{info.get('dbname', '')}"
 
-    def connect(self, *, autocommit: bool = False) -> psycopg.Connection:
+    def connect(self) -> psycopg.Connection:
+        """A connection in autocommit mode: each statement is a transaction of its own."""
         conn = psycopg.connect(
-            self._url, autocommit=autocommit, connect_timeout=max(1, int(self.connect_timeout)),
+            self._url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout)),
             application_name="normcore", keepalives=1, keepalives_idle=5,
             keepalives_interval=2, keepalives_count=3)
         conn.execute("SET synchronous_commit = on")
-        if not autocommit:
-            conn.commit()
         return conn
 
     def create_schema(self, conn: psycopg.Connection) -> None:
@@ -98,43 +121,22 @@ class Postgres:
         row = conn.execute("SELECT seq FROM normcore_snapshot WHERE id = 1").fetchone()
         return 0 if row is None else row[0]
 
-    def origin_at(self, conn: psycopg.Connection, seq: int) -> str | None:
-        row = conn.execute("SELECT origin FROM normcore_log WHERE seq = %s", (seq,)).fetchone()
-        return None if row is None else row[0]
+    # --- writing ------------------------------------------------------------------------------
 
-    def head(self, conn: psycopg.Connection) -> int:
-        return conn.execute("SELECT seq FROM normcore_head WHERE id = 1").fetchone()[0]
+    def write(self, conn: psycopg.Connection, origin: str, entries: list[Entry]
+              ) -> tuple[int, list[int]]:
+        """Append ``entries`` (key, digest, op, layer, body) after the head, in one statement
+        and so one transaction (``conn`` is in autocommit mode): lock the head, claim the
+        keys, append the entries whose key was free (or that have none) as ``origin``, move
+        the head past them, notify. (The head before, the indices of the entries appended.)"""
+        columns = [list(column) for column in zip(*entries, strict=True)]
+        row = conn.execute(WRITE, (list(range(len(entries))), *columns, origin)).fetchone()
+        return row[0], list(row[1])
 
-    # --- writing (in one transaction, the head locked first) ---------------------------------
-
-    def lock_head(self, conn: psycopg.Connection) -> int:
-        """Start a write: the last committed position, locked until commit or rollback."""
-        return conn.execute(
-            "SELECT seq FROM normcore_head WHERE id = 1 FOR UPDATE").fetchone()[0]
-
-    def claim_keys(self, conn: psycopg.Connection, keys: list[tuple[str, str, str]],
-                   seq: int) -> set[str]:
-        """Claim (key, layer, digest) triples; the keys claimed before, which are not."""
-        if not keys:
-            return set()
-        claimed = conn.execute(
-            "INSERT INTO normcore_keys (key, layer, digest, seq) "
-            "SELECT k, l, d, %s FROM unnest(%s::text[], %s::text[], %s::text[]) AS t(k, l, d) "
-            "ON CONFLICT (key) DO NOTHING RETURNING key",
-            (seq, [k for k, _, _ in keys], [layer for _, layer, _ in keys],
-             [d for _, _, d in keys])).fetchall()
-        return {k for k, _, _ in keys} - {row[0] for row in claimed}
-
-    def append(self, conn: psycopg.Connection, rows: list[Row]) -> None:
-        """Write ``rows`` (consecutive positions after the locked head), move the head past
-        them, and notify the other replicas when this transaction commits."""
-        conn.execute(
-            "INSERT INTO normcore_log (seq, origin, op, layer, body) "
-            "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], "
-            "%s::bytea[])", [list(column) for column in zip(*rows, strict=True)])
-        last = rows[-1][0]
-        conn.execute("WITH moved AS (UPDATE normcore_head SET seq = %s WHERE id = 1) "
-                     "SELECT pg_notify(%s, %s)", (last, CHANNEL, str(last)))
+    def written(self, conn: psycopg.Connection, origin: str) -> list[Row]:
+        """The rows ``origin`` appended (to settle a write whose reply was lost)."""
+        return conn.execute("SELECT seq, origin, op, layer, body FROM normcore_log "
+                            "WHERE origin = %s ORDER BY seq", (origin,)).fetchall()
 
     def save_snapshot(self, conn: psycopg.Connection, seq: int, body: bytes,
                       keys_kept: int) -> None:
@@ -160,7 +162,9 @@ class Postgres:
         """``conn`` (autocommit) hears every commit from now on."""
         conn.execute(f"LISTEN {CHANNEL}")
 
-    def wait(self, conn: psycopg.Connection, timeout: float) -> None:
-        """Until a commit is announced on ``conn`` or ``timeout`` seconds pass."""
-        for _ in conn.notifies(timeout=timeout, stop_after=1):
-            pass
+    def wait(self, conn: psycopg.Connection, timeout: float) -> int | None:
+        """Until a commit is announced on ``conn`` or ``timeout`` seconds pass; the log
+        position it announced, if any."""
+        for notify in conn.notifies(timeout=timeout, stop_after=1):
+            return int(notify.payload)
+        return None

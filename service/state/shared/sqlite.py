@@ -30,13 +30,14 @@ CREATE TABLE IF NOT EXISTS normcore_snapshot (id INTEGER PRIMARY KEY CHECK (id =
                                               seq INTEGER NOT NULL, body BLOB NOT NULL)
 """
 
-Row = tuple[int, str, str, str, bytes]
-_POLL_S = 0.005  # how often a follower looks at data_version while it waits
+Row = tuple[int, str, str, str, bytes]  # seq, origin, op, layer, body
+Entry = tuple[str | None, str | None, str, str, bytes]  # key, digest, op, layer, body
+_POLL_S = 0.01  # how often a follower looks at data_version while it waits
 
 
 class Connection:
     """A sqlite3 connection that behaves as the shared log expects of one: statements run
-    in autocommit mode unless a write began (``lock_head``); ``with`` closes it."""
+    in autocommit mode unless a write began (``BEGIN``); ``with`` closes it."""
 
     def __init__(self, path: Path) -> None:
         self.raw = sqlite3.connect(path, timeout=60, isolation_level=None,
@@ -81,7 +82,7 @@ class SQLite:
     def describe(self) -> str:
         return str(self.path)
 
-    def connect(self, *, autocommit: bool = False) -> Connection:
+    def connect(self) -> Connection:
         self.folder.mkdir(parents=True, exist_ok=True)
         return Connection(self.path)
 
@@ -105,34 +106,35 @@ class SQLite:
         row = conn.execute("SELECT seq FROM normcore_snapshot WHERE id = 1").fetchone()
         return 0 if row is None else row[0]
 
-    def origin_at(self, conn: Connection, seq: int) -> str | None:
-        row = conn.execute("SELECT origin FROM normcore_log WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else row[0]
-
-    def head(self, conn: Connection) -> int:
-        return conn.execute("SELECT seq FROM normcore_head WHERE id = 1").fetchone()[0]
-
     # --- writing ------------------------------------------------------------------------------
 
-    def lock_head(self, conn: Connection) -> int:
-        conn.rollback()  # a read left open would pin an old view
+    def write(self, conn: Connection, origin: str, entries: list[Entry]
+              ) -> tuple[int, list[int]]:
+        """``Postgres.write`` in one SQLite transaction under the database's write lock."""
         conn.execute("BEGIN IMMEDIATE")
-        return self.head(conn)
+        try:
+            head = conn.execute("SELECT seq FROM normcore_head WHERE id = 1").fetchone()[0]
+            accepted, rows = [], []
+            for i, (key, digest, op, layer, body) in enumerate(entries):
+                if key is not None and conn.execute(
+                        "INSERT OR IGNORE INTO normcore_keys (key, layer, digest, seq) "
+                        "VALUES (?, ?, ?, ?)", (key, layer, digest, head + 1)).rowcount == 0:
+                    continue  # claimed before
+                accepted.append(i)
+                rows.append((head + len(rows) + 1, origin, op, layer, body))
+            if rows:
+                conn.raw.executemany("INSERT INTO normcore_log (seq, origin, op, layer, body) "
+                                     "VALUES (?, ?, ?, ?, ?)", rows)
+                conn.execute("UPDATE normcore_head SET seq = ? WHERE id = 1", (rows[-1][0],))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return head, accepted
 
-    def claim_keys(self, conn: Connection, keys: list[tuple[str, str, str]],
-                   seq: int) -> set[str]:
-        taken = set()
-        for key, layer, digest in keys:
-            cursor = conn.execute("INSERT OR IGNORE INTO normcore_keys (key, layer, digest, "
-                                  "seq) VALUES (?, ?, ?, ?)", (key, layer, digest, seq))
-            if cursor.rowcount == 0:
-                taken.add(key)
-        return taken
-
-    def append(self, conn: Connection, rows: list[Row]) -> None:
-        conn.raw.executemany("INSERT INTO normcore_log (seq, origin, op, layer, body) "
-                             "VALUES (?, ?, ?, ?, ?)", rows)
-        conn.execute("UPDATE normcore_head SET seq = ? WHERE id = 1", (rows[-1][0],))
+    def written(self, conn: Connection, origin: str) -> list[Row]:
+        return conn.execute("SELECT seq, origin, op, layer, body FROM normcore_log "
+                            "WHERE origin = ? ORDER BY seq", (origin,)).fetchall()
 
     def save_snapshot(self, conn: Connection, seq: int, body: bytes, keys_kept: int) -> None:
         conn.execute("BEGIN IMMEDIATE")
