@@ -1,7 +1,7 @@
-"""Two replicas on one PostgreSQL database hold one state: each applies every committed
-change in commit order, so both equal one torch.nn layer taking the same steps in that
-order; a step shows on the other replica within a second; a request_id is applied once
-whichever replica it is sent to."""
+"""Two replicas on one database (PostgreSQL, or SQLite for --workers) hold one state: each
+applies every committed change in commit order, so both equal one torch.nn layer taking the
+same steps in that order; a step shows on the other replica within a second; a request_id
+is applied once whichever replica it is sent to."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from service.core.catalog import LayerSpec, load_catalog, make_layer
 from service.state.idempotency import IdempotencyConflictError
-from service.state.shared import Postgres, SharedLog
+from service.state.shared import Postgres, SharedLog, SQLite
 from service.state.store import Store
 from tests.server_process import service_process
 
@@ -33,11 +33,17 @@ def specs() -> list[LayerSpec]:
     return load_catalog()
 
 
-@pytest.fixture
-def pair(state_url: str, specs) -> Iterator[tuple[Store, Store]]:
+@pytest.fixture(params=["postgresql", "sqlite"])
+def pair(request, specs, tmp_path) -> Iterator[tuple[Store, Store]]:
+    """Two replicas of one state: on PostgreSQL, or on SQLite in a state dir (--workers)."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("state_url")
+        db = lambda: Postgres(url)  # noqa: E731
+    else:
+        db = lambda: SQLite(tmp_path / "state")  # noqa: E731
     stores = []
     for _ in range(2):
-        store = Store(CPU, log=SharedLog(Postgres(state_url), poll_s=0.1))
+        store = Store(CPU, log=SharedLog(db(), poll_s=0.1))
         store.load(specs)
         stores.append(store)
     yield tuple(stores)
