@@ -149,9 +149,9 @@ def test_database_restart_mid_stream(postgres: Cluster, state_url: str, tmp_path
         for thread in threads:
             thread.join(30)
         assert not any(r.stream.failure for r in streams), [r.stream.failure for r in streams]
-        # (A request whose write was under way when the database went down is settled
-        # once it is back: answered 200, never refused.)
-        assert any(r.refused for r in streams), "the outage went unnoticed"
+        # The streams may see no 503 at all: a request whose write was under way when the
+        # database went down is settled once it is back (answered 200), and each stream
+        # waits for it. The probes above saw the outage.
         for url in urls:
             with httpx.Client(base_url=url, timeout=10.0) as client:
                 assert client.get("/readyz").json()["status"] == "ready"
@@ -170,4 +170,4 @@ def test_database_restart_mid_stream(postgres: Cluster, state_url: str, tmp_path
             server.stop()
     resumed = sum(r.stream.acknowledged for r in streams)
     print(f"database restarted mid-stream: {resumed} steps checked, "
-          f"{sum(len(r.refused) for r in streams)} refusals retried; e.g. {streams[0].refused[:1]}")
+          f"{sum(len(r.refused) for r in streams)} refusals retried")

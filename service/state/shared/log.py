@@ -141,8 +141,7 @@ class SharedLog:
     # --- applying -------------------------------------------------------------------------
 
     def _spec_of(self, name: str) -> LayerSpec | None:
-        entry = self._entries.get(name)
-        return None if entry is None else entry.spec
+        return entry.spec if (entry := self._entries.get(name)) is not None else None
 
     def _catch_up(self, conn, head: int | None = None) -> None:
         """Apply the committed rows after ``_folded`` (up to ``head`` if given: the writer,
@@ -252,31 +251,30 @@ class SharedLog:
                         self._writer = self.db.connect()
                     head, accepted = self.db.write(self._writer, token, entries)
                     self._written = head + len(accepted)  # the follower need not read them
+                    self._down = None
                     break
                 except self.db.UNAVAILABLE as exc:
                     self._drop_writer()
-                    self._lost(exc)
+                    self._lost(exc)  # new changes are refused at once meanwhile
                     written = self._rows_of(token)  # did it commit before the reply was lost?
-                    if written is None:
-                        return self._fail(batch, DatabaseUnavailableError(
-                            "the state database went away while committing: whether the "
-                            "change was applied is unknown; retry with the same request_id"))
                     if written:
                         head, accepted = _match(batch, written)
                         break
-                    if attempt == 2 or self._closed.is_set():
-                        error = DatabaseUnavailableError(f"not applied: {reason(exc)}")
-                        return self._fail(batch, error)
+                    if written is None or attempt == 2 or self._closed.is_set():
+                        return self._fail(batch, DatabaseUnavailableError(
+                            f"not applied: {reason(exc)}" if written is not None else
+                            "the state database went away while committing: whether the "
+                            "change was applied is unknown; retry with the same request_id"))
                     # Not applied: a connection from before a database restart. Once more.
                 except BaseException as exc:
                     self._drop_writer()
                     return self._fail(batch, exc)
-            self._apply_through(head)
-            for seq, i in enumerate(accepted, start=head + 1):
-                try:
+            try:
+                self._apply_through(head)
+                for seq, i in enumerate(accepted, start=head + 1):
                     batch[i].settle(self._fold(seq, batch[i].change))
-                except Exception as exc:
-                    return self._fail(batch, exc)
+            except Exception as exc:
+                return self._fail(batch, exc)
             for pending in batch:  # the keys another change holds: applied above
                 pending.settle(error=KeyTakenError(pending.change.key))
         return None
@@ -292,7 +290,9 @@ class SharedLog:
             except self.db.UNAVAILABLE as exc:
                 self._drop_writer()
                 self._lost(exc)
-                self._closed.wait(self.retry_s)
+                if self._closed.wait(self.retry_s):
+                    raise DatabaseUnavailableError("stopped before the state database answered; "
+                                                   "the change is committed") from None
 
     def _rows_of(self, token: str) -> list | None:
         """The rows of the write ``token`` (empty: it was not committed), asked once the
