@@ -246,9 +246,10 @@ class SharedLog:
                     p.change.op, p.change.name, p.body) for p in batch]
         with self._fold_lock:
             for attempt in (1, 2):
+                sent = False  # a write that never left cannot have been committed
                 try:
-                    if self._writer is None:
-                        self._writer = self.db.connect()
+                    self._writer = self._writer or self.db.connect()
+                    sent = True
                     head, accepted = self.db.write(self._writer, token, entries)
                     self._written = head + len(accepted)  # the follower need not read them
                     self._down = None
@@ -256,7 +257,7 @@ class SharedLog:
                 except self.db.UNAVAILABLE as exc:
                     self._drop_writer()
                     self._lost(exc)  # new changes are refused at once meanwhile
-                    written = self._rows_of(token)  # did it commit before the reply was lost?
+                    written = self._rows_of(token) if sent else []  # committed after all?
                     if written:
                         head, accepted = _match(batch, written)
                         break
@@ -280,8 +281,7 @@ class SharedLog:
         return None
 
     def _apply_through(self, head: int) -> None:
-        """Apply the rows up to ``head``, which others committed before our write (retried
-        until the database answers: the write is committed, its reply waits for them)."""
+        """Apply the rows others committed before our write, retried until they are read."""
         while self._folded < head:
             try:
                 if self._writer is None:
