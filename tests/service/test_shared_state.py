@@ -170,3 +170,43 @@ def test_readyz_says_the_database_is_awaited_at_start() -> None:
         assert ready.status_code == 503
         assert "state database cannot be reached" in ready.json()["error"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_write_whose_reply_is_lost_is_settled_by_its_rows(replicas, monkeypatch) -> None:
+    store = replicas()
+    real, lost = Postgres.write, []
+
+    def reply_lost(self, conn, origin, entries):
+        result = real(self, conn, origin, entries)  # committed ...
+        if not lost:
+            lost.append(origin)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return result  # ... but the reply never came
+
+    monkeypatch.setattr(Postgres, "write", reply_lost)
+    x = torch.randn(8, 64)
+    assert store.train("stream.bn", x, request_id="lost").num_batches_tracked == 1
+    assert lost
+    assert store.train("stream.bn", x, request_id="lost").num_batches_tracked == 1
+    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 1
+
+
+def test_a_write_that_fails_before_commit_is_refused_and_not_applied(replicas,
+                                                                     monkeypatch) -> None:
+    from service.state.shared import DatabaseUnavailableError
+
+    store = replicas()
+
+    def refused(self, conn, origin, entries):
+        raise psycopg.OperationalError("connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Postgres, "write", refused)
+        with pytest.raises(DatabaseUnavailableError, match="not applied"):
+            store.train("stream.bn", torch.randn(8, 64), request_id="k")
+    assert int(store.slot("stream.bn").layer.num_batches_tracked) == 0
+    deadline = time.monotonic() + 5
+    while store.persistence != "durable":  # the follower finds the database answering
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert store.train("stream.bn", torch.randn(8, 64), request_id="k").num_batches_tracked == 1
