@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         tune_allocator()  # before the first large tensor: a process-wide malloc setting
     try:
         specs = load_catalog(settings.catalog)  # fail fast, with one clear message
-        app = create_app(settings, specs=specs, load_in_background=True)
+        # One of several workers loads before it accepts from the shared socket, so a
+        # worker still loading never takes a request; alone, /readyz answers meanwhile.
+        app = create_app(settings, specs=specs, load_in_background=sock is None)
     except (CatalogError, StateFileError, ValueError) as exc:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
