@@ -18,20 +18,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from . import logs, tracing
     from .settings import load_settings
+    from .workers import Workers, child_socket
 
     # First: --help and bad flags answer before the server is set up.
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         settings = load_settings(argv)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"normcore: invalid settings: {problems}", file=sys.stderr)
         return 2
+    logs.configure(settings.log_level, settings.log_format)
+    sock = child_socket()
+    if settings.workers > 1 and sock is None:
+        try:
+            return Workers(settings, argv).run()
+        except OSError as exc:
+            print(f"normcore: cannot listen on {settings.host}:{settings.port}: {exc}",
+                  file=sys.stderr)
+            return 2
     import uvicorn
 
     from .app import create_app
     from .core.catalog import CatalogError, load_catalog
     from .http.protocol import guarded_http_protocol
-    logs.configure(settings.log_level, settings.log_format)
+    from .state.records import StateFileError
     try:
         tracing.configure()  # by the OTEL_* variables; nothing is loaded without them
     except tracing.TracingConfigError as exc:
@@ -43,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         tune_allocator()  # before the first large tensor: a process-wide malloc setting
     try:
         specs = load_catalog(settings.catalog)  # fail fast, with one clear message
-        app = create_app(settings, specs=specs, load_in_background=True)
-    except (CatalogError, ValueError) as exc:
+        # One of several workers loads before it accepts from the shared socket, so a
+        # worker still loading never takes a request; alone, /readyz answers meanwhile.
+        app = create_app(settings, specs=specs, load_in_background=sock is None)
+    except (CatalogError, StateFileError, ValueError) as exc:
         print(f"normcore: cannot start: {exc}", file=sys.stderr)
         return 2
     app.state.exit_on_failure = True
@@ -55,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     # client_timeout (slow clients); the service has no WebSocket routes, so none are served.
     # Logging is configured above (log_config=None: uvicorn leaves it as it is); the access
     # lines come from the app (service.logs.access), with the request id, layer and latency.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False, timeout_graceful_shutdown=20, ws="none",
-                http=guarded_http_protocol(settings.client_timeout))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=20, ws="none",
+                            http=guarded_http_protocol(settings.client_timeout))
+    # One of several workers accepts from the socket its parent bound (service/workers.py).
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
     tracing.shutdown()  # the spans still buffered are sent
     return 1 if app.state.failure else 0
 

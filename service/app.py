@@ -34,6 +34,8 @@ from .http.tracing import TracingMiddleware
 from .settings import ENV_FILE, Settings
 from .state.changes import ChangeLog
 from .state.persistence import Persistence
+from .state.records import StateFileError
+from .state.shared import SQLITE_FILE, Postgres, SharedLog, SQLite
 from .state.store import Store
 from .wire.tensors import Limits
 
@@ -53,9 +55,9 @@ def _warn_about(settings: Settings) -> None:
                     "delete layers", settings.host)
 
 
-def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
-    """Build the kernels and every catalog layer, restore the state dir over them, then
-    declare the app ready."""
+def _load(app: FastAPI, specs: list[LayerSpec] | None, background: bool = False) -> None:
+    """Build the kernels and every catalog layer, restore the saved state over them, then
+    declare the app ready. A failure is logged (and raised, unless in the background)."""
     settings = app.state.settings
     kernels.set_enabled(settings.kernels)
     # Compiles on a machine's first start (seconds), loads the cached build after; a failed
@@ -69,6 +71,8 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None) -> None:
         log.error("normcore cannot start: %s", exc)
         if app.state.exit_on_failure:
             os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; __main__ exits 1
+        if background:
+            return
         raise
     # Everything loaded so far (torch, the layers) lives as long as the process: moving it
     # out of the collector's sight keeps full collections, which requests' JSON lists
@@ -91,6 +95,26 @@ def _start_grpc(app: FastAPI):
     return server
 
 
+def _change_log(settings: Settings) -> ChangeLog | None:
+    """The change log the settings name: PostgreSQL shared by replicas (``state_url``); in
+    the state dir, SQLite shared by worker processes (``workers`` > 1, or a dir that holds
+    one) or the one-process journal; or None (memory only)."""
+    shared = {"snapshot_every": settings.snapshot_every,
+              "keys_kept": settings.idempotency_window}
+    if settings.state_url is not None:
+        return SharedLog(Postgres(settings.state_url.get_secret_value()), **shared)
+    folder = settings.state_dir
+    if folder is None:
+        return None
+    if settings.workers > 1 or (folder / SQLITE_FILE).exists():
+        if (folder / "snapshot.ncs").exists() and not (folder / SQLITE_FILE).exists():
+            raise StateFileError(
+                f"{folder} holds the state of one server process (a journal): serve it with "
+                "one worker, or move it away to start the workers' shared state afresh")
+        return SharedLog(SQLite(folder), poll_s=0.5, **shared)
+    return Persistence(folder, snapshot_every=settings.snapshot_every)
+
+
 class _DirectRoute(Route):
     """A plain route that still names itself in the scope, as FastAPI's routes do, so
     metrics are labelled by its path template."""
@@ -110,7 +134,8 @@ def create_app(
     serving ``specs`` (the catalog file's if None).
 
     State changes go to ``change_log`` if given, else to the one the settings name (the
-    state dir's journal, or none: memory only).
+    database of ``state_url``, shared with other replicas; the state dir's journal; or
+    none: memory only).
 
     With ``load_in_background`` the server answers /healthz at once and /readyz turns 200
     when the layers are loaded; otherwise start-up waits for them.
@@ -123,7 +148,7 @@ def create_app(
         torch.set_num_threads(settings.threads)
         _warn_about(settings)
         if load_in_background:
-            threading.Thread(target=_load, args=(app, specs), daemon=True,
+            threading.Thread(target=_load, args=(app, specs, True), daemon=True,
                              name="normcore-load").start()
         else:
             _load(app, specs)
@@ -149,8 +174,8 @@ def create_app(
     app.state.exit_on_failure = False
     # The one place where the store meets its change log: changes are refused until the
     # log has restored the state dir (at start-up, in _load).
-    if change_log is None and settings.state_dir is not None:
-        change_log = Persistence(settings.state_dir, snapshot_every=settings.snapshot_every)
+    if change_log is None:
+        change_log = _change_log(settings)
     store = Store(resolve_device(settings.device), log=change_log,
                   reject_non_finite=not settings.allow_non_finite,
                   idempotency_window=settings.idempotency_window)

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
                            description="gRPC port (KServe V2), on the same host; 0: no gRPC.")
     catalog: Path | None = Field(None, description="Layer catalog TOML; built-in if unset.")
     state_dir: Path | None = Field(None, description="Durable state; memory only if unset.")
+    state_url: SecretStr | None = Field(
+        None, description="postgresql://user:password@host:port/db: state shared by every "
+        "replica pointed at the same database (instead of state_dir).")
+    workers: int = Field(1, gt=0, le=256, description="Server processes on one port, sharing "
+                         "one state (needs state_dir or state_url when above 1).")
     snapshot_every: int = Field(10_000, gt=0,
                                 description="Journal records between two snapshots.")
     idempotency_window: int = Field(10_000, gt=0,
@@ -136,6 +141,24 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None  # NORMCORE_API_TOKEN= (empty) means no token, not an empty one
         return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("state_url must be a postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_state(self) -> Settings:
+        if self.state_dir is not None and self.state_url is not None:
+            raise ValueError("state_dir and state_url both set: choose one place for the state")
+        if self.workers > 1 and self.state_dir is None and self.state_url is None:
+            raise ValueError("workers above 1 need a shared state: set state_dir or state_url "
+                             "(memory-only state would differ between workers)")
+        return self
 
     @model_validator(mode="after")
     def _reads_need_a_token(self) -> Settings:

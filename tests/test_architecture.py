@@ -159,6 +159,22 @@ def test_store_and_change_log_meet_through_one_interface() -> None:
     assert _importers_of("service.state.persistence") == {"service/app.py"}
 
 
+def test_the_shared_log_meets_the_store_through_the_same_interface() -> None:
+    package = SERVICE / "state" / "shared"
+    inside = {_rel(p) for p in package.glob("*.py")}
+    imported = set().union(*(_imported_modules(p) for p in package.glob("*.py")))
+    assert not {m for m in imported if m.startswith(("service.state.store",
+                                                     "service.state.persistence"))}
+    store = _imported_modules(SERVICE / "state" / "store.py")
+    assert not {m for m in store if m.startswith("service.state.shared")}
+    assert _importers_of("service.state.shared") - inside == {"service/app.py"}
+
+
+def test_the_database_driver_is_imported_only_by_its_adapter() -> None:
+    users = {_rel(p) for p in _service_modules() if "psycopg" in _top(_imported_modules(p))}
+    assert users == {"service/state/shared/postgres.py"}
+
+
 def test_lower_layers_do_not_reach_up() -> None:
     for path in _service_modules():
         name, imported = _rel(path), _imported_modules(path)

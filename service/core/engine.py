@@ -128,6 +128,10 @@ class Engine:
         """Whether changes wait for a change log (a train step may block on the disk)."""
         return self.store.persistence != "memory"
 
+    def readiness(self) -> tuple[int, str]:
+        """(layers served, the state's persistence: "memory", "durable" or what is wrong)."""
+        return len(self.store), self.store.persistence
+
     def normalize(
         self, name: str, x: torch.Tensor, mode: str, request_id: str | None = None,
         deadline: float | None = None,

@@ -126,8 +126,8 @@ class UnavailableError(ServiceError):
 class NotReadyError(UnavailableError):
     """The server is still loading its layers."""
 
-    def __init__(self) -> None:
-        super().__init__("starting: catalog not loaded yet")
+    def __init__(self, why: str | None = None) -> None:
+        super().__init__("starting: catalog not loaded yet" + (f" ({why})" if why else ""))
 
 
 class KeyInFlightError(UnavailableError):

@@ -134,8 +134,10 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready"]
+    status: Literal["ready", "degraded"] = Field(
+        description="degraded: eval is served, changes are refused (see persistence).")
     layers: int = Field(description="Layers served.")
+    persistence: str = Field(description='"memory", "durable", or why changes are refused.')
 
 
 class ErrorBody(BaseModel):

@@ -1,11 +1,22 @@
 """Changes of served state, and the one interface through which the store persists them.
 
 The store tells a ``ChangeLog`` about every change (a train step, a reset, an uploaded
-state, a layer put or deleted) under the lock that orders it, before the change is served,
-and waits until the log says its record is safe before it answers. A log is given to the
-store when the store is made (``Store(log=...)``), and the store calls it; a log never
-calls the store. The embedded journal (``service.state.persistence``) is one such log;
-other backends plug in the same way.
+state, a layer put or deleted) and waits until the log says its record is safe before it
+answers. A log is given to the store when the store is made (``Store(log=...)``), and the
+store calls it; a log never calls into the store, except through the one callback the
+store hands it at load (``follow``).
+
+Two kinds of log:
+
+- a **private** log (``shared = False``: the embedded journal, ``service.state.persistence``)
+  serves one process. The store orders changes under its locks, records each one before
+  it is served, and serves it once the record is safe.
+- a **shared** log (``shared = True``: a database several replicas write to,
+  ``service.state.shared``) orders the changes itself. The store records what a change
+  adds (a train step: its batch statistics and count, ``StepDelta``), and every replica,
+  the one that took the step included, applies the committed changes in the log's order
+  through the callback given to ``follow``. The waiter of a recorded change returns what
+  that callback returned for it.
 """
 
 from __future__ import annotations
@@ -14,13 +25,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import torch
 from torch import nn
 
 from ..core.catalog import LayerSpec
+from ..core.errors import ConflictError
 from .idempotency import Applied, KeyWindow
 
 # Blocks until a change's record is safe; raises (``UnavailableError``) if it cannot be.
-Waiter = Callable[[], None]
+# With a shared log it returns the change's ``Folded`` once this replica has applied it.
+Waiter = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """What one train step adds to a layer's running statistics: the batch's per-channel
+    mean and biased variance over ``count`` values each (see ``service.state.folding``)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: int
 
 
 @dataclass(frozen=True)
@@ -29,14 +53,43 @@ class Change:
 
     op: Literal["train", "reset", "load_state", "put", "delete"]
     name: str
-    layer: nn.Module | None = None  # as it will be served; None for delete
+    layer: nn.Module | None = None  # as it will be served; None for delete (and shared train)
     spec: LayerSpec | None = None  # put: what the layer resets to
     key: str | None = None  # train with a request_id: the key ...
     applied: Applied | None = None  # ... and what a retry of it is answered from
+    delta: StepDelta | None = None  # shared train: what the step adds
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What applying one committed change did (shared logs): the layer it was applied to,
+    the layer served after it (None: deleted, or a step that did not fit), the spec the
+    name is served with, and the num_batches_tracked after it."""
+
+    base: nn.Module | None
+    layer: nn.Module | None
+    spec: LayerSpec | None
+    num_batches_tracked: int | None = None
+
+
+# The store's callback for a shared log: apply one committed change, in the log's order.
+Apply = Callable[[Change], Folded]
+
+
+class KeyTakenError(ConflictError):
+    """A shared log found the request_id already committed (by this or another replica);
+    the change was not recorded again. The committed step has been applied here before
+    this is raised, so the store's key window answers a retry from it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"request_id {key!r} was applied too long ago to be answered again")
+        self.key = key
 
 
 class ChangeLog(Protocol):
     """Where the store's changes go to survive the process."""
+
+    shared: bool  # True: the log orders changes and the store applies them via ``follow``
 
     @property
     def status(self) -> str:
@@ -51,9 +104,15 @@ class ChangeLog(Protocol):
         before this returns."""
         ...
 
+    def follow(self, apply: Apply) -> None:
+        """Shared logs: apply every change committed since ``restore`` through ``apply``,
+        then keep doing so, in the log's order, until closed. Private logs ignore it."""
+        ...
+
     def record(self, change: Change) -> Waiter | None:
-        """Record ``change`` (called under the lock that orders it); return what waits
-        until it is safe, or None if it already is. Raises if it cannot be recorded.
+        """Record ``change`` (a private log: called under the lock that orders it); return
+        what waits until it is safe, or None if it already is. Raises if it cannot be
+        recorded.
 
         A failure is final: once a record or a waiter has failed, every later ``record``
         raises, so the store may drop the steps that were not yet safe."""

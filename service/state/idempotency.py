@@ -114,11 +114,29 @@ class KeyWindow:
             return [(k, e) for k, e in self._entries.items() if e.recorded]
 
     def release(self, key: str) -> None:
-        """The reserved step was refused: forget the key (a retry may apply it)."""
+        """The reserved step was refused: forget the key (a retry may apply it). A key that
+        a shared log has meanwhile settled (committed elsewhere) stays."""
         with self._lock:
-            entry = self._entries.pop(key, None)
-        if entry is not None:
-            entry.done.set()
+            entry = self._entries.get(key)
+            if entry is None or entry.settled:
+                return
+            del self._entries[key]
+        entry.done.set()
+
+    def fold(self, key: str, entry: Applied) -> None:
+        """A shared log committed a step with ``key``: remember what it applied, settling
+        any attempt of this process that holds the key (its own record would conflict)."""
+        with self._lock:
+            held = self._entries.get(key)
+            if held is None:
+                self._entries[key] = entry
+                self._evict()
+            else:
+                held.layer, held.digest = entry.layer, entry.digest
+                held.num_batches_tracked = entry.num_batches_tracked
+                held.settled = held.recorded = True
+                entry = held
+        entry.done.set()
 
     def add(self, key: str, entry: Applied) -> None:
         """Remember a settled entry (one restored from disk)."""

@@ -79,6 +79,8 @@ class Persistence:
     """Keeps a store's state in ``folder``: the store's ``ChangeLog``
     (``Store(log=Persistence(folder))``)."""
 
+    shared = False  # one process: the store orders changes
+
     def __init__(self, folder: Path, *, snapshot_every: int = 10_000,
                  fsync: Callable[[int], None] = os.fdatasync) -> None:
         self.folder = Path(folder)
@@ -130,6 +132,9 @@ class Persistence:
         log.info("restored %d layers from %s (%s, %d journal records)", len(self._layers),
                  self.folder, "snapshot" if first else "no snapshot", records)
         return [(entry.spec, entry.layer) for entry in self._layers.values()]
+
+    def follow(self, apply: object) -> None:
+        """Nothing to follow: no other process writes to the state dir."""
 
     def _open_journal(self) -> None:
         """Snapshot what was restored and start a new journal generation after it."""

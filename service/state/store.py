@@ -16,7 +16,10 @@ not yet safe are dropped (the log refuses changes from then on).
 Every change (train step, reset, uploaded state, layer put or deleted) goes to the store's
 ``ChangeLog`` (``service.state.changes``), if it has one, as a ``Change`` before it is
 served, in the order the changes apply, and the reply waits until the log says the record
-is safe.
+is safe. A shared log (several replicas, one database) orders the changes itself: a train
+step is then computed on a private copy for its output and statistics, recorded as what it
+adds (``StepDelta``), and served, here as on every replica, when the log hands it back in
+commit order (``_apply``); the reply carries the count the committed step produced.
 """
 
 from __future__ import annotations
@@ -26,79 +29,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from normcore.checkpoint import layer_state_bytes, load_layer_state
-from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
+from normcore.functional import Normalized, batch_norm_stats
 
 from ..core.catalog import LayerSpec
-from ..core.errors import KeyInFlightError, LayerNotFoundError, RequestTimeoutError
-from .changes import Change, ChangeLog, Waiter
-from .copies import computing_copy, fork, restore_dtype
+from ..core.errors import ConflictError, KeyInFlightError, LayerNotFoundError, RequestTimeoutError
+from .changes import Change, ChangeLog, Folded, KeyTakenError, Waiter
 from .idempotency import Applied, KeyWindow, input_digest
+from .slot import Slot, check_deadline, time_left, wait_for
+from .steps import (
+    Outcome,
+    computing_copy,
+    fold_step,
+    fork,
+    num_batches,
+    restore_dtype,
+    same_parameters,
+    step_delta,
+)
 
-
-@dataclass
-class Slot:
-    """One served layer and what is known about it."""
-
-    spec: LayerSpec
-    layer: nn.Module  # served: every change up to ``published`` is in it, and safe
-    device: torch.device
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    requests: dict[str, int] = field(default_factory=lambda: {"eval": 0, "train": 0})
-    rejected: int = 0
-    last_update: float | None = None
-    retired: bool = False  # replaced or deleted: steps must look the name up again
-    head: nn.Module | None = None  # the newest layer, with steps recorded but not yet safe
-    recorded: int = 0  # changes recorded on this slot (numbers them)
-    head_seq: int = 0  # the change ``head`` is the result of
-    published: int = 0  # the change ``layer`` is the result of
-    version: int = 1  # counts the layers put under this name since the store started
-    loaded: bool = True  # unloaded: kept with its state, but not served
-    compute_ns: int = 0  # time spent normalizing, for the statistics
-    last_inference: float | None = None  # seconds since the epoch
-
-    def __post_init__(self) -> None:
-        self.head = self.layer
-
-    def publish(self, seq: int, layer: nn.Module) -> None:
-        """Serve ``layer``, change ``seq`` of this slot, once its record is safe; a later
-        change published first covers it (the log makes records safe in order)."""
-        with self.lock:
-            if seq > self.published:
-                self.layer, self.published = layer, seq
-                self.last_update = time.time()
-            if seq > self.head_seq:  # steps dropped meanwhile had pointed head back
-                self.head, self.head_seq = layer, seq
-
-    def drop_unsafe(self) -> None:
-        """A record could not be made safe: the steps after the served layer are dropped
-        (the log refuses every change after such a failure)."""
-        with self.lock:
-            self.head, self.head_seq = self.layer, self.published
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one normalize call produced."""
-
-    output: torch.Tensor
-    stats: dict[str, torch.Tensor]  # mean/var, or mean_square for RMSNorm
-    num_batches_tracked: int | None = None  # after a train step on a layer that counts them
-
-    @classmethod
-    def of(cls, result: Normalized | RMSNormalized, count: int | None = None) -> Outcome:
-        stats = result._asdict()
-        return cls(stats.pop("output"), stats, count)
-
-
-def num_batches(layer: nn.Module) -> int | None:
-    count = getattr(layer, "num_batches_tracked", None)
-    return None if count is None else int(count)
+__all__ = ["Outcome", "Slot", "Store", "num_batches"]
 
 
 class Store:
@@ -111,6 +65,7 @@ class Store:
         self._slots: dict[str, Slot] = {}
         self._admin = threading.Lock()  # serializes adding, replacing and removing layers
         self._log = log
+        self._shared = log is not None and log.shared  # the log orders; _apply serves
         self.applied = KeyWindow(idempotency_window)  # request_id -> what it applied
         self._versions: dict[str, int] = {}  # name -> its newest slot's version
 
@@ -137,6 +92,10 @@ class Store:
     def _record(self, change: Change) -> Waiter | None:
         return self._log.record(change) if self._log is not None else None
 
+    def _commit(self, change: Change) -> Folded:
+        """Shared log: record ``change`` and wait until it is committed and served here."""
+        return self._log.record(change)()
+
     def load(self, specs: list[LayerSpec]) -> None:
         """Serve ``specs`` at start, with the change log's saved state over them."""
         if self._log is None:
@@ -145,6 +104,7 @@ class Store:
             return
         for spec, layer in self._log.restore(specs, self.applied):
             self.put(spec, layer, record=False)
+        self._log.follow(self._apply)  # a shared log catches up, then keeps us current
 
     def close(self) -> None:
         """Make every change safe (at a graceful stop); later changes are refused."""
@@ -156,7 +116,7 @@ class Store:
         ``RequestTimeoutError`` if the lock is not had by ``deadline`` (time.monotonic)."""
         while True:
             slot = self.slot(name)
-            timeout = _timeout(deadline)
+            timeout = time_left(deadline)
             if not slot.lock.acquire(timeout=-1 if timeout is None else timeout):
                 raise RequestTimeoutError
             if not slot.retired:
@@ -183,6 +143,9 @@ class Store:
         """
         device = self.device_for(spec)
         layer = self._serve(layer if layer is not None else spec.build(device), device)
+        if self._shared and record:
+            self._commit(Change("put", spec.name, layer, spec=spec))
+            return self.slot(spec.name)
         slot = Slot(spec, layer, device)
         with self._admin:
             self._versions[spec.name] = slot.version = self._versions.get(spec.name, 0) + 1
@@ -191,7 +154,7 @@ class Store:
             # admin changes are rare, so they hold it until their record is safe.
             with old.lock if old is not None else nullcontext():
                 if record:
-                    _wait(self._record(Change("put", spec.name, layer, spec=spec)))
+                    wait_for(self._record(Change("put", spec.name, layer, spec=spec)))
                 if old is not None:
                     old.retired = True
                 self._slots[spec.name] = slot
@@ -206,10 +169,14 @@ class Store:
         return slot
 
     def delete(self, name: str) -> None:
+        if self._shared:
+            self.slot(name)
+            self._commit(Change("delete", name))
+            return
         with self._admin:
             slot = self.slot(name)
             with slot.lock:
-                _wait(self._record(Change("delete", name)))
+                wait_for(self._record(Change("delete", name)))
                 slot.retired = True
                 del self._slots[name]
 
@@ -232,11 +199,14 @@ class Store:
 
     def _replace(self, name: str, change: str, make: Callable[[Slot], nn.Module]) -> Slot:
         """Serve ``make(slot)`` instead of the layer, recorded, under the layer's lock."""
+        if self._shared:
+            self._commit(Change(change, name, make(self.slot(name))))
+            return self.slot(name)
         slot = self._acquire(name)
         try:
             layer = make(slot)
             # Held until safe: the record covers any earlier steps still on their way.
-            _wait(self._record(Change(change, name, layer)))
+            wait_for(self._record(Change(change, name, layer)))
             slot.recorded += 1
             slot.layer = slot.head = layer
             slot.published = slot.head_seq = slot.recorded
@@ -253,7 +223,7 @@ class Store:
 
     def evaluate(self, name: str, x: torch.Tensor, deadline: float | None = None) -> Outcome:
         """Normalize with the served layer in eval mode; changes nothing."""
-        _check_deadline(deadline)
+        check_deadline(deadline)
         slot = self.slot(name)
         layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
         layer = computing_copy(layer, x) or layer
@@ -301,13 +271,22 @@ class Store:
             if prior is None:
                 break  # the key is ours: take the step
             prior.check(request_id, name, digest)
-            if not prior.done.wait(_timeout(deadline)):
+            if not prior.done.wait(time_left(deadline)):
                 raise KeyInFlightError(request_id)
             if prior.settled:  # applied and safe
+                prior.check(request_id, name, digest)  # a shared log may have settled it
                 return self._answer_retry(name, x, prior)
             # the first attempt was refused, so nothing was applied: claim the key again
+        step = self._step_shared if self._shared else self._step
         try:
-            outcome = self._step(name, x, request_id, digest, deadline)
+            outcome = step(name, x, request_id, digest, deadline)
+        except KeyTakenError:  # committed before, maybe by another replica: answer from it
+            self.applied.release(request_id)
+            prior = self.applied.get(request_id)
+            if prior is None or not prior.settled:
+                raise
+            prior.check(request_id, name, digest)
+            return self._answer_retry(name, x, prior)
         except BaseException:
             if request_id is not None:
                 self.applied.release(request_id)
@@ -352,6 +331,74 @@ class Store:
         _count(slot, "train", elapsed)
         return Outcome.of(result, count)
 
+    def _step_shared(self, name: str, x: torch.Tensor, request_id: str | None,
+                     digest: str | None, deadline: float | None) -> Outcome:
+        """A train step through a shared log: computed here on a private copy, applied when
+        the log hands it back in commit order (``_apply``), on every replica alike."""
+        check_deadline(deadline)
+        slot = self.slot(name)
+        served = slot.layer
+        layer = computing_copy(served, x) or fork(served)
+        try:
+            with torch.inference_mode():
+                result = layer.normalize(x.to(slot.device), train=True)
+        except Exception:
+            slot.rejected += 1
+            raise
+        delta = step_delta(layer, x, result)
+        if delta is None and request_id is None:  # no running statistics: nothing to keep
+            slot.requests["train"] += 1
+            return Outcome.of(result, num_batches(served))
+        applied = None if digest is None else Applied(name, digest)
+        folded = self._commit(Change("train", name, key=request_id, applied=applied,
+                                     delta=delta))
+        if folded.layer is None:
+            raise ConflictError(f"layer {name!r} was replaced or deleted while the step was "
+                                "under way; nothing was applied")
+        if not same_parameters(folded.base, served):
+            # Another replica uploaded a weight or bias first: the step's output is the one
+            # the layer it was applied to gives.
+            with torch.inference_mode():
+                result = fork(folded.base).normalize(x.to(slot.device), train=True)
+        return Outcome.of(result, folded.num_batches_tracked)
+
+    def _apply(self, change: Change) -> Folded:
+        """Serve one change a shared log committed (this replica's or another's), in the
+        log's order; called by the log's threads one at a time."""
+        name = change.name
+        if change.op in ("put", "delete"):
+            return self._apply_admin(change)
+        slot = self._slots.get(name)
+        if slot is None:  # a layer this replica does not serve (not in its catalog)
+            return Folded(None, None, None)
+        base = slot.layer
+        if change.op == "train":
+            layer = base if change.delta is None else fold_step(base, change.delta)
+            if layer is None:  # the step was taken on a layer since replaced: no-op
+                return Folded(base, None, slot.spec)
+            slot.requests["train"] += 1
+        else:
+            layer = self._serve(change.layer, slot.device)
+        count = num_batches(layer)
+        if change.key is not None and change.applied is not None:
+            self.applied.fold(change.key, Applied(name, change.applied.digest, count,
+                                                  recorded=True))
+        slot.layer = slot.head = layer
+        slot.last_update = time.time()
+        return Folded(base, layer, slot.spec, count)
+
+    def _apply_admin(self, change: Change) -> Folded:
+        with self._admin:
+            old = self._slots.pop(change.name, None)
+            if old is not None:
+                old.retired = True
+            if change.op == "delete":
+                return Folded(None if old is None else old.layer, None, None)
+            device = self.device_for(change.spec)
+            layer = self._serve(change.layer, device)
+            self._slots[change.name] = Slot(change.spec, layer, device)
+            return Folded(None, layer, change.spec, num_batches(layer))
+
     def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> Outcome:
         slot = self.slot(name)
         # A private copy takes the step and is dropped.
@@ -366,18 +413,3 @@ def _count(slot: Slot, mode: str, ns: int, requests: int = 1) -> None:
     slot.requests[mode] += requests
     slot.compute_ns += ns
     slot.last_inference = time.time()
-
-
-def _wait(wait: Waiter | None) -> None:
-    if wait is not None:
-        wait()
-
-
-def _timeout(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` (None: no deadline)."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise RequestTimeoutError

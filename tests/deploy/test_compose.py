@@ -24,7 +24,8 @@ from .deploy_files import (
 # (a) the compose file validates (real Compose CLI, no engine needed)
 
 
-@pytest.mark.parametrize("profiles", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
+@pytest.mark.parametrize("profiles", [[], ["--profile", "gpu"], ["--profile", "replicas"]],
+                         ids=["default", "gpu", "replicas"])
 def test_compose_config_validates(
     compose_cli: list[str], compose_project: Path, tmp_path: Path, profiles: list[str]
 ) -> None:
@@ -188,3 +189,54 @@ def test_no_api_token_in_compose(services: dict) -> None:
     assert not [line for line in code if "NORMCORE_API_TOKEN" in line]
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# scale out: the replicas profile
+
+
+def test_compose_replicas_share_postgres_behind_a_load_balancer(
+    compose_cli: list[str], compose_project: Path, tmp_path: Path
+) -> None:
+    (compose_project / ".env").write_text("NORMCORE_DB_PASSWORD=from-dot-env\n", encoding="utf-8")
+    proc = _run([*compose_cli, "--profile", "replicas", "config", "--format", "json"],
+                compose_project, _clean_env(tmp_path))
+    assert proc.returncode == 0, f"compose config failed:\n{proc.stdout}\n{proc.stderr}"
+    model = json.loads(proc.stdout)
+    db, replica, lb = (model["services"][n] for n in ("postgres", "normcore-replica",
+                                                       "normcore-lb"))
+    assert db["image"].startswith("postgres:")  # the official image
+    assert db["environment"]["POSTGRES_PASSWORD"] == "from-dot-env"
+    assert "pg_isready" in db["healthcheck"]["test"]
+    (data,) = db["volumes"]
+    assert data["type"] == "volume"
+    assert data["source"] == "normcore-db"
+    assert "ports" not in db, "the database is reached only on the compose network"
+
+    env = replica["environment"]
+    assert env["NORMCORE_STATE_URL"].startswith("postgresql://normcore@postgres:5432/")
+    assert env["PGPASSWORD"] == "from-dot-env"
+    assert "NORMCORE_STATE_DIR" not in env, "a state dir and a state URL do not mix"
+    assert replica["deploy"]["replicas"] == 3
+    assert "ports" not in replica, "replicas are reached through the load balancer"
+    assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert replica["read_only"] is True
+    assert replica["cap_drop"] == ["ALL"]
+
+    assert lb["image"].startswith("nginx:")
+    (port,) = lb["ports"]
+    assert port["host_ip"] == "127.0.0.1"
+    assert port["target"] == 8000
+    (conf,) = lb["volumes"]
+    assert conf["target"] == "/etc/nginx/conf.d/default.conf"
+    assert conf["read_only"] is True
+    for name in ("postgres", "normcore-replica", "normcore-lb"):
+        assert model["services"][name]["profiles"] == ["replicas"]
+
+
+def test_the_load_balancer_sends_requests_to_every_replica() -> None:
+    conf = (COMPOSE_FILE.parent / "deploy" / "nginx.conf").read_text(encoding="utf-8")
+    assert "server normcore-replica:8000 resolve;" in conf
+    assert "proxy_pass http://normcore;" in conf
+    assert "non_idempotent" not in conf, "a POST that reached a replica must not be resent"
+    assert "listen 8000;" in conf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -11,6 +12,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.server_process import ServerProcess, service_process
+
+from .postgres import Cluster, bindir
 
 _SERVER_KEY = pytest.StashKey[ServerProcess]()
 
@@ -26,6 +29,27 @@ def client() -> Iterator[TestClient]:
     """The app in-process, default catalog, fresh state for each test."""
     with make_client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A PostgreSQL server of its own for the session (initdb into a temporary folder, a
+    free port of 127.0.0.1, trust auth), stopped and deleted at the end. Skipped where
+    PostgreSQL is not installed, except in CI, which installs it (.ci/run)."""
+    if bindir() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    cluster = Cluster.create()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def state_url(postgres: Cluster) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres.new_database()
 
 
 @pytest.fixture(scope="session")

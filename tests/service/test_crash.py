@@ -46,6 +46,9 @@ class Stream:
     in_flight: tuple[str, torch.Tensor] | None = None
     settled: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
     failure: str | None = None  # an answer other than 200 (threads cannot fail the test)
+    # The journal stores the layer the step produced; a shared database stores what the step
+    # adds, folded on each replica by torch ops where the reference ran the fused kernels.
+    rtol: float = 1e-6
 
     def next_batch(self) -> tuple[str, torch.Tensor]:
         self.sent += 1
@@ -104,7 +107,7 @@ class Stream:
         assert served["num_batches_tracked"] == int(ref.num_batches_tracked), self.layer
         for name in ("running_mean", "running_var"):
             torch.testing.assert_close(torch.tensor(served[name], dtype=torch.float32),
-                                       getattr(ref, name), rtol=1e-6, atol=1e-7)
+                                       getattr(ref, name), rtol=self.rtol, atol=self.rtol / 10)
 
 
 def _streams() -> list[Stream]:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,18 @@ def _upload(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _busy_day(store: Store, persistence: Persistence) -> None:
     """Every kind of change, with a compaction in the middle."""
+    _busy_day_changes(store, persistence.compact)
+
+
+def _busy_day_changes(store: Store, middle: Callable[[], None] = lambda: None) -> None:
+    """Every kind of change, with ``middle`` called half-way."""
     for _ in range(3):
         store.train("stream.bn", torch.randn(8, 64))
         store.train("digits.bn1", torch.randn(4, 16, 3, 3), request_id=None)
         store.train("features.in", torch.randn(2, 16, 5))  # no buffers: nothing to record
     store.reset("digits.bn1")
     store.train("digits.bn1", torch.randn(4, 16, 3, 3))
-    persistence.compact()
+    middle()
     new = make_layer("BatchNorm1d", {"num_features": 8})
     new.running_mean.fill_(3.0)
     store.put(LayerSpec("new.bn", "BatchNorm1d", {"num_features": 8}, state=_upload(new)), new)

@@ -22,10 +22,17 @@ async def healthz() -> Response:
 
 @router.get("/readyz", summary="Ready", response_model=Readiness, responses=errors(503))
 async def readyz(request: Request, engine: EngineDep) -> Response:
-    """200 once every catalog layer is loaded, 503 before."""
+    """200 once every catalog layer is loaded, 503 before (saying what it waits for).
+
+    Once loaded, ``status`` is "degraded" while changes are refused (a state database that
+    cannot be reached, a state dir that cannot be written): eval is still served, from the
+    last state known, and ``persistence`` says what is wrong.
+    """
+    layers, persistence = engine.readiness()
     if not request.app.state.ready:
-        raise NotReadyError
-    return json_response({"status": "ready", "layers": engine.layer_count()})
+        raise NotReadyError(persistence if persistence.startswith("starting: ") else None)
+    status = "ready" if persistence in ("durable", "memory") else "degraded"
+    return json_response({"status": status, "layers": layers, "persistence": persistence})
 
 
 @router.get("/metrics", summary="Prometheus metrics",
