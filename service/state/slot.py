@@ -48,6 +48,13 @@ class Slot:
             if seq > self.head_seq:  # steps dropped meanwhile had pointed head back
                 self.head, self.head_seq = layer, seq
 
+    def count(self, mode: str, ns: int, requests: int = 1) -> None:
+        """Count served requests and their compute time. Statistics, not state: unlocked, so
+        concurrent counts may rarely be lost."""
+        self.requests[mode] += requests
+        self.compute_ns += ns
+        self.last_inference = time.time()
+
     def drop_unsafe(self) -> None:
         """A record could not be made safe: the steps after the served layer are dropped
         (the log refuses every change after such a failure)."""

@@ -161,3 +161,13 @@ def _fold_in_numpy(layer: nn.Module, delta: StepDelta) -> nn.Module:
         folded = running * kind(1 - momentum) + kind(momentum) * stat.astype(running.dtype)
         new._buffers[key] = torch.from_numpy(folded)
     return new
+
+
+def answer_again(slot, x: torch.Tensor, count: int | None) -> Outcome:
+    """The answer to a retry of a step already applied: the step is taken again on a private
+    copy of ``slot``'s layer, which is dropped (the output depends only on ``x`` and the
+    layer's weight and bias), with the count the first step produced."""
+    layer = computing_copy(slot.layer, x) or fork(slot.layer)
+    with torch.inference_mode():
+        result = layer.normalize(x.to(slot.device), train=True)
+    return Outcome.of(result, count)

@@ -5,15 +5,12 @@ takes the step and the step is recorded; once its record is safe, the copy repla
 served layer in one reference swap. Eval requests read whichever layer is served without
 locking, so they run concurrently, never switch a shared module between modes, and never
 see a half-applied update or one that could still be lost; a rejected step leaves the
-served layer exactly as it was. A layer object, once made, is never modified again, so the
-journal may keep and read it.
+served layer exactly as it was. A layer object, once made, is never modified again.
 
 One rule for every change: a reply of success means applied and safe; an error means not
 applied, now or later. A step that cannot start before its deadline is refused; a step
 that has started is finished and answered. If the log cannot make a record safe, the steps
-not yet safe are dropped (the log refuses changes from then on).
-
-Every change (train step, reset, uploaded state, layer put or deleted) goes to the store's
+not yet safe are dropped (the log refuses changes from then on). Every change (train step, reset, uploaded state, layer put or deleted) goes to the store's
 ``ChangeLog`` (``service.state.changes``), if it has one, as a ``Change`` before it is
 served, in the order the changes apply, and the reply waits until the log says the record
 is safe. A shared log (several replicas, one database) orders the changes itself: a train
@@ -43,6 +40,7 @@ from .idempotency import Applied, KeyWindow, input_digest
 from .slot import Slot, check_deadline, time_left, wait_for
 from .steps import (
     Outcome,
+    answer_again,
     computing_copy,
     fold_step,
     fork,
@@ -230,7 +228,7 @@ class Store:
         start = time.perf_counter_ns()
         with torch.inference_mode():
             result = layer.normalize(x.to(slot.device), train=False)
-        _count(slot, "eval", time.perf_counter_ns() - start)
+        slot.count("eval", time.perf_counter_ns() - start)
         return Outcome.of(result)
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
@@ -253,7 +251,7 @@ class Store:
                 merged = layer.normalize(x, train=False)
                 parts = [value.split([len(t) for t in xs]) for value in merged]
                 results = [type(merged)(*values) for values in zip(*parts, strict=True)]
-        _count(slot, "eval", time.perf_counter_ns() - start, len(xs))
+        slot.count("eval", time.perf_counter_ns() - start, len(xs))
         return [Outcome.of(result) for result in results]
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None,
@@ -275,7 +273,7 @@ class Store:
                 raise KeyInFlightError(request_id)
             if prior.settled:  # applied and safe
                 prior.check(request_id, name, digest)  # a shared log may have settled it
-                return self._answer_retry(name, x, prior)
+                return answer_again(self.slot(name), x, prior.num_batches_tracked)
             # the first attempt was refused, so nothing was applied: claim the key again
         step = self._step_shared if self._shared else self._step
         try:
@@ -286,7 +284,7 @@ class Store:
             if prior is None or not prior.settled:
                 raise
             prior.check(request_id, name, digest)
-            return self._answer_retry(name, x, prior)
+            return answer_again(self.slot(name), x, prior.num_batches_tracked)
         except BaseException:
             if request_id is not None:
                 self.applied.release(request_id)
@@ -328,7 +326,7 @@ class Store:
                 slot.drop_unsafe()
                 raise
         slot.publish(seq, layer)
-        _count(slot, "train", elapsed)
+        slot.count("train", elapsed)
         return Outcome.of(result, count)
 
     def _step_shared(self, name: str, x: torch.Tensor, request_id: str | None,
@@ -398,18 +396,3 @@ class Store:
             layer = self._serve(change.layer, device)
             self._slots[change.name] = Slot(change.spec, layer, device)
             return Folded(None, layer, change.spec, num_batches(layer))
-
-    def _answer_retry(self, name: str, x: torch.Tensor, prior: Applied) -> Outcome:
-        slot = self.slot(name)
-        # A private copy takes the step and is dropped.
-        layer = computing_copy(slot.layer, x) or fork(slot.layer)
-        with torch.inference_mode():
-            result = layer.normalize(x.to(slot.device), train=True)
-        return Outcome.of(result, prior.num_batches_tracked)
-
-
-def _count(slot: Slot, mode: str, ns: int, requests: int = 1) -> None:
-    # Statistics, not state: unlocked, so concurrent counts may rarely be lost.
-    slot.requests[mode] += requests
-    slot.compute_ns += ns
-    slot.last_inference = time.time()
