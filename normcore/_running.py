@@ -120,6 +120,9 @@ def _empty_batch_norm(
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, var)`` of ``input`` (biased var, over every dim but 1), as a
     train-mode ``batch_norm`` computes them; float32 for float16/bfloat16 input."""
+    fast = _fast.batch_norm_stats(input)
+    if fast is not None:
+        return fast
     var, mean = var_mean(input, [0, *range(2, input.dim())])
     return mean, var
 

@@ -242,6 +242,23 @@ def test_running_statistics_written_by_the_kernels_bump_their_version(spy: _Spy)
     assert int(layer.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((2, 3), False), ((16, 64), False), ((4, 8, 70), False), ((3, 5, 4, 4), False),
+    ((3, 5, 4, 4), True), ((2, 4, 3, 8, 8), True),
+])
+def test_batch_statistics_alone_match_a_float64_reduction(spy: _Spy, shape, channels_last
+                                                         ) -> None:
+    x = torch.randn(shape) * 3 + 50  # far from zero: a shifted sum keeps the variance
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)
+    mean, var = normcore.functional.batch_norm_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, *range(2, x.dim())], correction=0)
+    torch.testing.assert_close(mean, ref_mean.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var, ref_var.float(), rtol=1e-4, atol=1e-5)
+    assert spy.calls["batch_norm_train"] == 1  # statistics only: no output written
+
+
 @pytest.mark.parametrize("row", rows(LARGE))
 def test_results_do_not_depend_on_the_thread_count(spy: _Spy, row: Row) -> None:
     # Partial sums are kept per chunk and added in a fixed order.

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "channels.h"
+#include "drift.h"
 #include "parallel.h"
 #include "reduce.h"
 #include "rows.h"
@@ -240,6 +241,49 @@ PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs
   return PyBool_FromLong(finite || !reject);
 }
 
+// gaussian_drift(mean, var, rows, C, unbias, ref_mean, ref_var, eps, weight, top)
+//     -> (score, ((channel, J_c), ...))
+// drift.h: the drift score of a batch's statistics ([rows, C], var biased, times unbias)
+// against a reference (unbiased var), its `top` channels that moved most, and the
+// reference moved by weight towards the batch when the score is finite.
+PyObject* gaussian_drift_(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  float *mean, *var, *rm, *rv;
+  int64_t rows, C, top;
+  double unbias, eps, weight;
+  if (!parse(args, nargs, "gaussian_drift", "ppnndppddn", &mean, &var, &rows, &C, &unbias,
+             &rm, &rv, &eps, &weight, &top))
+    return nullptr;
+  return drift_tuple(gaussian_drift(mean, var, rows, C, unbias, rm, rv, eps, weight, top));
+}
+
+// feature_drift(x, N, C, HW, ref_mean, ref_var, eps, weight, top, threads)
+//     -> (score, ((channel, J_c), ...))
+// gaussian_drift of the per-channel statistics of [N, C, HW] (as batch_norm_train computes
+// them, never stored): LayerNorm's and RMSNorm's input features as [rows, features, 1].
+PyObject* feature_drift(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  float *x, *rm, *rv;
+  int64_t N, C, HW, top, threads;
+  double eps, weight;
+  if (!parse(args, nargs, "feature_drift", "pnnnppddnn", &x, &N, &C, &HW, &rm, &rv, &eps,
+             &weight, &top, &threads))
+    return nullptr;
+  const int64_t n = N * HW;
+  std::vector<double> mean(C), var(C);
+  {
+    Unlocked unlocked(N * C * HW);
+    std::vector<float> k(C);
+    for (int64_t c = 0; c < C; ++c) k[c] = x[c * HW];
+    const std::vector<Sums> sums = channel_sums(x, N, C, HW, k.data(), threads);
+    for (int64_t c = 0; c < C; ++c) {
+      const Moments ms = moments(sums[c], n, k[c]);
+      mean[c] = ms.mean;
+      var[c] = ms.var;
+    }
+  }
+  return drift_tuple(gaussian_drift(mean.data(), var.data(), 1, C,
+                                    n / static_cast<double>(n - 1), rm, rv, eps, weight, top));
+}
+
 // stalls() -> (regions that stalled so far, current back-off span): for diagnostics.
 PyObject* stalls(PyObject*, PyObject* const*, Py_ssize_t) {
   return Py_BuildValue("(LL)", static_cast<long long>(Backoff::get().stalls()),
@@ -268,6 +312,8 @@ PyMethodDef methods[] = {
     method<rms_norm>("rms_norm"),
     method<group_norm>("group_norm"),
     method<instance_norm_train>("instance_norm_train"),
+    method<gaussian_drift_>("gaussian_drift"),
+    method<feature_drift>("feature_drift"),
     method<stalls>("stalls"),
     method<stream_threshold_>("stream_threshold"),
     {nullptr, nullptr, 0, nullptr},
