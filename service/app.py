@@ -135,6 +135,7 @@ def create_app(
     app.state.engine = Engine(
         store, max_layers=settings.max_layers, max_layer_features=settings.max_layer_features,
         catalog_folder=(settings.catalog or default_catalog()).parent)
+    metrics.watch(app.state.engine)
     app.state.batcher = None
     if settings.batch_max_size > 1:
         app.state.batcher = EvalBatcher(

@@ -18,8 +18,16 @@ from normcore.checkpoint import load_layer_state, load_state_dict_bytes
 
 from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
-from .catalog import LayerSpec, check_arguments, layer_config, layer_width, make_layer
+from .catalog import (
+    LayerSpec,
+    check_arguments,
+    check_drift_threshold,
+    layer_config,
+    layer_width,
+    make_layer,
+)
 from .devices import resolve_device
+from .drift import DriftInfo
 from .errors import NAME, NAME_PATTERN, InvalidRequestError
 
 MODES = ("eval", "train")
@@ -42,6 +50,7 @@ class LayerInfo:
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: int | None
+    drift: DriftInfo
 
 
 @dataclass(frozen=True)
@@ -143,13 +152,15 @@ class Engine:
 
     def put_layer(
         self, name: str, kind: str, config: dict[str, Any], checkpoint: bytes | None = None,
-        prefix: str = "", device: str | None = None,
+        prefix: str = "", device: str | None = None, drift_threshold: float | None = None,
     ) -> LayerInfo:
-        """Create or replace a layer from its configuration and optional safetensors."""
+        """Create or replace a layer from its configuration and optional safetensors;
+        eval batches whose drift score goes over ``drift_threshold`` are counted."""
         if not NAME.match(name):
             raise InvalidRequestError(f"layer name must match {NAME_PATTERN}")
         try:
             check_arguments(kind, config)
+            drift_threshold = check_drift_threshold(drift_threshold)
             if device is not None:
                 resolve_device(device)
         except ValueError as exc:
@@ -172,7 +183,7 @@ class Engine:
         if checkpoint is not None:
             state = load_state_dict_bytes(checkpoint, source="uploaded checkpoint")
             load_layer_state(layer, state, prefix, source="uploaded checkpoint")
-        spec = LayerSpec(name, kind, dict(config), None, prefix, device, state)
+        spec = LayerSpec(name, kind, dict(config), None, prefix, device, state, drift_threshold)
         self.store.put(spec, layer)
         return self.layer_info(name)
 
@@ -202,6 +213,7 @@ class Engine:
             self._shown_path(slot.spec.checkpoint), dict(slot.requests), slot.rejected,
             slot.last_update, running_mean,
             None if running_mean is None else layer.running_var, num_batches(layer),
+            slot.drift.info(layer),
         )
 
     def _shown_path(self, path: Path | None) -> Path | None:

@@ -35,8 +35,10 @@ from normcore.checkpoint import layer_state_bytes, load_layer_state
 from normcore.functional import Normalized, RMSNormalized, batch_norm_stats
 
 from ..core.catalog import LayerSpec
+from ..core.drift import Drift
 from ..core.errors import LayerNotFoundError, RequestTimeoutError
 from .changes import Change, ChangeLog, Waiter
+from .drift import DriftMonitor
 from .idempotency import Applied, KeyWindow, input_digest
 
 
@@ -55,9 +57,11 @@ class Slot:
     head: nn.Module | None = None  # the newest layer, with steps recorded but not yet safe
     recorded: int = 0  # changes recorded on this slot
     published: int = 0  # the newest of them that is served
+    drift: DriftMonitor = field(init=False)
 
     def __post_init__(self) -> None:
         self.head = self.layer
+        self.drift = DriftMonitor(self.spec.name, self.spec.kind, self.spec.drift_threshold)
 
     def publish(self, seq: int, layer: nn.Module) -> None:
         """Serve ``layer``, change ``seq`` of this slot, once its record is safe; a later
@@ -80,11 +84,13 @@ class Outcome:
     output: torch.Tensor
     stats: dict[str, torch.Tensor]  # mean/var, or mean_square for RMSNorm
     num_batches_tracked: int | None = None  # after a train step on a layer that counts them
+    drift: Drift | None = None  # of an eval batch
 
     @classmethod
-    def of(cls, result: Normalized | RMSNormalized, count: int | None = None) -> Outcome:
+    def of(cls, result: Normalized | RMSNormalized, count: int | None = None,
+           drift: Drift | None = None) -> Outcome:
         stats = result._asdict()
-        return cls(stats.pop("output"), stats, count)
+        return cls(stats.pop("output"), stats, count, drift)
 
 
 def fork(layer: nn.Module) -> nn.Module:
@@ -263,12 +269,14 @@ class Store:
         """Normalize with the served layer in eval mode; changes nothing."""
         _check_deadline(deadline)
         slot = self.slot(name)
-        layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
-        layer = _computing_copy(layer, x) or layer
+        served = slot.layer  # one read: a concurrent train step swaps, never edits, it
+        layer = _computing_copy(served, x) or served
+        x = x.to(slot.device)
         with torch.inference_mode():
-            result = layer.normalize(x.to(slot.device), train=False)
+            result = layer.normalize(x, train=False)
+            drift = slot.drift.observe(served, x, result)
         slot.requests["eval"] += 1
-        return Outcome.of(result)
+        return Outcome.of(result, drift=drift)
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
         """``evaluate`` for several inputs that differ only in dim 0, in one layer call.
@@ -279,18 +287,22 @@ class Store:
         """
         slot = self.slot(name)
         layer = slot.layer
-        x = torch.cat(xs).to(slot.device)
+        xs = [t.to(slot.device) for t in xs]
+        x = torch.cat(xs)
         with torch.inference_mode():
             if slot.spec.kind.startswith("BatchNorm"):
                 outputs = layer(x).split([len(t) for t in xs])
-                results = [Normalized(out, *batch_norm_stats(t.to(slot.device)))
+                results = [Normalized(out, *batch_norm_stats(t))
                            for out, t in zip(outputs, xs, strict=True)]
             else:
                 merged = layer.normalize(x, train=False)
                 parts = [value.split([len(t) for t in xs]) for value in merged]
                 results = [type(merged)(*values) for values in zip(*parts, strict=True)]
+            drifts = [slot.drift.observe(layer, t, result)
+                      for t, result in zip(xs, results, strict=True)]
         slot.requests["eval"] += len(xs)
-        return [Outcome.of(result) for result in results]
+        return [Outcome.of(result, drift=drift)
+                for result, drift in zip(results, drifts, strict=True)]
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None,
               deadline: float | None = None) -> Outcome:

@@ -35,7 +35,7 @@ async def put_layer(name: LayerName, request: Request, engine: EngineDep) -> Res
 def _put_layer(engine, name: str, body: bytearray, limits):
     layer = decode_layer_request(body, limits)
     return engine.put_layer(name, layer.kind, layer.config, layer.checkpoint, layer.prefix,
-                            layer.device)
+                            layer.device, layer.drift_threshold)
 
 
 @router.delete("/{name}", response_model=Deleted, responses=errors(401, 403, 404, 422))

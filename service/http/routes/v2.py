@@ -138,7 +138,8 @@ def model_version_ready(name: str, version: str, request: Request) -> Response:
 async def infer(name: str, request: Request) -> Response:
     """Normalize the input tensor in eval or train mode (``parameters.mode``). Outputs:
     ``output`` by default; ``batch_mean``/``batch_var`` (RMSNorm: ``batch_mean_square``)
-    when asked for. JSON or binary tensors, gzip/deflate either way."""
+    and, in eval mode, ``drift`` (the batch's drift score, shape [1]) when asked for. JSON
+    or binary tensors, gzip/deflate either way."""
     engine = request.app.state.engine
     # Before the lookup (with reads protected, a 404 names layers) and the body.
     authorize_early(request)
@@ -151,7 +152,7 @@ async def infer(name: str, request: Request) -> Response:
     outcome = await normalize_tensor(request, name, x, parsed.mode, parsed.request_id)
     head, blobs = await off_loop(outcome.output.numel(), codec.encode_infer_response, name,
                                  parsed, outcome.output, outcome.stats,
-                                 outcome.num_batches_tracked)
+                                 outcome.num_batches_tracked, outcome.drift)
     return await _send(request, head, blobs)
 
 
