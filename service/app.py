@@ -26,7 +26,7 @@ from .http.body_limit import BodyLimitMiddleware
 from .http.deps import run_step
 from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
-from .http.routes import admin, health, normalize, stats, v2
+from .http.routes import admin, health, normalize, stats, ui, v2
 from .http.schemas import with_request_models
 from .settings import Settings
 from .state.changes import ChangeLog
@@ -145,7 +145,7 @@ def create_app(
         )
     install_error_handlers(app)
     app.openapi = lambda: app.openapi_schema or with_request_models(FastAPI.openapi(app))
-    for router in (health.router, normalize.router, stats.router, admin.router):
+    for router in (health.router, normalize.router, stats.router, admin.router, ui.router):
         app.include_router(router)
     app.include_router(v2.router)
     # The two hot routes are also matched first as plain routes: the same endpoints, minus

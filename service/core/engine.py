@@ -59,6 +59,7 @@ class ServerInfo:
     uptime_seconds: float
     persistence: str
     default_device: torch.device
+    time: float  # seconds since the epoch, as the server's clock says now
 
 
 def check_request_id(request_id: str | None) -> None:
@@ -141,11 +142,13 @@ class Engine:
         return self._info(name, self.store.slot(name))
 
     def server_info(self) -> ServerInfo:
+        now = time.time()
         return ServerInfo(
             [self._info(name, slot) for name, slot in self.store],
-            round(time.time() - self.started, 3),
+            round(now - self.started, 3),
             self.store.persistence,
             self.store.default_device,
+            now,
         )
 
     # --- admin --------------------------------------------------------------------------

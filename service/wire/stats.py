@@ -58,6 +58,7 @@ def encode_server(info: ServerInfo) -> dict[str, Any]:
             "requests": totals,
             "rejected": sum(layer.rejected for layer in info.layers),
             "uptime_seconds": info.uptime_seconds,
+            "time": round(info.time, 3),
             "persistence": info.persistence,
             "default_device": str(info.default_device),
         },
