@@ -83,7 +83,7 @@ def batch_norm(
     ``num_batches_tracked`` (when given). With ``reject_non_finite``, a NaN or Inf batch
     statistic leaves all three untouched and ``rejected`` is True. Batch statistics are
     returned if ``with_stats``, or always in eval mode with running statistics (then they
-    are computed only for the caller).
+    are computed for the caller, in the same read of the input as the output).
     """
     layout = _channels(input)
     if layout is None or _wants_grad(input, weight, bias) or _tracing():
@@ -106,6 +106,13 @@ def batch_norm(
     use_batch = training or not running
     mean = torch.empty(c) if with_stats or not use_batch else None
     var = torch.empty(c) if with_stats or not use_batch else None
+    if not use_batch:  # eval: the running statistics normalize, in the statistics' read
+        kernels.batch_norm_eval_stats(
+            input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+            running_mean.data_ptr(), running_var.data_ptr(), eps, mean.data_ptr(),
+            var.data_ptr(), threads,
+        )
+        return output, mean, var, False
     ok = kernels.batch_norm_train(
         input.data_ptr(), output.data_ptr() if use_batch else 0, n, c, hw, _ptr(weight),
         _ptr(bias), eps, _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
@@ -118,11 +125,6 @@ def batch_norm(
         bumped = (running_mean, running_var) if count is None else (
             running_mean, running_var, count)
         increment_version(bumped)  # written through pointers: tell autograd
-    if not use_batch:
-        kernels.batch_norm_eval(
-            input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
-            running_mean.data_ptr(), running_var.data_ptr(), eps, threads,
-        )
     return output, mean, var, False
 
 

@@ -6,7 +6,8 @@
 //
 // Memory traffic: BatchNorm train reads x twice (statistics, then normalization) and
 // writes y once; BatchNorm eval folds the running statistics into one scale and shift per
-// channel (1 read, 1 write); LayerNorm, RMSNorm, GroupNorm and InstanceNorm normalize each
+// channel (1 read, 1 write), and computes the batch statistics in that same read when they
+// are wanted; LayerNorm, RMSNorm, GroupNorm and InstanceNorm normalize each
 // row or (sample, group) plane right after its statistics, while it is still in cache.
 //
 // Work is cut into chunks of about kChunk values (parallel.h runs them); inputs smaller
@@ -139,6 +140,45 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       shift[c] = (b ? b[c] : 0.0f) - rm[c] * scale[c];
     }
     channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), threads);
+  }
+  Py_RETURN_NONE;
+}
+
+// batch_norm_eval_stats(x, y, N, C, HW, weight, bias, running_mean, running_var, eps, mean,
+//                       var, threads)
+// batch_norm_eval's y, and the batch statistics per channel into mean/var as
+// batch_norm_train computes them (the same sums), in one read of x: what normalize() in
+// eval mode returns. Outputs big enough to be streamed take two passes instead.
+PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  float *x, *y, *w, *b, *rm, *rv, *mean, *var;
+  int64_t N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, "batch_norm_eval_stats", "ppnnnppppdppn", &x, &y, &N, &C, &HW, &w,
+             &b, &rm, &rv, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    std::vector<float> k(C), scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = x[c * HW];
+      const float invstd = 1.0f / std::sqrt(rv[c] + static_cast<float>(eps));
+      scale[c] = w ? invstd * w[c] : invstd;
+      shift[c] = (b ? b[c] : 0.0f) - rm[c] * scale[c];
+    }
+    const int t = static_cast<int>(threads);
+    std::vector<Sums> sums;
+    if (streaming(N * C * HW * static_cast<int64_t>(sizeof(float)))) {
+      sums = channel_sums(x, N, C, HW, k.data(), t);
+      const std::vector<float> zero(C, 0.0f);
+      channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), t);
+    } else {
+      sums = channel_affine_sums(x, y, N, C, HW, k.data(), scale.data(), shift.data(), t);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const Moments ms = moments(sums[c], N * HW, k[c]);
+      mean[c] = static_cast<float>(ms.mean);
+      var[c] = static_cast<float>(ms.var);
+    }
   }
   Py_RETURN_NONE;
 }
@@ -308,6 +348,7 @@ constexpr PyMethodDef method(const char* name) {
 PyMethodDef methods[] = {
     method<batch_norm_train>("batch_norm_train"),
     method<batch_norm_eval>("batch_norm_eval"),
+    method<batch_norm_eval_stats>("batch_norm_eval_stats"),
     method<layer_norm>("layer_norm"),
     method<rms_norm>("rms_norm"),
     method<group_norm>("group_norm"),
