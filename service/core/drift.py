@@ -228,10 +228,8 @@ def feature_moments(rows: Tensor) -> Moments:
 
 def feature_drift(rows: Tensor, reference: Reference, eps: float,
                   weight: float) -> Drift | None:
-    """``drift(feature_moments(rows), ...)`` in one fused pass over float32 CPU rows; None
-    where the kernels do not take them (then compute the two steps)."""
-    if rows.size(0) < 2:
-        return NO_DRIFT
+    """``drift(feature_moments(rows), ...)`` in one fused pass over float32 CPU rows (two
+    or more); None where the kernels do not take them (then compute the two steps)."""
     if reference.fast is None:
         return None
     fast = _fast.feature_drift(rows, reference.fast, eps, weight, TOP_CHANNELS)

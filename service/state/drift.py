@@ -7,9 +7,11 @@ per feature for LayerNorm and RMSNorm, per group for GroupNorm, per channel for 
 and InstanceNorm without running statistics.
 
 Eval requests run concurrently and without the layer's lock; a monitor has a small lock of
-its own, held while it scores against (and folds into) its input reference, or updates its
-counters: tiny work on C values, under the GIL anyway. Nothing here is durable: a restart
-starts every layer's drift afresh.
+its own, held while it scores against (and folds into) its input reference, or checks a
+threshold: tiny work on C values, under the GIL anyway. Scores are queued as they come
+(one append) and folded into the counters /stats and /metrics show a few dozen at a time,
+or when those are read: an eval request's path stays short. Nothing here is durable: a
+restart starts every layer's drift afresh.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ log = logging.getLogger("normcore.drift")
 
 HISTORY = 120  # scores kept for /stats, with their times
 EMA_WEIGHT = 0.1  # of each new score in the average /stats shows
+FOLD_EVERY = 32  # queued scores folded into the counters at a time
 # LayerNorm/RMSNorm inputs up to this many values are scored in one fused pass under the
 # monitor's lock; larger ones have their statistics computed first, outside it.
 FUSED_ELEMENTS = 1 << 16
@@ -72,6 +75,7 @@ class DriftMonitor:
         self._crossings = 0
         self._over = False
         self._history: deque[tuple[float, float]] = deque(maxlen=HISTORY)
+        self._queued: deque[tuple[float, float]] = deque()  # (time, score), not yet folded
         self._buckets = [0] * (len(BUCKETS) + 1)  # the histogram /metrics shows
         self._total = 0.0
 
@@ -132,20 +136,15 @@ class DriftMonitor:
 
     def _record(self, scored: Drift) -> Drift:
         value = scored.score
-        entry = (time.time(), value)
+        self._latest = scored
+        queued = self._queued
+        queued.append((time.time(), value))  # deque: thread-safe without the lock
+        if len(queued) >= FOLD_EVERY:
+            self._fold()
         threshold = self.threshold
-        with self._lock:
-            self._latest = scored
-            self._scored += 1
-            ema = self._ema
-            self._ema = value if ema is None else ema + EMA_WEIGHT * (value - ema)
-            if self._max is None or value > self._max:
-                self._max = value
-            self._history.append(entry)
-            self._buckets[bisect_left(BUCKETS, value)] += 1
-            self._total += value
-            if threshold is None:
-                return scored
+        if threshold is None:
+            return scored
+        with self._lock:  # crossings need the scores' order
             over = value > threshold
             crossed = over and not self._over
             self._over = over
@@ -156,11 +155,28 @@ class DriftMonitor:
                         ", ".join(f"{c} ({j:.3g})" for c, j in scored.channels))
         return scored
 
+    def _fold(self) -> None:
+        """Fold the queued scores into the counters, in the order they came."""
+        with self._lock:
+            queued = self._queued
+            ema, top, total = self._ema, self._max, self._total
+            while queued:
+                entry = queued.popleft()
+                value = entry[1]
+                ema = value if ema is None else ema + EMA_WEIGHT * (value - ema)
+                top = value if top is None or value > top else top
+                total += value
+                self._buckets[bisect_left(BUCKETS, value)] += 1
+                self._history.append(entry)
+                self._scored += 1
+            self._ema, self._max, self._total = ema, top, total
+
     # --- reading ------------------------------------------------------------------------
 
     def info(self, layer: nn.Module) -> DriftInfo:
         """What ``/stats`` shows of this layer's drift."""
         running = layer._buffers.get("running_mean") is not None
+        self._fold()
         with self._lock:
             inputs = None if running else self._inputs
             return DriftInfo(

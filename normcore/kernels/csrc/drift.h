@@ -65,20 +65,37 @@ DriftResult gaussian_drift(const T* mean, const T* var, int64_t rows, int64_t C,
   return out;
 }
 
-// (score, ((channel, J_c), ...)) as a Python tuple.
+// (score, ((channel, J_c), ...)) as a Python tuple, built without format strings: this
+// runs on every eval request.
 inline PyObject* drift_tuple(const DriftResult& result) {
-  PyObject* channels = PyTuple_New(static_cast<Py_ssize_t>(result.top.size()));
-  if (!channels) return nullptr;
-  for (size_t i = 0; i < result.top.size(); ++i) {
-    PyObject* item = Py_BuildValue("(Ld)", static_cast<long long>(result.top[i].first),
-                                   result.top[i].second);
-    if (!item) {
-      Py_DECREF(channels);
+  const Py_ssize_t n = static_cast<Py_ssize_t>(result.top.size());
+  PyObject* out = PyTuple_New(2);
+  PyObject* channels = PyTuple_New(n);
+  PyObject* score = PyFloat_FromDouble(result.score);
+  if (!out || !channels || !score) {
+    Py_XDECREF(out);
+    Py_XDECREF(channels);
+    Py_XDECREF(score);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(out, 0, score);
+  PyTuple_SET_ITEM(out, 1, channels);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyTuple_New(2);
+    PyObject* c = PyLong_FromLongLong(result.top[i].first);
+    PyObject* j = PyFloat_FromDouble(result.top[i].second);
+    if (!item || !c || !j) {
+      Py_XDECREF(item);
+      Py_XDECREF(c);
+      Py_XDECREF(j);
+      Py_DECREF(out);  // and channels, and the items already in it
       return nullptr;
     }
-    PyTuple_SET_ITEM(channels, static_cast<Py_ssize_t>(i), item);
+    PyTuple_SET_ITEM(item, 0, c);
+    PyTuple_SET_ITEM(item, 1, j);
+    PyTuple_SET_ITEM(channels, i, item);
   }
-  return Py_BuildValue("(dN)", result.score, channels);
+  return out;
 }
 
 }  // namespace normcore
