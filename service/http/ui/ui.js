@@ -31,6 +31,7 @@
     $("toolbar").hidden = true;
     $("server").textContent = "";
     $("login").hidden = false;
+    $("forget").hidden = true;
     $("login-error").textContent = message;
     setLive("locked", "token needed");
     $("token").focus();
@@ -75,6 +76,7 @@
       }
       if (!reply.ok) throw new Error(`/stats answered ${reply.status}`);
       render(await reply.json());
+      $("forget").hidden = !token();
       showError("");
       setLive("live", "live");
     } catch (err) {
@@ -269,7 +271,6 @@
     } catch (err) {
       showError(`Cannot reach the server (${err.message}).`);
     }
-    $("forget").hidden = !state.config.protect_reads;
     if (state.config.protect_reads && !token()) askToken("");
     else poll();
   }
