@@ -28,7 +28,7 @@ from .http.deps import run_step
 from .http.errors import install_error_handlers
 from .http.metrics import Metrics, MetricsMiddleware
 from .http.request_id import RequestIdMiddleware
-from .http.routes import admin, health, models, normalize, stats, v2, v2_repository
+from .http.routes import admin, health, models, normalize, stats, ui, v2, v2_repository
 from .http.schemas import with_bearer_scheme, with_request_models
 from .http.tracing import TracingMiddleware
 from .settings import ENV_FILE, Settings
@@ -182,6 +182,7 @@ def create_app(
     app.state.engine = Engine(
         store, max_layers=settings.max_layers, max_layer_features=settings.max_layer_features,
         catalog_folder=(settings.catalog or default_catalog()).parent)
+    metrics.watch(app.state.engine)
     app.state.batcher = None
     if settings.batch_max_size > 1:
         app.state.batcher = EvalBatcher(
@@ -193,7 +194,7 @@ def create_app(
     app.openapi = lambda: app.openapi_schema or with_bearer_scheme(
         with_request_models(FastAPI.openapi(app)))
     for router in (health.router, normalize.router, stats.router, models.router,
-                   admin.router):
+                   admin.router, ui.router):
         app.include_router(router)
     # First: /v2/models/stats must not be taken for the model "stats".
     app.include_router(v2_repository.router)

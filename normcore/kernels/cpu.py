@@ -83,7 +83,7 @@ def batch_norm(
     ``num_batches_tracked`` (when given). With ``reject_non_finite``, a NaN or Inf batch
     statistic leaves all three untouched and ``rejected`` is True. Batch statistics are
     returned if ``with_stats``, or always in eval mode with running statistics (then they
-    are computed only for the caller).
+    are computed for the caller, in the same read of the input as the output).
     """
     layout = _channels(input)
     if layout is None or _wants_grad(input, weight, bias) or _tracing():
@@ -106,6 +106,13 @@ def batch_norm(
     use_batch = training or not running
     mean = torch.empty(c) if with_stats or not use_batch else None
     var = torch.empty(c) if with_stats or not use_batch else None
+    if not use_batch:  # eval: the running statistics normalize, in the statistics' read
+        kernels.batch_norm_eval_stats(
+            input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+            running_mean.data_ptr(), running_var.data_ptr(), eps, mean.data_ptr(),
+            var.data_ptr(), threads,
+        )
+        return output, mean, var, False
     ok = kernels.batch_norm_train(
         input.data_ptr(), output.data_ptr() if use_batch else 0, n, c, hw, _ptr(weight),
         _ptr(bias), eps, _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
@@ -118,11 +125,6 @@ def batch_norm(
         bumped = (running_mean, running_var) if count is None else (
             running_mean, running_var, count)
         increment_version(bumped)  # written through pointers: tell autograd
-    if not use_batch:
-        kernels.batch_norm_eval(
-            input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
-            running_mean.data_ptr(), running_var.data_ptr(), eps, threads,
-        )
     return output, mean, var, False
 
 
@@ -284,3 +286,72 @@ def rms_norm(
         _ptr(mean_square), _threads(),
     )
     return output, mean_square
+
+
+def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Per-channel (mean, biased var) of [N, C, *], as a BatchNorm train step computes them,
+    without an output."""
+    layout = _channels(input)
+    if layout is None or _wants_grad(input, None, None) or _tracing():
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    n, c, hw = layout
+    mean, var = torch.empty(c), torch.empty(c)
+    kernels.batch_norm_train(
+        input.data_ptr(), 0, n, c, hw, 0, 0, 0.0, mean.data_ptr(), var.data_ptr(), 0, 0, 0,
+        0.0, False, _threads(),
+    )
+    return mean, var
+
+
+def drift_reference(mean: Tensor, var: Tensor) -> tuple[int, int, int] | None:
+    """(address of mean, of var, C) of a drift reference the kernels can read and fold in
+    place: two contiguous float32 CPU vectors of C values; None for any other. Checked once
+    by the caller, who keeps both tensors alive as long as it uses the addresses."""
+    c = mean.numel()
+    if c == 0 or mean.dim() != 1 or var.dim() != 1 or not _vectors(c, mean, var):
+        return None
+    return mean.data_ptr(), var.data_ptr(), c
+
+
+def gaussian_drift(
+    mean: Tensor, var: Tensor, unbias: float, ref: tuple[int, int, int], eps: float,
+    weight: float, top: int,
+) -> tuple[float, tuple[tuple[int, float], ...]] | None:
+    """(score, its ``top`` channels as (index, J_c)) of a batch's statistics, [C] or per
+    instance [N, C] (averaged over N; biased ``var`` times ``unbias``), against a reference
+    (``drift_reference``: mean and unbiased var), as ``service.core.drift`` defines it; a
+    finite score moves the reference by ``weight`` towards the batch, in place. float32 on
+    the CPU; None for other statistics."""
+    c = ref[2]
+    shape = mean.shape
+    if (mean.dtype is not _F32 or var.dtype is not _F32 or not mean.is_cpu or not var.is_cpu
+            or shape[-1] != c or var.shape != shape or len(shape) > 2
+            or not mean.is_contiguous() or not var.is_contiguous()):
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    return kernels.gaussian_drift(
+        mean.data_ptr(), var.data_ptr(), mean.numel() // c, c, unbias, ref[0], ref[1], eps,
+        weight, top,
+    )
+
+
+def feature_drift(
+    rows: Tensor, ref: tuple[int, int, int], eps: float, weight: float, top: int,
+) -> tuple[float, tuple[tuple[int, float], ...]] | None:
+    """``gaussian_drift`` of the per-column statistics of [R, F] float32 CPU rows, computed
+    in the same call and never stored; None for other rows."""
+    shape = rows.shape
+    if (len(shape) != 2 or shape[1] != ref[2] or shape[0] < 2 or rows.dtype is not _F32
+            or not rows.is_cpu or not rows.is_contiguous()):
+        return None
+    kernels = ops()
+    if kernels is None:
+        return None
+    return kernels.feature_drift(
+        rows.data_ptr(), shape[0], shape[1], 1, ref[0], ref[1], eps, weight, top, _threads(),
+    )

@@ -8,11 +8,13 @@
     checkpoint = "resnet.safetensors"   # optional, relative to the catalog's folder
     prefix = "layer1.0.bn1."
     device = "cuda"                 # optional per-layer override
+    drift_threshold = 0.5           # optional: count and log eval batches scoring over it
 
     [[model]]                       every BatchNorm-family layer of a whole-model checkpoint
     checkpoint = "resnet18.pt"
     name_prefix = "resnet18."       # layer names become name_prefix + module path
     kind = "BatchNorm2d"            # optional: the class to serve them as (default)
+    drift_threshold = 0.5           # optional, for each of them
 
     [[model]]                       a model made of [[layer]] entries declared in the file
     name_prefix = "digits."         # how clients and GET /models/{name_prefix} name it
@@ -50,8 +52,9 @@ KINDS = (
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
 )
-_LAYER_KEYS = {"name", "kind", "checkpoint", "prefix", "device"}
-_MODEL_KEYS = {"checkpoint", "name_prefix", "kind", "device", "eps", "momentum"}
+_LAYER_KEYS = {"name", "kind", "checkpoint", "prefix", "device", "drift_threshold"}
+_MODEL_KEYS = {"checkpoint", "name_prefix", "kind", "device", "eps", "momentum",
+               "drift_threshold"}
 # A module path as torch names submodules: attribute names and indices joined by dots.
 MODULE_PATH = re.compile(r"^[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,31}\Z")
 
@@ -71,6 +74,7 @@ class LayerSpec:
     prefix: str = ""
     device: str | None = None
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    drift_threshold: float | None = None  # drift score that counts as a crossing
     model: str | None = None  # the name_prefix of the [[model]] this layer belongs to
     module: str = ""  # its module path in that model, e.g. "layer1.0.bn1"
 
@@ -115,6 +119,15 @@ _ARG_CHECKS: dict[str, tuple[Any, str]] = {
     "elementwise_affine": (lambda v: type(v) is bool, "true or false"),
     "bias": (lambda v: type(v) is bool, "true or false"),
 }
+
+
+def check_drift_threshold(value: Any) -> float | None:
+    """A drift threshold as given (None: none); ValueError unless a positive number."""
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 < value < math.inf:
+        raise ValueError("drift_threshold must be a positive number")
+    return float(value)
 
 
 def layer_width(kind: str, kwargs: dict[str, Any]) -> int:
@@ -215,7 +228,8 @@ class _Loader:
             raise self.fail(where, f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
         kwargs = {k: v for k, v in entry.items() if k not in _LAYER_KEYS}
         spec = LayerSpec(name, kind, kwargs, prefix=entry.get("prefix", ""),
-                         device=entry.get("device"))
+                         device=entry.get("device"),
+                         drift_threshold=self.threshold(where, entry))
         if "checkpoint" in entry:
             spec.checkpoint, spec.state = self.checkpoint(where, entry["checkpoint"])
         elif "prefix" in entry:
@@ -247,10 +261,17 @@ class _Loader:
             if kind.startswith("InstanceNorm"):
                 kwargs["track_running_stats"] = True
             spec = LayerSpec(f"{name_prefix}{layer.path}", kind, kwargs, path, layer.prefix,
-                             entry.get("device"), state, model=name_prefix, module=layer.path)
+                             entry.get("device"), state, self.threshold(where, entry),
+                             model=name_prefix, module=layer.path)
             self.check(f"{where} layer {layer.path!r}", spec)
             specs.append(spec)
         return specs
+
+    def threshold(self, where: str, entry: dict[str, Any]) -> float | None:
+        try:
+            return check_drift_threshold(entry.get("drift_threshold"))
+        except ValueError as exc:
+            raise self.fail(where, str(exc)) from None
 
     def group(self, index: int, entry: dict[str, Any], specs: dict[str, LayerSpec]) -> None:
         """Mark the [[layer]] entries a ``layers`` table names as modules of one model."""

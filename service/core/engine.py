@@ -22,12 +22,14 @@ from ..state.store import Outcome, Slot, Store, num_batches
 from .catalog import (
     LayerSpec,
     check_arguments,
+    check_drift_threshold,
     layer_config,
     layer_width,
     make_layer,
     models_of,
 )
 from .devices import resolve_device
+from .drift import DriftInfo
 from .errors import (
     NAME,
     NAME_PATTERN,
@@ -56,6 +58,7 @@ class LayerInfo:
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: int | None
+    drift: DriftInfo
     version: int = 1  # changes when the layer is replaced
     loaded: bool = True  # served; an unloaded layer keeps its state
     compute_ns: int = 0  # time spent normalizing
@@ -68,6 +71,7 @@ class ServerInfo:
     uptime_seconds: float
     persistence: str
     default_device: torch.device
+    time: float  # seconds since the epoch, as the server's clock says now
 
 
 def check_request_id(request_id: str | None) -> None:
@@ -183,11 +187,13 @@ class Engine:
         return self._info(name, self.store.slot(name))
 
     def server_info(self) -> ServerInfo:
+        now = time.time()
         return ServerInfo(
             [self._info(name, slot) for name, slot in self.store],
-            round(time.time() - self.started, 3),
+            round(now - self.started, 3),
             self.store.persistence,
             self.store.default_device,
+            now,
         )
 
     # --- models -------------------------------------------------------------------------
@@ -212,13 +218,15 @@ class Engine:
 
     def put_layer(
         self, name: str, kind: str, config: dict[str, Any], checkpoint: bytes | None = None,
-        prefix: str = "", device: str | None = None,
+        prefix: str = "", device: str | None = None, drift_threshold: float | None = None,
     ) -> LayerInfo:
-        """Create or replace a layer from its configuration and optional safetensors."""
+        """Create or replace a layer from its configuration and optional safetensors;
+        eval batches whose drift score goes over ``drift_threshold`` are counted."""
         if not NAME.match(name):
             raise InvalidRequestError(f"layer name must match {NAME_PATTERN}")
         try:
             check_arguments(kind, config)
+            drift_threshold = check_drift_threshold(drift_threshold)
             if device is not None:
                 resolve_device(device)
         except ValueError as exc:
@@ -241,7 +249,7 @@ class Engine:
         if checkpoint is not None:
             state = load_state_dict_bytes(checkpoint, source="uploaded checkpoint")
             load_layer_state(layer, state, prefix, source="uploaded checkpoint")
-        spec = LayerSpec(name, kind, dict(config), None, prefix, device, state)
+        spec = LayerSpec(name, kind, dict(config), None, prefix, device, state, drift_threshold)
         self.store.put(spec, layer)
         return self.layer_info(name)
 
@@ -279,7 +287,8 @@ class Engine:
             self._shown_path(slot.spec.checkpoint), dict(slot.requests), slot.rejected,
             slot.last_update, running_mean,
             None if running_mean is None else layer.running_var, num_batches(layer),
-            slot.version, slot.loaded, slot.compute_ns, slot.last_inference,
+            slot.drift.info(layer), slot.version, slot.loaded, slot.compute_ns,
+            slot.last_inference,
         )
 
     def _shown_path(self, path: Path | None) -> Path | None:

@@ -70,6 +70,21 @@ class NormalizeRequest(BaseModel):
     )
 
 
+class DriftChannel(BaseModel):
+    channel: int = Field(description="Channel (feature) index.")
+    score: float = Field(description="Its symmetric KL divergence J_c.")
+
+
+class BatchDrift(BaseModel):
+    score: float | None = Field(description=(
+        "Mean over channels of the symmetric KL divergence between the batch's per-channel "
+        "Gaussian and the reference's: 0 for equal statistics, 1 for a mean moved by one "
+        "standard deviation, 1.125 for a variance 4x; about 2/m for a batch like the "
+        "reference (m values per channel). null without a reference yet, with one value "
+        "per channel, or non-finite statistics."))
+    channels: list[DriftChannel] = Field(description="The channels that moved most.")
+
+
 class NormalizeResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -92,6 +107,26 @@ class NormalizeResponse(BaseModel):
         description="mean and biased var of the batch (mean_square for RMSNorm)."
     )
     num_batches_tracked: int | None = Field(None, description="After a train request.")
+    drift: BatchDrift | None = Field(None, description="After an eval request.")
+
+
+class DriftEntry(BaseModel):
+    reference: Literal["running", "inputs"] = Field(description=(
+        "What scores compare with: the running statistics, or (layers without them: "
+        "LayerNorm, RMSNorm, GroupNorm, untracked BatchNorm/InstanceNorm) an exponential "
+        "average of the per-feature statistics of the eval inputs served."))
+    score: float | None = Field(description="The latest eval batch's score.")
+    ema: float | None = Field(description="Exponential average of the scores (weight 0.1).")
+    max: float | None
+    scored: int = Field(description="Eval batches scored.")
+    threshold: float | None = Field(description="drift_threshold, if set.")
+    crossings: int = Field(description="Times a score went over the threshold.")
+    channels: list[DriftChannel] = Field(description="The latest score's top channels.")
+    history: list[tuple[float, float]] = Field(
+        description="The latest scores as [seconds since the epoch, score], oldest first.")
+    reference_batches: int | None = Field(None, description="Inputs in the average.")
+    reference_mean: list[float] | None = None
+    reference_var: list[float] | None = Field(None, description="Unbiased.")
 
 
 class LayerEntry(BaseModel):
@@ -109,6 +144,7 @@ class LayerEntry(BaseModel):
     summarized: bool | None = Field(
         None, description="In /stats: the running statistics of a wide layer are left out; "
         "/stats/{name} has them.")
+    drift: DriftEntry
 
 
 class StatsResponse(BaseModel):

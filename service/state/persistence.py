@@ -72,7 +72,8 @@ class _Layer:
 
 
 def _uploaded_spec(name: str, meta: dict[str, Any], origin: Tensors) -> LayerSpec:
-    return LayerSpec(name, meta["kind"], meta["config"], None, "", meta.get("device"), origin)
+    return LayerSpec(name, meta["kind"], meta["config"], None, "", meta.get("device"), origin,
+                     meta.get("drift_threshold"))
 
 
 class Persistence:
@@ -276,7 +277,8 @@ class Persistence:
         if change.op == "put":
             origin = {k: v.detach().clone() for k, v in change.layer.state_dict().items()}
             spec = change.spec
-            spec = LayerSpec(name, spec.kind, dict(spec.kwargs), None, "", spec.device, origin)
+            spec = LayerSpec(name, spec.kind, dict(spec.kwargs), None, "", spec.device, origin,
+                             spec.drift_threshold)
             self._layers[name] = _Layer(spec, True, change.layer)
             self._deleted.discard(name)
         elif change.op == "delete":
@@ -311,7 +313,8 @@ class Persistence:
         for name, entry in self._layers.items():
             spec = entry.spec
             layers.append({"name": name, "kind": spec.kind, "config": spec.kwargs,
-                           "device": spec.device, "uploaded": entry.uploaded})
+                           "device": spec.device, "uploaded": entry.uploaded,
+                           "drift_threshold": spec.drift_threshold})
             for key, value in entry.layer.state_dict().items():
                 tensors[f"{name}/state/{key}"] = value
             if entry.uploaded:
@@ -386,7 +389,7 @@ def _describe(change: Change) -> tuple[dict[str, Any], Tensors] | None:
         return (meta, tensors) if tensors or "key" in meta else None
     if change.op == "put":
         meta |= {"kind": change.spec.kind, "config": change.spec.kwargs,
-                 "device": change.spec.device}
+                 "device": change.spec.device, "drift_threshold": change.spec.drift_threshold}
     return meta, change.layer.state_dict()
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from ..core.catalog import LayerSpec
 from ..core.errors import RequestTimeoutError
 from .changes import Waiter
+from .drift import DriftMonitor
 
 
 @dataclass
@@ -34,9 +35,11 @@ class Slot:
     loaded: bool = True  # unloaded: kept with its state, but not served
     compute_ns: int = 0  # time spent normalizing, for the statistics
     last_inference: float | None = None  # seconds since the epoch
+    drift: DriftMonitor = field(init=False)
 
     def __post_init__(self) -> None:
         self.head = self.layer
+        self.drift = DriftMonitor(self.spec.name, self.spec.kind, self.spec.drift_threshold)
 
     def publish(self, seq: int, layer: nn.Module) -> None:
         """Serve ``layer``, change ``seq`` of this slot, once its record is safe; a later

@@ -28,6 +28,7 @@ import normcore
 from normcore._stats import update_running
 from normcore.functional import Normalized, RMSNormalized
 
+from ..core.drift import Drift
 from .changes import StepDelta
 
 _BATCH_NORMS = (normcore.BatchNorm1d, normcore.BatchNorm2d, normcore.BatchNorm3d)
@@ -42,11 +43,13 @@ class Outcome:
     output: torch.Tensor
     stats: dict[str, torch.Tensor]  # mean/var, or mean_square for RMSNorm
     num_batches_tracked: int | None = None  # after a train step on a layer that counts them
+    drift: Drift | None = None  # of an eval batch
 
     @classmethod
-    def of(cls, result: Normalized | RMSNormalized, count: int | None = None) -> Outcome:
+    def of(cls, result: Normalized | RMSNormalized, count: int | None = None,
+           drift: Drift | None = None) -> Outcome:
         stats = result._asdict()
-        return cls(stats.pop("output"), stats, count)
+        return cls(stats.pop("output"), stats, count, drift)
 
 
 def fork(layer: nn.Module) -> nn.Module:

@@ -10,13 +10,14 @@ served layer exactly as it was. A layer object, once made, is never modified aga
 One rule for every change: a reply of success means applied and safe; an error means not
 applied, now or later. A step that cannot start before its deadline is refused; a step
 that has started is finished and answered. If the log cannot make a record safe, the steps
-not yet safe are dropped (the log refuses changes from then on). Every change (train step, reset, uploaded state, layer put or deleted) goes to the store's
-``ChangeLog`` (``service.state.changes``), if it has one, as a ``Change`` before it is
-served, in the order the changes apply, and the reply waits until the log says the record
-is safe. A shared log (several replicas, one database) orders the changes itself: a train
-step is then computed on a private copy for its output and statistics, recorded as what it
-adds (``StepDelta``), and served, here as on every replica, when the log hands it back in
-commit order (``_apply``); the reply carries the count the committed step produced.
+not yet safe are dropped (the log refuses changes from then on). Every change (train step,
+reset, uploaded state, layer put or deleted) goes to the store's ``ChangeLog``
+(``service.state.changes``), if it has one, as a ``Change`` before it is served, in the
+order the changes apply, and the reply waits until the log says the record is safe. A
+shared log (several replicas, one database) orders the changes itself: a train step is then
+computed on a private copy for its output and statistics, recorded as what it adds
+(``StepDelta``), and served, here as on every replica, when the log hands it back in commit
+order (``_apply``); the reply carries the count the committed step produced.
 """
 
 from __future__ import annotations
@@ -223,13 +224,15 @@ class Store:
         """Normalize with the served layer in eval mode; changes nothing."""
         check_deadline(deadline)
         slot = self.slot(name)
-        layer = slot.layer  # one read: a concurrent train step swaps, never edits, it
-        layer = computing_copy(layer, x) or layer
+        served = slot.layer  # one read: a concurrent train step swaps, never edits, it
+        layer = computing_copy(served, x) or served
+        x = x.to(slot.device)
         start = time.perf_counter_ns()
         with torch.inference_mode():
-            result = layer.normalize(x.to(slot.device), train=False)
+            result = layer.normalize(x, train=False)
+            drift = slot.drift.observe(served, x, result)
         slot.count("eval", time.perf_counter_ns() - start)
-        return Outcome.of(result)
+        return Outcome.of(result, drift=drift)
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
         """``evaluate`` for several inputs that differ only in dim 0, in one layer call.
@@ -241,18 +244,22 @@ class Store:
         slot = self.slot(name)
         layer = slot.layer
         start = time.perf_counter_ns()
-        x = torch.cat(xs).to(slot.device)
+        xs = [t.to(slot.device) for t in xs]
+        x = torch.cat(xs)
         with torch.inference_mode():
             if slot.spec.kind.startswith("BatchNorm"):
                 outputs = layer(x).split([len(t) for t in xs])
-                results = [Normalized(out, *batch_norm_stats(t.to(slot.device)))
+                results = [Normalized(out, *batch_norm_stats(t))
                            for out, t in zip(outputs, xs, strict=True)]
             else:
                 merged = layer.normalize(x, train=False)
                 parts = [value.split([len(t) for t in xs]) for value in merged]
                 results = [type(merged)(*values) for values in zip(*parts, strict=True)]
+            drifts = [slot.drift.observe(layer, t, result)
+                      for t, result in zip(xs, results, strict=True)]
         slot.count("eval", time.perf_counter_ns() - start, len(xs))
-        return [Outcome.of(result) for result in results]
+        return [Outcome.of(result, drift=drift)
+                for result, drift in zip(results, drifts, strict=True)]
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None,
               deadline: float | None = None) -> Outcome:

@@ -24,6 +24,9 @@ class LayerCreate(BaseModel):
     checkpoint_b64: str | None = Field(None, description="Base64 of a safetensors file.")
     prefix: str = Field("", max_length=512, description="Key prefix inside the checkpoint.")
     device: str | None = None
+    drift_threshold: float | None = Field(
+        None, gt=0, allow_inf_nan=False, strict=True,
+        description="Eval batches whose drift score goes over this are counted and logged.")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class LayerRequest:
     checkpoint: bytes | None  # the safetensors file
     prefix: str
     device: str | None
+    drift_threshold: float | None
 
 
 def decode_layer_request(body: bytes | bytearray, limits: Limits) -> LayerRequest:
@@ -49,4 +53,5 @@ def decode_layer_request(body: bytes | bytearray, limits: Limits) -> LayerReques
             checkpoint = binascii.a2b_base64(spec.checkpoint_b64, strict_mode=True)
         except (binascii.Error, ValueError):
             raise InvalidRequestError("checkpoint_b64 is not valid base64") from None
-    return LayerRequest(spec.kind, spec.config, checkpoint, spec.prefix, spec.device)
+    return LayerRequest(spec.kind, spec.config, checkpoint, spec.prefix, spec.device,
+                        spec.drift_threshold)

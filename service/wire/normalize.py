@@ -3,7 +3,7 @@
     request  {"layer": str, "mode": "eval"|"train", "tensor": {...}, "output_encoding":
               "list"|"b64", "request_id": str}
     reply    {"layer", "mode", "output": {...}, "batch_stats": {name: {...}},
-              "num_batches_tracked" (train)}
+              "drift": {"score", "channels"} (eval), "num_batches_tracked" (train)}
 
 Tensors are ``service.wire.tensors`` objects. The tensor is decoded apart from the other
 fields, so a request can be refused (token, layer name) before its data is looked at.
@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.engine import Outcome
 from ..core.errors import InvalidRequestError
+from .drift import encode_drift
 from .tensors import ENCODINGS, Limits, encode_tensor, parse_json
 
 
@@ -65,4 +66,6 @@ def encode_normalize_response(layer: str, mode: str, outcome: Outcome,
     }
     if mode == "train":
         body["num_batches_tracked"] = outcome.num_batches_tracked
+    else:
+        body["drift"] = encode_drift(outcome.drift)
     return body

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..core.engine import LayerInfo, ServerInfo
+from .drift import encode_drift_info
 
 # Layers wider than this show their running statistics only in their own entry.
 SUMMARY_WIDTH = 4096
@@ -17,8 +18,8 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def encode_layer(info: LayerInfo, summary: bool = False) -> dict[str, Any]:
-    """A layer's entry; running statistics as float lists (null for NaN/Inf), unless
-    ``summary`` and the layer is wider than ``SUMMARY_WIDTH``."""
+    """A layer's entry; running statistics (and a drift input reference) as float lists
+    (null for NaN/Inf), unless ``summary`` and the layer is wider than ``SUMMARY_WIDTH``."""
     entry: dict[str, Any] = {
         "kind": info.kind,
         "device": str(info.device),
@@ -34,6 +35,11 @@ def encode_layer(info: LayerInfo, summary: bool = False) -> dict[str, Any]:
         entry["running_mean"] = info.running_mean.detach().cpu().double().tolist()
         entry["running_var"] = info.running_var.detach().cpu().double().tolist()
     entry["num_batches_tracked"] = info.num_batches_tracked
+    reference = info.drift.reference_mean
+    wide = summary and reference is not None and reference.numel() > SUMMARY_WIDTH
+    if wide:
+        entry["summarized"] = True
+    entry["drift"] = encode_drift_info(info.drift, with_reference=not wide)
     return entry
 
 
@@ -52,6 +58,7 @@ def encode_server(info: ServerInfo) -> dict[str, Any]:
             "requests": totals,
             "rejected": sum(layer.rejected for layer in info.layers),
             "uptime_seconds": info.uptime_seconds,
+            "time": round(info.time, 3),
             "persistence": info.persistence,
             "default_device": str(info.default_device),
         },

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.drift import Drift
 from ..core.engine import MODES
 from ..core.errors import InvalidRequestError, shown
 from .tensors import (
@@ -35,7 +36,7 @@ from .tensors import (
     parse_json,
     to_bytes,
 )
-from .v2_types import DATATYPE_OF, DATATYPES, OUTPUT, stat_output
+from .v2_types import DATATYPE_OF, DATATYPES, DRIFT, OUTPUT, stat_output
 
 
 def _bad(message: str) -> InvalidRequestError:
@@ -172,9 +173,12 @@ def decode_infer_request(
         raise _bad("id must be a string")
     mode, idempotency_key, binary_output = _parameters(
         _object(payload.get("parameters"), "parameters"))
+    outputs = _outputs(payload.get("outputs"), available)
+    if mode == "train" and any(wanted.name == DRIFT for wanted in outputs):
+        raise _bad(f"output '{DRIFT}' is given in eval mode only")
     return InferRequest(
         name, datatype, shape, tensor.get("data"), size, length, mode, idempotency_key,
-        request_id, _outputs(payload.get("outputs"), available), binary_output,
+        request_id, outputs, binary_output,
     )
 
 
@@ -227,11 +231,15 @@ def _datatype(tensor: torch.Tensor) -> str:
 
 def encode_infer_response(
     model: str, request: InferRequest, output: torch.Tensor, stats: dict[str, torch.Tensor],
-    num_batches_tracked: int | None = None, version: int = 1,
+    num_batches_tracked: int | None = None, version: int = 1, drift: Drift | None = None,
 ) -> tuple[bytes, list[memoryview]]:
     """(JSON header, binary blobs in ``outputs`` order). ``output`` keeps its datatype,
-    ``stats`` (keyed mean/var/mean_square) go out as FP32; blobs view the tensors."""
+    ``stats`` (keyed mean/var/mean_square) and ``drift`` go out as FP32; blobs view the
+    tensors."""
     tensors = {OUTPUT: output, **{stat_output(k): v.float() for k, v in stats.items()}}
+    if any(wanted.name == DRIFT for wanted in request.outputs):
+        score = math.nan if drift is None or drift.score is None else drift.score
+        tensors[DRIFT] = torch.tensor([score], dtype=torch.float32)
     outputs: list[dict[str, Any]] = []
     blobs: list[memoryview] = []
     for wanted in request.outputs:

@@ -1,8 +1,9 @@
 """KServe V2 (Open Inference Protocol) vocabulary: datatypes, outputs, metadata.
 
 Every served layer is a model with one input tensor and the outputs ``output`` (the
-normalized input, in the input's datatype) and the batch statistics ``batch_mean`` and
-``batch_var`` (``batch_mean_square`` for RMSNorm), always FP32.
+normalized input, in the input's datatype), the batch statistics ``batch_mean`` and
+``batch_var`` (``batch_mean_square`` for RMSNorm), always FP32, and in eval mode ``drift``:
+the batch's drift score (``service.core.drift``), FP32 of shape [1], NaN when there is none.
 
 Model metadata gives each tensor one shape, so an input lists the lowest-rank batched
 form the layer takes, with -1 for free dims; the higher-rank forms torch.nn accepts are
@@ -34,6 +35,7 @@ DATATYPE_OF = {dtype: datatype for datatype, dtype in DATATYPES.items()}
 STATS_DATATYPE = "FP32"
 
 OUTPUT = "output"
+DRIFT = "drift"
 
 
 def stat_output(stat: str) -> str:
@@ -46,7 +48,7 @@ def stat_names(kind: str) -> tuple[str, ...]:
 
 
 def output_names(kind: str) -> tuple[str, ...]:
-    return (OUTPUT, *(stat_output(s) for s in stat_names(kind)))
+    return (OUTPUT, *(stat_output(s) for s in stat_names(kind)), DRIFT)
 
 
 def _rank(kind: str) -> int:
@@ -75,6 +77,7 @@ def model_metadata(name: str, kind: str, config: dict[str, Any], version: int = 
     outputs = [{"name": OUTPUT, "datatype": "FP32", "shape": shape}]
     outputs += [{"name": stat_output(s), "datatype": STATS_DATATYPE, "shape": stats_shape}
                 for s in stat_names(kind)]
+    outputs.append({"name": DRIFT, "datatype": STATS_DATATYPE, "shape": [1]})
     return {
         "name": name,
         "versions": [str(version)],

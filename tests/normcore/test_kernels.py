@@ -242,6 +242,62 @@ def test_running_statistics_written_by_the_kernels_bump_their_version(spy: _Spy)
     assert int(layer.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((2, 3), False), ((16, 64), False), ((4, 8, 70), False), ((3, 5, 4, 4), False),
+    ((3, 5, 4, 4), True), ((2, 4, 3, 8, 8), True),
+])
+def test_batch_statistics_alone_match_a_float64_reduction(spy: _Spy, shape, channels_last
+                                                         ) -> None:
+    x = torch.randn(shape) * 3 + 50  # far from zero: a shifted sum keeps the variance
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)
+    mean, var = normcore.functional.batch_norm_stats(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, *range(2, x.dim())], correction=0)
+    torch.testing.assert_close(mean, ref_mean.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var, ref_var.float(), rtol=1e-4, atol=1e-5)
+    assert spy.calls["batch_norm_train"] == 1  # statistics only: no output written
+
+
+@pytest.fixture(params=["cached", "streamed"])
+def output_stores(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Outputs under the streaming threshold (one fused pass), and over it (two passes)."""
+    if request.param == "cached":
+        yield request.param
+        return
+    module = _loader.ops()
+    previous = module.stream_threshold(0)  # every output is streamed
+    try:
+        yield request.param
+    finally:
+        module.stream_threshold(previous)
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((16, 64), False), ((4, 8, 70), False), ((5, 16, 56, 56), False), ((3, 5, 4, 4), True),
+    ((2, 3, 100_000), False),
+])
+@pytest.mark.usefixtures("output_stores")
+def test_eval_statistics_come_in_the_read_that_normalizes(spy: _Spy, shape, channels_last
+                                                         ) -> None:
+    layer = normcore.BatchNorm1d(shape[1]) if len(shape) < 4 else normcore.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(shape) * 3 + 50
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        output, mean, var = layer.eval().normalize(x)
+        assert spy.calls["batch_norm_eval_stats"] == 1  # one kernel call
+        assert spy.calls["batch_norm_train"] == spy.calls["batch_norm_eval"] == 0
+        # The same sums as the statistics pass, the same output as forward.
+        assert torch.equal(output, layer(x))
+        stats = normcore.functional.batch_norm_stats(x)
+    assert torch.equal(mean, stats[0])
+    assert torch.equal(var, stats[1])
+
+
 @pytest.mark.parametrize("row", rows(LARGE))
 def test_results_do_not_depend_on_the_thread_count(spy: _Spy, row: Row) -> None:
     # Partial sums are kept per chunk and added in a fixed order.

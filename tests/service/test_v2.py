@@ -99,7 +99,20 @@ def test_model_metadata_gives_shapes_with_free_dims(v2_client, http, name):
         assert meta["outputs"] == [
             {"name": "output", "datatype": "FP32", "shape": input_shape},
             *({"name": s, "datatype": "FP32", "shape": stats_shape} for s in stat_names(kind)),
+            {"name": "drift", "datatype": "FP32", "shape": [1]},
         ]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_eval_infer_gives_the_drift_score_when_asked_for(v2_client, http, binary):
+    x = np.random.default_rng(5).normal(0, 1, LAYERS["stream.bn"][0]).astype(np.float32)
+    result = infer(v2_client, "stream.bn", x, "FP32", binary=binary,
+                   outputs=["output", "drift"])
+    drift = result.as_numpy("drift")
+    assert drift.shape == (1,)
+    assert drift.dtype == np.float32
+    latest = http.get("/stats/stream.bn").json()["drift"]["score"]
+    assert drift[0] == pytest.approx(latest, rel=1e-6)
 
 
 # --- eval -------------------------------------------------------------------------------

@@ -200,7 +200,8 @@ def test_model_metadata_shapes(kind, config, shape, stats):
     assert meta["inputs"][0]["shape"] == shape
     assert [o["name"] for o in meta["outputs"]] == list(types.output_names(kind))
     assert meta["outputs"][0]["shape"] == shape
-    assert all(o["shape"] == stats for o in meta["outputs"][1:])
+    assert all(o["shape"] == stats for o in meta["outputs"][1:-1])
+    assert meta["outputs"][-1] == {"name": "drift", "datatype": "FP32", "shape": [1]}
 
 
 @pytest.mark.parametrize(("header", "length"), [

@@ -78,6 +78,104 @@ inline std::vector<Sums> channel_sums(const float* x, int64_t N, int64_t C, int6
   return out;
 }
 
+// add_sums<true> over n contiguous values that also writes y = x * a + b: one read of x
+// for a statistics pass and an eval-mode normalization. The sums are add_sums's, bit for
+// bit (same blocks, same lanes, same order); y is stored plainly, never streamed.
+inline void affine_add_sums(const float* x, float* y, int64_t n, float k, float a, float b,
+                            Sums& s) {
+  const vec kv = splat(k), av = splat(a), bv = splat(b);
+  for (int64_t o = 0; o < n; o += kBlock) {
+    const int64_t e = std::min(n, o + kBlock);
+    vec a1 = {}, a2 = {}, c1 = {}, c2 = {};
+    int64_t i = o;
+    for (; i + 2 * kLanes <= e; i += 2 * kLanes) {
+      const vec u = load(x + i), v = load(x + i + kLanes);
+      store(y + i, u * av + bv);
+      store(y + i + kLanes, v * av + bv);
+      const vec d = u - kv, f = v - kv;
+      a1 += d;
+      c1 += f;
+      a2 += d * d;
+      c2 += f * f;
+    }
+    float t1 = 0, t2 = 0;
+    for (; i < e; ++i) {
+      y[i] = x[i] * a + b;
+      const float d = x[i] - k;
+      t1 += d;
+      t2 += d * d;
+    }
+    s.s1 += static_cast<double>(hsum(a1 + c1)) + t1;
+    s.s2 += static_cast<double>(hsum(a2 + c2)) + t2;
+  }
+}
+
+// channel_sums of [N, C, HW] (same pieces, same sums) that also writes
+// y = x * a[c] + b[c]: BatchNorm's eval mode with the batch statistics, in one read of x.
+// For outputs that are not streamed (see with_stream); larger ones take two passes.
+inline std::vector<Sums> channel_affine_sums(const float* x, float* y, int64_t N, int64_t C,
+                                             int64_t HW, const float* k, const float* a,
+                                             const float* b, int threads) {
+  std::vector<Sums> out(C);
+  if (HW >= kPlanarMin) {
+    const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
+    const int64_t pieces = N * C * segs, per_chunk = std::max<int64_t>(1, kChunk / seg);
+    std::vector<Sums> part(pieces);
+    parallel_chunks(ceil_div(pieces, per_chunk), threads, [&](int64_t chunk) {
+      const int64_t end = std::min(pieces, (chunk + 1) * per_chunk);
+      for (int64_t q = chunk * per_chunk; q < end; ++q) {
+        const int64_t plane = q / segs, lo = q % segs * seg, len = std::min(seg, HW - lo);
+        const int64_t c = plane % C, at = plane * HW + lo;
+        affine_add_sums(x + at, y + at, len, k[c], a[c], b[c], part[q]);
+      }
+    });
+    for (int64_t q = 0; q < pieces; ++q) out[q / segs % C] += part[q];
+    return out;
+  }
+  const int64_t width = C * HW;
+  std::vector<float> kc(width), ac(width), bc(width);
+  spread(k, C, HW, kc.data());
+  spread(a, C, HW, ac.data());
+  spread(b, C, HW, bc.data());
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min(N * width / kChunk, kColumnScratch / width));
+  const int64_t rows = ceil_div(N, chunks);
+  std::vector<Sums> part(chunks * width);
+  parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
+    std::vector<float> a1(width), a2(width);
+    Sums* acc = part.data() + chunk * width;
+    const int64_t end = std::min(N, (chunk + 1) * rows);
+    for (int64_t row = chunk * rows; row < end;) {
+      const int64_t stop = std::min(end, row + kColumnRows);
+      std::fill(a1.begin(), a1.end(), 0.0f);
+      std::fill(a2.begin(), a2.end(), 0.0f);
+      for (; row < stop; ++row) {
+        const float* r = x + row * width;
+        float* w = y + row * width;
+        int64_t j = 0;
+        for (; j + kLanes <= width; j += kLanes) {
+          const vec u = load(r + j);
+          store(w + j, u * load(ac.data() + j) + load(bc.data() + j));
+          const vec d = u - load(kc.data() + j);
+          store(a1.data() + j, load(a1.data() + j) + d);
+          store(a2.data() + j, load(a2.data() + j) + d * d);
+        }
+        for (; j < width; ++j) {
+          w[j] = r[j] * ac[j] + bc[j];
+          const float d = r[j] - kc[j];
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) acc[j] += Sums{a1[j], a2[j]};
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < HW; ++i) out[c] += part[(chunk * C + c) * HW + i];
+  return out;
+}
+
 // y = (x - k[c]) * a[c] + b[c] for every value of channel c of [N, C, HW].
 inline void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
                     const float* k, const float* a, const float* b, int threads) {

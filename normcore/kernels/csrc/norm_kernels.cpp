@@ -6,7 +6,8 @@
 //
 // Memory traffic: BatchNorm train reads x twice (statistics, then normalization) and
 // writes y once; BatchNorm eval folds the running statistics into one scale and shift per
-// channel (1 read, 1 write); LayerNorm, RMSNorm, GroupNorm and InstanceNorm normalize each
+// channel (1 read, 1 write), and computes the batch statistics in that same read when they
+// are wanted; LayerNorm, RMSNorm, GroupNorm and InstanceNorm normalize each
 // row or (sample, group) plane right after its statistics, while it is still in cache.
 //
 // Work is cut into chunks of about kChunk values (parallel.h runs them); inputs smaller
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "channels.h"
+#include "drift.h"
 #include "parallel.h"
 #include "reduce.h"
 #include "rows.h"
@@ -142,6 +144,45 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// batch_norm_eval_stats(x, y, N, C, HW, weight, bias, running_mean, running_var, eps, mean,
+//                       var, threads)
+// batch_norm_eval's y, and the batch statistics per channel into mean/var as
+// batch_norm_train computes them (the same sums), in one read of x: what normalize() in
+// eval mode returns. Outputs big enough to be streamed take two passes instead.
+PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  float *x, *y, *w, *b, *rm, *rv, *mean, *var;
+  int64_t N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, "batch_norm_eval_stats", "ppnnnppppdppn", &x, &y, &N, &C, &HW, &w,
+             &b, &rm, &rv, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    std::vector<float> k(C), scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = x[c * HW];
+      const float invstd = 1.0f / std::sqrt(rv[c] + static_cast<float>(eps));
+      scale[c] = w ? invstd * w[c] : invstd;
+      shift[c] = (b ? b[c] : 0.0f) - rm[c] * scale[c];
+    }
+    const int t = static_cast<int>(threads);
+    std::vector<Sums> sums;
+    if (streaming(N * C * HW * static_cast<int64_t>(sizeof(float)))) {
+      sums = channel_sums(x, N, C, HW, k.data(), t);
+      const std::vector<float> zero(C, 0.0f);
+      channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), t);
+    } else {
+      sums = channel_affine_sums(x, y, N, C, HW, k.data(), scale.data(), shift.data(), t);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const Moments ms = moments(sums[c], N * HW, k[c]);
+      mean[c] = static_cast<float>(ms.mean);
+      var[c] = static_cast<float>(ms.var);
+    }
+  }
+  Py_RETURN_NONE;
+}
+
 // layer_norm(x, y, R, D, weight, bias, eps, mean, var, threads): rows of D values.
 PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Rows p;
@@ -240,6 +281,49 @@ PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs
   return PyBool_FromLong(finite || !reject);
 }
 
+// gaussian_drift(mean, var, rows, C, unbias, ref_mean, ref_var, eps, weight, top)
+//     -> (score, ((channel, J_c), ...))
+// drift.h: the drift score of a batch's statistics ([rows, C], var biased, times unbias)
+// against a reference (unbiased var), its `top` channels that moved most, and the
+// reference moved by weight towards the batch when the score is finite.
+PyObject* gaussian_drift_(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  float *mean, *var, *rm, *rv;
+  int64_t rows, C, top;
+  double unbias, eps, weight;
+  if (!parse(args, nargs, "gaussian_drift", "ppnndppddn", &mean, &var, &rows, &C, &unbias,
+             &rm, &rv, &eps, &weight, &top))
+    return nullptr;
+  return drift_tuple(gaussian_drift(mean, var, rows, C, unbias, rm, rv, eps, weight, top));
+}
+
+// feature_drift(x, N, C, HW, ref_mean, ref_var, eps, weight, top, threads)
+//     -> (score, ((channel, J_c), ...))
+// gaussian_drift of the per-channel statistics of [N, C, HW] (as batch_norm_train computes
+// them, never stored): LayerNorm's and RMSNorm's input features as [rows, features, 1].
+PyObject* feature_drift(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  float *x, *rm, *rv;
+  int64_t N, C, HW, top, threads;
+  double eps, weight;
+  if (!parse(args, nargs, "feature_drift", "pnnnppddnn", &x, &N, &C, &HW, &rm, &rv, &eps,
+             &weight, &top, &threads))
+    return nullptr;
+  const int64_t n = N * HW;
+  std::vector<double> mean(C), var(C);
+  {
+    Unlocked unlocked(N * C * HW);
+    std::vector<float> k(C);
+    for (int64_t c = 0; c < C; ++c) k[c] = x[c * HW];
+    const std::vector<Sums> sums = channel_sums(x, N, C, HW, k.data(), threads);
+    for (int64_t c = 0; c < C; ++c) {
+      const Moments ms = moments(sums[c], n, k[c]);
+      mean[c] = ms.mean;
+      var[c] = ms.var;
+    }
+  }
+  return drift_tuple(gaussian_drift(mean.data(), var.data(), 1, C,
+                                    n / static_cast<double>(n - 1), rm, rv, eps, weight, top));
+}
+
 // stalls() -> (regions that stalled so far, current back-off span): for diagnostics.
 PyObject* stalls(PyObject*, PyObject* const*, Py_ssize_t) {
   return Py_BuildValue("(LL)", static_cast<long long>(Backoff::get().stalls()),
@@ -264,10 +348,13 @@ constexpr PyMethodDef method(const char* name) {
 PyMethodDef methods[] = {
     method<batch_norm_train>("batch_norm_train"),
     method<batch_norm_eval>("batch_norm_eval"),
+    method<batch_norm_eval_stats>("batch_norm_eval_stats"),
     method<layer_norm>("layer_norm"),
     method<rms_norm>("rms_norm"),
     method<group_norm>("group_norm"),
     method<instance_norm_train>("instance_norm_train"),
+    method<gaussian_drift_>("gaussian_drift"),
+    method<feature_drift>("feature_drift"),
     method<stalls>("stalls"),
     method<stream_threshold_>("stream_threshold"),
     {nullptr, nullptr, 0, nullptr},

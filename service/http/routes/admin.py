@@ -34,7 +34,7 @@ async def put_layer(name: LayerName, request: Request, engine: EngineDep) -> Res
 def _put_layer(engine, name: str, body: bytearray, limits) -> Response:
     layer = decode_layer_request(body, limits)
     return _entry(engine.put_layer(name, layer.kind, layer.config, layer.checkpoint,
-                                   layer.prefix, layer.device))
+                                   layer.prefix, layer.device, layer.drift_threshold))
 
 
 def _entry(info) -> Response:

@@ -25,7 +25,8 @@ router = APIRouter(tags=["normalize"])
 async def normalize(request: Request) -> Response:
     """Eval mode normalizes with the running statistics and changes nothing; train mode
     normalizes with the batch statistics and folds them into the running statistics
-    (needs the bearer token when one is set). Both return the batch statistics."""
+    (needs the bearer token when one is set). Both return the batch statistics; eval also
+    its drift score against the running statistics (or an average of past inputs)."""
     engine = request.app.state.engine
     authorize_early(request)  # a stranger is refused before the body is read
     body = await read_body(request)

@@ -142,7 +142,8 @@ def model_version_ready(name: str, version: str, request: Request) -> Response:
 async def infer(name: str, request: Request) -> Response:
     """Normalize the input tensor in eval or train mode (``parameters.mode``). Outputs:
     ``output`` by default; ``batch_mean``/``batch_var`` (RMSNorm: ``batch_mean_square``)
-    when asked for. JSON or binary tensors, gzip/deflate either way."""
+    when asked for, and, in eval mode, ``drift`` (the batch's drift score, shape [1]) when
+    asked for. JSON or binary tensors, gzip/deflate either way."""
     return await _infer(name, request)
 
 
@@ -161,7 +162,7 @@ async def _infer(name: str, request: Request, version: str | None = None) -> Res
     outcome = await normalize_tensor(request, name, x, parsed.mode, parsed.request_id)
     head, blobs = await off_loop(outcome.output.numel(), codec.encode_infer_response, name,
                                  parsed, outcome.output, outcome.stats,
-                                 outcome.num_batches_tracked, current)
+                                 outcome.num_batches_tracked, current, outcome.drift)
     return await _send(request, head, blobs)
 
 
