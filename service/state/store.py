@@ -1,23 +1,17 @@
 """Named layers, their locks and their persistence. Only the store mutates layer state.
 
-Train steps are copy-on-write: under the layer's lock, a private copy of the newest layer
-takes the step and the step is recorded; once its record is safe, the copy replaces the
-served layer in one reference swap. Eval requests read whichever layer is served without
-locking, so they run concurrently, never switch a shared module between modes, and never
-see a half-applied update or one that could still be lost; a rejected step leaves the
-served layer exactly as it was. A layer object, once made, is never modified again.
+Train steps are copy-on-write: a private copy of the newest layer takes the step under the
+layer's lock; once its record is safe, it replaces the served layer in one reference swap.
+Eval requests read the served layer without locking: they run concurrently and never see a
+half-applied or unsafe update. A layer object, once made, is never modified again.
 
-One rule for every change: a reply of success means applied and safe; an error means not
-applied, now or later. A step that cannot start before its deadline is refused; a step
-that has started is finished and answered. If the log cannot make a record safe, the steps
-not yet safe are dropped (the log refuses changes from then on). Every change (train step,
-reset, uploaded state, layer put or deleted) goes to the store's ``ChangeLog``
-(``service.state.changes``), if it has one, as a ``Change`` before it is served, in the
-order the changes apply, and the reply waits until the log says the record is safe. A
-shared log (several replicas, one database) orders the changes itself: a train step is then
-computed on a private copy for its output and statistics, recorded as what it adds
-(``StepDelta``), and served, here as on every replica, when the log hands it back in commit
-order (``_apply``); the reply carries the count the committed step produced.
+One rule for every change: success means applied and safe; an error means not applied, now
+or later. A step that cannot start by its deadline is refused; a started one is finished.
+Every change goes to the store's ``ChangeLog`` (``service.state.changes``), if it has one,
+before it is served, and the reply waits until the log says it is safe; if the log cannot
+make it safe, the steps not yet safe are dropped. A shared log (replicas on one database)
+orders changes itself: a step is recorded as what it adds (``StepDelta``) and served, on
+every replica, when the log hands it back in commit order (``_apply``).
 """
 
 from __future__ import annotations
