@@ -167,6 +167,16 @@ def summary(results: list[dict]) -> dict:
             for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req") if k in results[0]}
 
 
+def print_medians(results: dict[str, list[dict]], label: str = "server") -> dict[str, dict]:
+    """Each target's medians over its rounds, printed as a table; returned as well."""
+    medians = {n: summary(r) for n, r in results.items()}
+    print(f"\n{label:<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>11}")
+    for name, m in medians.items():
+        print(f"{name:<22} {m['rps']:9.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} "
+              f"{m['cpu_us_per_req']:11.0f}")
+    return medians
+
+
 def paired_ratio(a: list[dict], b: list[dict], key: str = "rps") -> float:
     return statistics.median(x[key] / y[key] for x, y in zip(a, b, strict=True))
 
@@ -243,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    medians = {n: summary(r) for n, r in results.items()}
-    print(f"\n{'server':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>11}")
-    for name, m in medians.items():
-        print(f"{name:<22} {m['rps']:9.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} "
-              f"{m['cpu_us_per_req']:11.0f}")
+    medians = print_medians(results)
     ratio = paired_ratio(results["normcore"], results["bare uvicorn echo"])
     cpu_ratio = paired_ratio(results["bare uvicorn echo"], results["normcore"],
                              "cpu_us_per_req")

@@ -34,8 +34,8 @@ from small_requests import (  # noqa: E402
     normcore_server,
     paired_ratio,
     post,
+    print_medians,
     sample_input,
-    summary,
 )
 
 LAYER = "stream.bn"
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    medians = {n: summary(r) for n, r in results.items()}
-    print(f"\n{'target':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>11}")
-    for name, m in medians.items():
-        print(f"{name:<18} {m['rps']:9.0f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} "
-              f"{m['cpu_us_per_req']:11.0f}")
+    medians = print_medians(results, "target")
     ratios = {
         "train / eval (memory)": paired_ratio(results["train (memory)"],
                                               results["eval (memory)"]),
