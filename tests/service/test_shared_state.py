@@ -210,3 +210,21 @@ def test_a_write_that_fails_before_commit_is_refused_and_not_applied(replicas,
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert store.train("stream.bn", torch.randn(8, 64), request_id="k").num_batches_tracked == 1
+
+
+def test_a_put_layer_keeps_its_drift_threshold_on_every_replica(replicas, state_url) -> None:
+    store = replicas(snapshot_every=3)
+    new = make_layer("BatchNorm1d", {"num_features": 8})
+    state = {k: v.clone() for k, v in new.state_dict().items()}
+    store.put(LayerSpec("new.bn", "BatchNorm1d", {"num_features": 8}, state=state,
+                        drift_threshold=0.7), new)
+    assert replicas().slot("new.bn").spec.drift_threshold == 0.7  # folded from its log row
+    with psycopg.connect(state_url, autocommit=True) as conn:
+        for _ in range(500):
+            store.train("new.bn", torch.randn(4, 8))
+            if conn.execute("SELECT seq FROM normcore_snapshot").fetchone() is not None:
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("no snapshot was written")
+    assert replicas().slot("new.bn").spec.drift_threshold == 0.7  # restored from a snapshot

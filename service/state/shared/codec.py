@@ -34,10 +34,11 @@ FORMAT = 1
 Tensors = dict[str, torch.Tensor]
 
 
-def origin_spec(name: str, kind: str, config: dict[str, Any], device: str | None,
-                state: Tensors) -> LayerSpec:
-    """The spec of a layer created through the admin API: a reset returns it to ``state``."""
-    return LayerSpec(name, kind, dict(config), None, "", device, state)
+def origin_spec(name: str, meta: dict[str, Any], state: Tensors) -> LayerSpec:
+    """The spec of a layer created through the admin API (``meta``: its kind, config,
+    device and drift threshold): a reset returns it to ``state``."""
+    return LayerSpec(name, meta["kind"], dict(meta["config"]), None, "", meta.get("device"),
+                     state, meta.get("drift_threshold"))
 
 
 def build(spec: LayerSpec, state: Tensors, source: str) -> nn.Module:
@@ -64,7 +65,8 @@ def encode_change(change: Change) -> bytes:
         tensors = dict(change.layer.state_dict())
         if change.op == "put":
             spec = change.spec
-            meta = {"kind": spec.kind, "config": spec.kwargs, "device": spec.device}
+            meta = {"kind": spec.kind, "config": spec.kwargs, "device": spec.device,
+                    "drift_threshold": spec.drift_threshold}
     return encode_record(meta, tensors)
 
 
@@ -87,7 +89,7 @@ def decode_change(seq: int, op: str, name: str, body: bytes,
         if op == "delete":
             return Change("delete", name)
         if op == "put":
-            spec = origin_spec(name, meta["kind"], meta["config"], meta.get("device"), tensors)
+            spec = origin_spec(name, meta, tensors)
             return Change("put", name, build(spec, tensors, source), spec=spec)
         if op in ("reset", "load_state"):
             spec = spec_of(name)
@@ -114,7 +116,8 @@ def encode_snapshot(seq: int, entries: dict[str, Entry], deleted: Iterable[str],
     for name, entry in entries.items():
         spec = entry.spec
         layers.append({"name": name, "kind": spec.kind, "config": spec.kwargs,
-                       "device": spec.device, "uploaded": entry.uploaded})
+                       "device": spec.device, "uploaded": entry.uploaded,
+                       "drift_threshold": spec.drift_threshold})
         for key, value in entry.layer.state_dict().items():
             tensors[f"{name}/state/{key}"] = value
         if entry.uploaded:
@@ -145,8 +148,7 @@ def decode_snapshot(body: bytes | None, specs: list[LayerSpec], keys: KeyWindow
             name = layer["name"]
             state = _pick(tensors, f"{name}/state/")
             if layer["uploaded"]:
-                spec = origin_spec(name, layer["kind"], layer["config"], layer.get("device"),
-                                   _pick(tensors, f"{name}/origin/"))
+                spec = origin_spec(name, layer, _pick(tensors, f"{name}/origin/"))
                 entries[name] = Entry(spec, build(spec, state, source), True)
             elif name in entries:
                 entries[name].layer = build(entries[name].spec, state, source)

@@ -215,8 +215,10 @@ class SharedLog:
                                            "are taken again once it answers")
         if change.op == "put":
             state = {k: v.detach().cpu().clone() for k, v in change.layer.state_dict().items()}
-            spec = origin_spec(change.name, change.spec.kind, change.spec.kwargs,
-                               change.spec.device, state)
+            given = change.spec
+            spec = origin_spec(change.name, {"kind": given.kind, "config": given.kwargs,
+                                             "device": given.device,
+                                             "drift_threshold": given.drift_threshold}, state)
             change = dataclasses.replace(change, spec=spec)
         pending = Pending(change, encode_change(change))
         with self._wake:
