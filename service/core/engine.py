@@ -8,6 +8,7 @@ errors are the exceptions of ``service.core.errors``.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,22 +143,33 @@ class Engine:
     ) -> Outcome:
         """Eval or train ``x`` with the layer ``name``. A call that cannot start by
         ``deadline`` (time.monotonic) raises ``RequestTimeoutError`` with nothing applied."""
+        if mode == "train":
+            return self.start_train(name, x, request_id, deadline).result()
         check_mode(mode)
         check_request_id(request_id)
+        self._check_served(name, x)
+        if tracing.enabled():  # off: not even a no-op span on the hot path
+            with tracing.span("normalize", **{"normcore.layer": name, "normcore.mode": mode}):
+                return self.store.evaluate(name, x, deadline)
+        return self.store.evaluate(name, x, deadline)
+
+    def start_train(self, name: str, x: torch.Tensor, request_id: str | None = None,
+                    deadline: float | None = None) -> Future:
+        """A train step taken now (or refused: raises, nothing applied), as a future that
+        settles with its ``Outcome`` once the step is safe: at once in memory, after the
+        group commit with a change log. The event loop awaits it without a thread."""
+        check_request_id(request_id)
+        self._check_served(name, x)
+        if tracing.enabled():
+            with tracing.span("normalize", **{"normcore.layer": name, "normcore.mode": "train"}):
+                return self.store.start_train(name, x, request_id, deadline)
+        return self.store.start_train(name, x, request_id, deadline)
+
+    def _check_served(self, name: str, x: torch.Tensor) -> None:
         slot = self.store.slot(name)
         if not slot.loaded:
             raise LayerUnloadedError(name)
         _check_instance_channels(slot, x)
-        if tracing.enabled():  # off: not even a no-op span on the hot path
-            with tracing.span("normalize", **{"normcore.layer": name, "normcore.mode": mode}):
-                return self._step(name, x, mode, request_id, deadline)
-        return self._step(name, x, mode, request_id, deadline)
-
-    def _step(self, name: str, x: torch.Tensor, mode: str, request_id: str | None,
-              deadline: float | None) -> Outcome:
-        if mode == "eval":
-            return self.store.evaluate(name, x, deadline)
-        return self.store.train(name, x, request_id, deadline)
 
     def can_batch(self, name: str, x: torch.Tensor) -> bool:
         """Whether an eval request may be merged with others along dim 0: it must have a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
@@ -10,7 +11,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ..core.auth import check_bearer
 from ..core.engine import Engine, Outcome
-from ..core.errors import NAME_PATTERN, BodyTooLargeError, RequestTimeoutError
+from ..core.errors import (
+    NAME_PATTERN,
+    BodyTooLargeError,
+    KeyInFlightError,
+    RequestTimeoutError,
+)
 from ..settings import Settings
 from ..wire.tensors import Limits, work_elements
 
@@ -114,13 +120,19 @@ async def normalize_tensor(request: Request, name: str, x, mode: str,
     if mode == "eval" and state.batcher is not None and state.engine.can_batch(name, x):
         return await state.batcher.evaluate(name, x)
     engine, elements = state.engine, work_elements(x.shape)
-    if mode == "train" and elements <= INLINE_ELEMENTS and not engine.durable:
+    if mode == "train" and elements <= INLINE_ELEMENTS:
         try:
-            # On the loop when the step can start at once (a deadline of now): the layer is
-            # free and no journal is waited on. The hop to a thread costs more than the step.
-            return engine.normalize(name, x, mode, request_id, time.monotonic())
-        except RequestTimeoutError:
+            # Taken on the loop when the step can start at once (a deadline of now: the
+            # layer is free); the hop to a thread costs more than the step. With a change
+            # log the reply then waits for the group commit without holding a thread.
+            step = engine.start_train(name, x, request_id, time.monotonic())
+        except (RequestTimeoutError, KeyInFlightError):
             pass  # busy, and nothing was applied: wait for it in a worker thread
+        else:
+            if step.done():
+                return step.result()
+            # Shielded: a request cancelled meanwhile leaves the step to finish and be safe.
+            return await asyncio.shield(asyncio.wrap_future(step))
     deadline = time.monotonic() + state.settings.request_timeout
     return await run_step(elements, mode == "train", engine.normalize, name, x, mode,
                           request_id, deadline)

@@ -22,6 +22,7 @@ Two kinds of log:
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -32,9 +33,9 @@ from ..core.catalog import LayerSpec
 from ..core.errors import ConflictError
 from .idempotency import Applied, KeyWindow
 
-# Blocks until a change's record is safe; raises (``UnavailableError``) if it cannot be.
-# With a shared log it returns the change's ``Folded`` once this replica has applied it.
-Waiter = Callable[[], object]
+# Settles once a change's record is safe, failed (``UnavailableError``) if it cannot be.
+# With a shared log its result is the change's ``Folded`` once this replica has applied it.
+Waiter = Future
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class ChangeLog(Protocol):
 
     def record(self, change: Change) -> Waiter | None:
         """Record ``change`` (a private log: called under the lock that orders it); return
-        what waits until it is safe, or None if it already is. Raises if it cannot be
+        the future that settles when it is safe, or None if it already is. Raises if it cannot be
         recorded.
 
         A failure is final: once a record or a waiter has failed, every later ``record``

@@ -22,7 +22,10 @@ class Slot:
     spec: LayerSpec
     layer: nn.Module  # served: every change up to ``published`` is in it, and safe
     device: torch.device
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # orders steps and changes
+    # Guards the swaps of layer/head and their numbers. Held only for those assignments, so
+    # a step that becomes safe never waits for another step's computation under ``lock``.
+    swap: threading.Lock = field(default_factory=threading.Lock)
     requests: dict[str, int] = field(default_factory=lambda: {"eval": 0, "train": 0})
     rejected: int = 0
     last_update: float | None = None
@@ -41,10 +44,26 @@ class Slot:
         self.head = self.layer
         self.drift = DriftMonitor(self.spec.name, self.spec.kind, self.spec.drift_threshold)
 
+    def advance(self, layer: nn.Module) -> int:
+        """Record ``layer`` as the newest (under ``lock``): the next step starts from it.
+        Returns its change number."""
+        with self.swap:
+            self.recorded += 1
+            self.head, self.head_seq = layer, self.recorded
+            return self.recorded
+
+    def replace(self, layer: nn.Module) -> None:
+        """Serve ``layer`` now, as the newest (an admin change, safe, under ``lock``)."""
+        with self.swap:
+            self.recorded += 1
+            self.layer = self.head = layer
+            self.published = self.head_seq = self.recorded
+            self.last_update = time.time()
+
     def publish(self, seq: int, layer: nn.Module) -> None:
         """Serve ``layer``, change ``seq`` of this slot, once its record is safe; a later
         change published first covers it (the log makes records safe in order)."""
-        with self.lock:
+        with self.swap:
             if seq > self.published:
                 self.layer, self.published = layer, seq
                 self.last_update = time.time()
@@ -61,13 +80,13 @@ class Slot:
     def drop_unsafe(self) -> None:
         """A record could not be made safe: the steps after the served layer are dropped
         (the log refuses every change after such a failure)."""
-        with self.lock:
+        with self.swap:
             self.head, self.head_seq = self.layer, self.published
 
 
 def wait_for(wait: Waiter | None) -> None:
     if wait is not None:
-        wait()
+        wait.result()
 
 
 def time_left(deadline: float | None) -> float | None:

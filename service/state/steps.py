@@ -18,7 +18,10 @@ steps one at a time holds (to float32 rounding: the fused kernels update in C++)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import torch
@@ -174,3 +177,34 @@ def answer_again(slot, x: torch.Tensor, count: int | None) -> Outcome:
     with torch.inference_mode():
         result = layer.normalize(x.to(slot.device), train=True)
     return Outcome.of(result, count)
+
+
+def settled(outcome: Outcome) -> Future:
+    """A future that already holds ``outcome``."""
+    done: Future = Future()
+    done.set_result(outcome)
+    return done
+
+
+def after(future: Future | None, finish: Callable[[], Outcome]) -> Future:
+    """A future of ``finish()``, called once ``future`` has settled (at once if it is None
+    or settled), in the thread that settles it; ``finish`` reads ``future.result()``."""
+    out: Future = Future()
+
+    def run(_: Future | None = None) -> None:
+        # ``finish`` runs even if ``out`` was cancelled: it completes the step's bookkeeping.
+        try:
+            value, error = finish(), None
+        except BaseException as exc:  # the owner of ``out`` gets it, whatever it is
+            value, error = None, exc
+        with contextlib.suppress(InvalidStateError):  # cancelled: nobody is waiting
+            if error is None:
+                out.set_result(value)
+            else:
+                out.set_exception(error)
+
+    if future is None:
+        run()
+    else:
+        future.add_done_callback(run)
+    return out

@@ -20,21 +20,23 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from normcore.checkpoint import layer_state_bytes, load_layer_state
-from normcore.functional import Normalized, batch_norm_stats
 
 from ..core.catalog import LayerSpec
 from ..core.errors import ConflictError, KeyInFlightError, LayerNotFoundError, RequestTimeoutError
 from .changes import Change, ChangeLog, Folded, KeyTakenError, Waiter
+from .evaluation import evaluate, evaluate_many
 from .idempotency import Applied, KeyWindow, input_digest
 from .slot import Slot, check_deadline, time_left, wait_for
 from .steps import (
     Outcome,
+    after,
     answer_again,
     computing_copy,
     fold_step,
@@ -42,6 +44,7 @@ from .steps import (
     num_batches,
     restore_dtype,
     same_parameters,
+    settled,
     step_delta,
 )
 
@@ -87,7 +90,7 @@ class Store:
 
     def _commit(self, change: Change) -> Folded:
         """Shared log: record ``change`` and wait until it is committed and served here."""
-        return self._log.record(change)()
+        return self._log.record(change).result()
 
     def load(self, specs: list[LayerSpec]) -> None:
         """Serve ``specs`` at start, with the change log's saved state over them."""
@@ -200,10 +203,7 @@ class Store:
             layer = make(slot)
             # Held until safe: the record covers any earlier steps still on their way.
             wait_for(self._record(Change(change, name, layer)))
-            slot.recorded += 1
-            slot.layer = slot.head = layer
-            slot.published = slot.head_seq = slot.recorded
-            slot.last_update = time.time()
+            slot.replace(layer)
         finally:
             slot.lock.release()
         return slot
@@ -217,43 +217,11 @@ class Store:
     def evaluate(self, name: str, x: torch.Tensor, deadline: float | None = None) -> Outcome:
         """Normalize with the served layer in eval mode; changes nothing."""
         check_deadline(deadline)
-        slot = self.slot(name)
-        served = slot.layer  # one read: a concurrent train step swaps, never edits, it
-        layer = computing_copy(served, x) or served
-        x = x.to(slot.device)
-        start = time.perf_counter_ns()
-        with torch.inference_mode():
-            result = layer.normalize(x, train=False)
-            drift = slot.drift.observe(served, x, result)
-        slot.count("eval", time.perf_counter_ns() - start)
-        return Outcome.of(result, drift=drift)
+        return evaluate(self.slot(name), x)
 
     def evaluate_many(self, name: str, xs: list[torch.Tensor]) -> list[Outcome]:
-        """``evaluate`` for several inputs that differ only in dim 0, in one layer call.
-
-        Outputs are exact either way: eval mode normalizes each sample on its own (or with
-        the running statistics). Per-sample statistics are split along dim 0; BatchNorm's
-        batch statistics belong to each request's own batch, so they are computed per input.
-        """
-        slot = self.slot(name)
-        layer = slot.layer
-        start = time.perf_counter_ns()
-        xs = [t.to(slot.device) for t in xs]
-        x = torch.cat(xs)
-        with torch.inference_mode():
-            if slot.spec.kind.startswith("BatchNorm"):
-                outputs = layer(x).split([len(t) for t in xs])
-                results = [Normalized(out, *batch_norm_stats(t))
-                           for out, t in zip(outputs, xs, strict=True)]
-            else:
-                merged = layer.normalize(x, train=False)
-                parts = [value.split([len(t) for t in xs]) for value in merged]
-                results = [type(merged)(*values) for values in zip(*parts, strict=True)]
-            drifts = [slot.drift.observe(layer, t, result)
-                      for t, result in zip(xs, results, strict=True)]
-        slot.count("eval", time.perf_counter_ns() - start, len(xs))
-        return [Outcome.of(result, drift=drift)
-                for result, drift in zip(results, drifts, strict=True)]
+        """``evaluate`` for several inputs that differ only in dim 0, in one layer call."""
+        return evaluate_many(self.slot(name), xs)
 
     def train(self, name: str, x: torch.Tensor, request_id: str | None = None,
               deadline: float | None = None) -> Outcome:
@@ -264,6 +232,12 @@ class Store:
         again: the answer is recomputed from ``x`` and the count the first step produced.
         ``IdempotencyConflictError`` if the id came with another tensor or layer.
         """
+        return self.start_train(name, x, request_id, deadline).result()
+
+    def start_train(self, name: str, x: torch.Tensor, request_id: str | None = None,
+                    deadline: float | None = None) -> Future:
+        """``train`` as a future: the step is taken now, or refused (raises), and the future
+        settles with its ``Outcome`` once the step is safe (at once without a change log)."""
         digest = input_digest(x) if request_id is not None else None
         while request_id is not None:
             prior = self.applied.claim(request_id, name, digest)
@@ -274,11 +248,23 @@ class Store:
                 raise KeyInFlightError(request_id)
             if prior.settled:  # applied and safe
                 prior.check(request_id, name, digest)  # a shared log may have settled it
-                return answer_again(self.slot(name), x, prior.num_batches_tracked)
+                return settled(answer_again(self.slot(name), x, prior.num_batches_tracked))
             # the first attempt was refused, so nothing was applied: claim the key again
         step = self._step_shared if self._shared else self._step
         try:
-            outcome = step(name, x, request_id, digest, deadline)
+            taken = step(name, x, request_id, digest, deadline)
+        except BaseException:
+            if request_id is not None:
+                self.applied.release(request_id)
+            raise
+        return taken if request_id is None else after(taken, lambda: self._settle_key(
+            taken, name, x, request_id, digest))
+
+    def _settle_key(self, taken: Future, name: str, x: torch.Tensor, request_id: str,
+                    digest: str) -> Outcome:
+        """The outcome of a step with a request_id, its key settled or released."""
+        try:
+            outcome = taken.result()
         except KeyTakenError:  # committed before, maybe by another replica: answer from it
             self.applied.release(request_id)
             prior = self.applied.get(request_id)
@@ -287,15 +273,13 @@ class Store:
             prior.check(request_id, name, digest)
             return answer_again(self.slot(name), x, prior.num_batches_tracked)
         except BaseException:
-            if request_id is not None:
-                self.applied.release(request_id)
+            self.applied.release(request_id)
             raise
-        if request_id is not None:
-            self.applied.settle(request_id, outcome.num_batches_tracked)
+        self.applied.settle(request_id, outcome.num_batches_tracked)
         return outcome
 
     def _step(self, name: str, x: torch.Tensor, request_id: str | None, digest: str | None,
-              deadline: float | None) -> Outcome:
+              deadline: float | None) -> Future:
         slot = self._acquire(name, deadline)
         try:
             wide = computing_copy(slot.head, x)
@@ -313,25 +297,27 @@ class Store:
             count = num_batches(layer)
             applied = None if digest is None else Applied(name, digest, count)
             wait = self._record(Change("train", name, layer, key=request_id, applied=applied))
-            slot.recorded += 1
-            slot.head, slot.head_seq = layer, slot.recorded
-            seq = slot.recorded
+            seq = slot.advance(layer)
         finally:
             slot.lock.release()
+
         # The next step on this layer may start while this one's record is made safe
         # (group commit); eval keeps the served layer until then.
-        if wait is not None:
-            try:
-                wait()
-            except BaseException:
-                slot.drop_unsafe()
-                raise
-        slot.publish(seq, layer)
-        slot.count("train", elapsed)
-        return Outcome.of(result, count)
+        def safe() -> Outcome:
+            if wait is not None:
+                try:
+                    wait.result()
+                except BaseException:
+                    slot.drop_unsafe()
+                    raise
+            slot.publish(seq, layer)
+            slot.count("train", elapsed)
+            return Outcome.of(result, count)
+
+        return after(wait, safe)
 
     def _step_shared(self, name: str, x: torch.Tensor, request_id: str | None,
-                     digest: str | None, deadline: float | None) -> Outcome:
+                     digest: str | None, deadline: float | None) -> Future:
         """A train step through a shared log: computed here on a private copy, applied when
         the log hands it back in commit order (``_apply``), on every replica alike."""
         check_deadline(deadline)
@@ -347,19 +333,25 @@ class Store:
         delta = step_delta(layer, x, result)
         if delta is None and request_id is None:  # no running statistics: nothing to keep
             slot.requests["train"] += 1
-            return Outcome.of(result, num_batches(served))
+            return settled(Outcome.of(result, num_batches(served)))
         applied = None if digest is None else Applied(name, digest)
-        folded = self._commit(Change("train", name, key=request_id, applied=applied,
-                                     delta=delta))
-        if folded.layer is None:
-            raise ConflictError(f"layer {name!r} was replaced or deleted while the step was "
-                                "under way; nothing was applied")
-        if not same_parameters(folded.base, served):
+        committing = self._log.record(Change("train", name, key=request_id, applied=applied,
+                                             delta=delta))
+
+        def applied_here() -> Outcome:
+            folded = committing.result()
+            if folded.layer is None:
+                raise ConflictError(f"layer {name!r} was replaced or deleted while the step "
+                                    "was under way; nothing was applied")
+            if same_parameters(folded.base, served):
+                return Outcome.of(result, folded.num_batches_tracked)
             # Another replica uploaded a weight or bias first: the step's output is the one
             # the layer it was applied to gives.
             with torch.inference_mode():
-                result = fork(folded.base).normalize(x.to(slot.device), train=True)
-        return Outcome.of(result, folded.num_batches_tracked)
+                again = fork(folded.base).normalize(x.to(slot.device), train=True)
+            return Outcome.of(again, folded.num_batches_tracked)
+
+        return after(committing, applied_here)
 
     def _apply(self, change: Change) -> Folded:
         """Serve one change a shared log committed (this replica's or another's), in the

@@ -126,6 +126,58 @@ def test_group_commit_covers_concurrent_records_with_few_fsyncs(tmp_path: Path) 
     assert len(synced) < 16  # one fsync per record would be 32
 
 
+def test_waiters_settle_after_a_covering_fsync_without_a_thread_each(tmp_path: Path) -> None:
+    synced = []  # for each finished fsync, the file's length when it started
+    gate = threading.Event()
+
+    def gated_fsync(fd: int) -> None:
+        size = os.fstat(fd).st_size
+        gate.wait(10)
+        time.sleep(0.005)
+        synced.append(size)
+
+    journal = Journal(tmp_path, 1, fsync=gated_fsync)
+    record = frame(b"x" * 50)
+    uncovered, settled = [], []
+
+    def check(seq: int, future) -> None:  # runs in the thread that settles the future
+        future.result()
+        settled.append(seq)
+        if not any(size >= seq * len(record) for size in synced):
+            uncovered.append(seq)
+
+    threads_before = threading.active_count()
+    futures = []
+    for _ in range(32):
+        seq = journal.append(record)
+        future = journal.waiter(seq)
+        future.add_done_callback(lambda f, seq=seq: check(seq, f))
+        futures.append(future)
+    assert not any(f.done() for f in futures)  # the first fsync is held at the gate
+    assert threading.active_count() <= threads_before + 1  # one syncing thread, for all
+    gate.set()
+    for future in futures:
+        future.result(timeout=10)
+    assert uncovered == []
+    assert sorted(settled) == list(range(1, 33))
+    assert len(synced) <= 3  # one fsync under way at the gate, then the rest as one group
+    journal.close()
+
+
+def test_a_failed_fsync_fails_every_waiting_future(tmp_path: Path) -> None:
+    def failing(fd: int) -> None:
+        time.sleep(0.01)
+        raise OSError(errno.EIO, "Input/output error")
+
+    journal = Journal(tmp_path, 1, fsync=failing)
+    futures = [journal.waiter(journal.append(frame(b"a"))) for _ in range(5)]
+    for future in futures:
+        with pytest.raises(JournalFailedError, match="fsync failed"):
+            future.result(timeout=10)
+    with pytest.raises(JournalFailedError):  # and no later record is taken
+        journal.waiter(1).result(timeout=10)
+
+
 def test_failed_fsync_refuses_this_and_every_later_record(tmp_path: Path) -> None:
     outcomes = iter([OSError(errno.EIO, "Input/output error")])
 

@@ -283,3 +283,29 @@ def test_a_state_dir_that_cannot_be_written_serves_read_only_until_it_can(
         persistence.close()
     again, _ = open_store(tmp_path, specs)
     assert int(again.slot("stream.bn").layer.num_batches_tracked) == 1
+
+
+def test_a_step_is_served_once_safe_and_finishes_even_if_nobody_waits(tmp_path, specs) -> None:
+    gate = threading.Event()
+    store, _ = open_store(tmp_path, specs, fsync=lambda fd: gate.wait(10))
+    reference = torch.nn.BatchNorm1d(64, momentum=None)
+    x, y = torch.randn(8, 64), torch.randn(8, 64) + 1
+    first = store.start_train("stream.bn", x, request_id="first")
+    second = store.start_train("stream.bn", y)  # taken on top of the first, not yet safe
+    assert not first.done()
+    assert not second.done()
+    served = store.slot("stream.bn").layer
+    assert int(served.num_batches_tracked) == 0  # eval keeps the last safe layer
+    second.cancel()  # a request that went away: its step still becomes safe and served
+    gate.set()
+    assert first.result(timeout=10).num_batches_tracked == 1
+    reference(x), reference(y)
+    layer = store.slot("stream.bn").layer
+    deadline = time.monotonic() + 10
+    while int(layer.num_batches_tracked) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        layer = store.slot("stream.bn").layer
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    assert store.applied.get("first").settled
+    store.close()

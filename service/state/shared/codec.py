@@ -41,6 +41,12 @@ def origin_spec(name: str, meta: dict[str, Any], state: Tensors) -> LayerSpec:
                      state, meta.get("drift_threshold"))
 
 
+def spec_meta(spec: LayerSpec) -> dict[str, Any]:
+    """What a put records of its spec (``origin_spec`` takes it back)."""
+    return {"kind": spec.kind, "config": spec.kwargs, "device": spec.device,
+            "drift_threshold": spec.drift_threshold}
+
+
 def build(spec: LayerSpec, state: Tensors, source: str) -> nn.Module:
     """``spec``'s layer (on the CPU) holding ``state`` over its defaults."""
     layer = make_layer(spec.kind, spec.kwargs)
@@ -64,9 +70,7 @@ def encode_change(change: Change) -> bytes:
     elif change.op != "delete":
         tensors = dict(change.layer.state_dict())
         if change.op == "put":
-            spec = change.spec
-            meta = {"kind": spec.kind, "config": spec.kwargs, "device": spec.device,
-                    "drift_threshold": spec.drift_threshold}
+            meta = spec_meta(change.spec)
     return encode_record(meta, tensors)
 
 

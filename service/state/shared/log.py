@@ -41,6 +41,7 @@ from .codec import (
     encode_change,
     encode_snapshot,
     origin_spec,
+    spec_meta,
 )
 from .pending import DatabaseUnavailableError, Pending, reason
 from .postgres import Postgres
@@ -215,16 +216,13 @@ class SharedLog:
                                            "are taken again once it answers")
         if change.op == "put":
             state = {k: v.detach().cpu().clone() for k, v in change.layer.state_dict().items()}
-            given = change.spec
-            spec = origin_spec(change.name, {"kind": given.kind, "config": given.kwargs,
-                                             "device": given.device,
-                                             "drift_threshold": given.drift_threshold}, state)
+            spec = origin_spec(change.name, spec_meta(change.spec), state)
             change = dataclasses.replace(change, spec=spec)
         pending = Pending(change, encode_change(change))
         with self._wake:
             self._queue.append(pending)
             self._wake.notify()
-        return pending.wait
+        return pending.future
 
     def _write_loop(self) -> None:
         while True:

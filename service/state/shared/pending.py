@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from ...core.errors import UnavailableError
@@ -17,20 +17,17 @@ class DatabaseUnavailableError(UnavailableError):
 class Pending:
     change: Change
     body: bytes
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Folded | None = None
-    error: BaseException | None = None
+    future: Future = field(default_factory=Future)  # the change's Folded, once applied here
 
     def settle(self, result: Folded | None = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
-
-    def wait(self) -> Folded:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
+        """The first settle wins (the writer and the follower may both get to a change)."""
+        try:
+            if error is None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
+        except InvalidStateError:
+            pass
 
 
 def reason(exc: BaseException) -> str:
