@@ -348,12 +348,18 @@ def main(argv: list[str] | None = None) -> int:
               "around each sample; no fallback contender: normcore runs its torch path there")
     print("ratios: normcore (fast path) / torch.nn, normcore / copy, fallback / torch.nn, ...")
     print(fmt([h for h, _, _ in COLUMNS]))
-    rows = []
+    rows, failed = [], []
     with torch.inference_mode():
         for family, mode, shape, dtype in cases:
             if args.wait_idle and Path("/proc/stat").exists():
                 wait_idle(args.wait_idle)
-            row = run_case(family, mode, shape, reps, warmup_s, args.retries, dtype, args.device)
+            try:
+                row = run_case(family, mode, shape, reps, warmup_s, args.retries, dtype,
+                               args.device)
+            except RuntimeError as exc:  # one case the device refuses must not end the run
+                failed.append(f"{family} {mode} {str(dtype)[6:]} {shape}: {exc}".split("\n")[0])
+                print(f"FAILED {failed[-1]}", flush=True)
+                continue
             rows.append(row)
             print(fmt([f(row) for _, _, f in COLUMNS]), flush=True)
 
@@ -369,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     noisy = [r for r in rows if r["noise"] > NOISY]
     if noisy:  # their medians may still be fine; rerun them with --filter to be sure
         print(f"{len(noisy)} case(s) with noise > {NOISY:.0%}: the machine was busy")
+    if failed:
+        print(f"{len(failed)} case(s) FAILED (see above)")
     if args.json:
         meta = {
             "torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": reps,
@@ -376,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if cuda:
             meta.update(device="cuda", device_name=torch.cuda.get_device_name())
+        if failed:
+            meta["failed"] = failed
         args.json.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
     return 0
 
