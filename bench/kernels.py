@@ -6,6 +6,7 @@ Run from the repository root (``make test`` builds .venv):
     .venv/bin/python bench/kernels.py --quick            # smoke run
     .venv/bin/python bench/kernels.py --filter BatchNorm2d --threads 1 --json /tmp/bn.json
     .venv/bin/python bench/kernels.py --dtypes all       # float32, float16, bfloat16, float64
+    .venv/bin/python bench/kernels.py --device cuda      # the layers on a GPU
 
 Each case times these contenders on one input, interleaved in one run. Inputs are float32
 unless ``--dtypes`` names others: float16 and bfloat16 inputs run against float32 layers
@@ -24,6 +25,12 @@ layers; sizes are in bytes, so a half-precision case has twice the elements.
 Repetitions go round-robin over the contenders, after a warm-up, so drift on a noisy
 machine hits all of them alike; the table shows medians. The process starts with
 ``normcore.kernels.tune_allocator()`` unless ``--no-tune`` is given.
+
+``--device cuda`` puts layers and inputs on the GPU and waits for it
+(``torch.cuda.synchronize()``) before and after each timed sample. The fused kernels are
+CPU-only, so there normcore always runs its torch path: no ``fallback`` contender (its
+columns show ``-``). A GPU streams 4-32 MB in a few microseconds, close to the cost of
+launching the kernels, so 128 and 512 MB inputs are added to show its bandwidth.
 
 Goals on 4-32 MB inputs: every family and mode at most 1.0x torch.nn's time; BatchNorm eval
 at most 1.5x copy, BatchNorm train 3x, LayerNorm and RMSNorm 2.5x, GroupNorm 3x. On inputs
@@ -50,6 +57,7 @@ from normcore import kernels  # noqa: E402
 
 MB = 1 << 20
 TARGETS_MB = (4, 8, 16, 32)
+CUDA_TARGETS_MB = (*TARGETS_MB, 128, 512)  # 4-32 MB is launch-bound on a GPU
 TORCH_LIMIT = 1.0
 COPY_LIMITS = {  # family prefix -> (train, eval) limit of normcore / copy
     "BatchNorm": (3.0, 1.5),
@@ -92,14 +100,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "float64": torch.float64}
 
 
-def shapes(sample: tuple[int, ...], small: tuple[int, ...],
-           itemsize: int = 4) -> list[tuple[int, ...]]:
+def shapes(sample: tuple[int, ...], small: tuple[int, ...], itemsize: int = 4,
+           targets: tuple[int, ...] = TARGETS_MB) -> list[tuple[int, ...]]:
     per = math.prod(sample) * itemsize
-    return [small] + [(max(1, round(mb * MB / per)), *sample) for mb in TARGETS_MB]
+    return [small] + [(max(1, round(mb * MB / per)), *sample) for mb in targets]
 
 
-def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, dict, float, int]:
-    """Median and best seconds per call of each (fn, fast path on?), noise, calls per sample."""
+def _no_sync() -> None:
+    pass
+
+
+def measure(fns: dict, reps: int, warmup_s: float,
+            sync=_no_sync) -> tuple[dict, dict, float, int]:
+    """Median and best seconds per call of each (fn, fast path on?), noise, calls per sample.
+
+    ``sync`` waits for the device (``torch.cuda.synchronize``) around every timed stretch,
+    so a sample counts the work its calls queued, not just their launches."""
     # Warm-up: first calls fault pages in, fill allocator caches and pick kernels.
     for fn, fast in fns.values():
         kernels.set_enabled(fast)
@@ -107,10 +123,12 @@ def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, dict, float, i
         while n < 3 or time.perf_counter() < end:
             fn()
             n += 1
+        sync()
     # One sample lasts >= 1 ms, so timer resolution and loop overhead vanish even for
     # microsecond calls on tiny tensors; every contender gets the same count.
     t0 = time.perf_counter()
     fns["torch"][0]()
+    sync()
     inner = max(1, math.ceil(1e-3 / max(time.perf_counter() - t0, 1e-7)))
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -121,9 +139,11 @@ def measure(fns: dict, reps: int, warmup_s: float) -> tuple[dict, dict, float, i
             for name in names[k:] + names[:k]:
                 fn, fast = fns[name]
                 kernels.set_enabled(fast)  # outside the timed loop
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     fn()
+                sync()
                 samples[name].append((time.perf_counter() - t0) / inner)
     finally:
         gc.enable()
@@ -160,14 +180,15 @@ def wait_idle(limit_s: float, idle_share: float = 0.85) -> float:
 
 
 def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries: int,
-             dtype: torch.dtype = torch.float32) -> dict:
+             dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
     make = FAMILIES[family][0]
     ours, ref = make(shape)
+    ours, ref = ours.to(device), ref.to(device)
     if dtype == torch.float64:
         ours, ref = ours.double(), ref.double()
     ours.train(mode == "train")
     ref.train(mode == "train")
-    x = torch.randn(shape).to(dtype)
+    x = torch.randn(shape, device=device).to(dtype)
     dst = torch.empty_like(x)
     fns = {
         "normcore": (lambda: ours(x), True),
@@ -177,13 +198,17 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries:
         "copy": (lambda: dst.copy_(x), True),
         "clone": (lambda: x.clone(), True),
     }
+    sync = _no_sync
+    if x.is_cuda:  # the kernels are CPU-only: "fallback" would time normcore again
+        del fns["fallback"]
+        sync = torch.cuda.synchronize
     # A busy spell on a shared box can cover most of a case's samples; measure again then,
     # and keep the calmest attempt (the others are not averaged in).
-    med, best, noise, inner = measure(fns, reps, warmup_s)
+    med, best, noise, inner = measure(fns, reps, warmup_s, sync)
     for _ in range(retries):
         if noise <= NOISY:
             break
-        again = measure(fns, reps, warmup_s)
+        again = measure(fns, reps, warmup_s, sync)
         if again[2] < noise:
             med, best, noise, inner = again
     return {
@@ -198,7 +223,7 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries:
         **{f"{name}_best_ms": t * 1e3 for name, t in best.items()},
         "ratio_torch": med["normcore"] / med["torch"],
         "ratio_copy": med["normcore"] / med["copy"],
-        "fallback_ratio_torch": med["fallback"] / med["torch"],
+        "fallback_ratio_torch": med["fallback"] / med["torch"] if "fallback" in med else None,
         "torch_ratio_copy": med["torch"] / med["copy"],
         "normalize_ratio_torch": med["normalize"] / med["torch"],
         "best_ratio_torch": best["normcore"] / best["torch"],
@@ -213,12 +238,13 @@ COLUMNS = [  # header, width, row -> text
     ("shape", 16, lambda r: "x".join(map(str, r["shape"]))),
     ("MB", 6, lambda r: f"{r['mb']:.3f}" if r["mb"] < 1 else f"{r['mb']:.1f}"),
     ("normcore ms", 11, lambda r: f"{r['normcore_ms']:.4f}"),
-    ("fallback ms", 11, lambda r: f"{r['fallback_ms']:.4f}"),
+    ("fallback ms", 11, lambda r: f"{r['fallback_ms']:.4f}" if "fallback_ms" in r else "-"),
     ("torch ms", 9, lambda r: f"{r['torch_ms']:.4f}"),
     ("copy ms", 8, lambda r: f"{r['copy_ms']:.4f}"),
     ("vs torch", 8, lambda r: f"{r['ratio_torch']:.2f}"),
     ("vs copy", 7, lambda r: f"{r['ratio_copy']:.2f}"),
-    ("fallback/torch", 14, lambda r: f"{r['fallback_ratio_torch']:.2f}"),
+    ("fallback/torch", 14,
+     lambda r: "-" if r["fallback_ratio_torch"] is None else f"{r['fallback_ratio_torch']:.2f}"),
     ("torch/copy", 10, lambda r: f"{r['torch_ratio_copy']:.2f}"),
     ("normalize/torch", 15, lambda r: f"{r['normalize_ratio_torch']:.2f}"),
     ("best vs torch", 13, lambda r: f"{r['best_ratio_torch']:.2f}"),
@@ -274,21 +300,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--filter", default="", help="only cases whose 'family mode shape' has this")
     p.add_argument("--sizes", choices=("all", "small", "big"), default="all",
-                   help="only the small (< 64 KB) or the big (4-32 MB) inputs")
+                   help="only the small (< 64 KB) or the big (4-32 MB; to 512 MB on cuda) inputs")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each case, wait up to this long for idle CPUs (shared boxes)")
     p.add_argument("--dtypes", default="float32", metavar="LIST",
                    help="comma-separated input dtypes, or all (float32)")
     p.add_argument("--no-tune", action="store_true",
                    help="leave glibc's allocator as it is (fresh outputs page-fault)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where layers and inputs live (cpu)")
     args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
+    targets = CUDA_TARGETS_MB if cuda else TARGETS_MB
     reps = args.repeat or (5 if args.quick else 40)
     warmup_s = 0.02 if args.quick else 0.1
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = False if args.no_tune else kernels.tune_allocator()
     t0 = time.perf_counter()
-    fast = kernels.warm_up()
+    fast = False if cuda else kernels.warm_up()  # CPU-only: not built for a GPU run
     load_s = time.perf_counter() - t0
 
     names = list(DTYPES) if args.dtypes == "all" else args.dtypes.split(",")
@@ -297,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names
         for family, (_, sample, small) in FAMILIES.items()
         for mode in ("train", "eval")
-        for shape in shapes(sample, small, DTYPES[name].itemsize)
+        for shape in shapes(sample, small, DTYPES[name].itemsize, targets)
     ]
     if args.sizes != "all":
         small_only = args.sizes == "small"
@@ -306,36 +338,54 @@ def main(argv: list[str] | None = None) -> int:
     want = args.filter.lower()
     cases = [c for c in cases if want in f"{c[0]} {c[1]} {str(c[3])[6:]} "
                                          f"{'x'.join(map(str, c[2]))}".lower()]
+    kernels_note = "CPU-only, not used" if cuda else (
+        f"{'loaded' if fast else 'UNAVAILABLE'} in {load_s:.2f} s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} reps, "
-          f"median per call; kernels {'loaded' if fast else 'UNAVAILABLE'} in {load_s:.2f} s; "
+          f"median per call; kernels {kernels_note}; "
           f"allocator {'tuned' if tuned else 'as is'}")
+    if cuda:
+        print(f"device {torch.cuda.get_device_name()} (cuda {torch.version.cuda}), synchronized "
+              "around each sample; no fallback contender: normcore runs its torch path there")
     print("ratios: normcore (fast path) / torch.nn, normcore / copy, fallback / torch.nn, ...")
     print(fmt([h for h, _, _ in COLUMNS]))
-    rows = []
+    rows, failed = [], []
     with torch.inference_mode():
         for family, mode, shape, dtype in cases:
             if args.wait_idle and Path("/proc/stat").exists():
                 wait_idle(args.wait_idle)
-            row = run_case(family, mode, shape, reps, warmup_s, args.retries, dtype)
+            try:
+                row = run_case(family, mode, shape, reps, warmup_s, args.retries, dtype,
+                               args.device)
+            except RuntimeError as exc:  # one case the device refuses must not end the run
+                failed.append(f"{family} {mode} {str(dtype)[6:]} {shape}: {exc}".split("\n")[0])
+                print(f"FAILED {failed[-1]}", flush=True)
+                continue
             rows.append(row)
             print(fmt([f(row) for _, _, f in COLUMNS]), flush=True)
 
     big = [r for r in rows if r["mb"] >= 3.5]  # the "4-32 MB" cases (3.8 MB and up)
     small = [r for r in rows if r["mb"] * MB < SMALL_BYTES]
+    label = f"{targets[0]}-{targets[-1]} MB"
     print()
-    print(torch_claim("4-32 MB", big, "ratio_torch"))
-    print(torch_claim("4-32 MB, fastest samples", big, "best_ratio_torch"))
+    print(torch_claim(label, big, "ratio_torch"))
+    print(torch_claim(f"{label}, fastest samples", big, "best_ratio_torch"))
     print(torch_claim("< 64 KB, dispatch overhead", small, "ratio_torch"))
     for line in copy_claims(big):
         print(line)
     noisy = [r for r in rows if r["noise"] > NOISY]
     if noisy:  # their medians may still be fine; rerun them with --filter to be sure
         print(f"{len(noisy)} case(s) with noise > {NOISY:.0%}: the machine was busy")
+    if failed:
+        print(f"{len(failed)} case(s) FAILED (see above)")
     if args.json:
         meta = {
             "torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": reps,
             "allocator_tuned": tuned, "kernels": fast, "load_s": load_s,
         }
+        if cuda:
+            meta.update(device="cuda", device_name=torch.cuda.get_device_name())
+        if failed:
+            meta["failed"] = failed
         args.json.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
     return 0
 
