@@ -319,8 +319,8 @@ class Store:
     def _step_shared(self, name: str, x: torch.Tensor, request_id: str | None,
                      digest: str | None, deadline: float | None) -> Future:
         """A train step through a shared log: computed here on a private copy, applied when
-        the log hands it back in commit order (``_apply``), on every replica alike."""
-        check_deadline(deadline)
+        the log hands it back in commit order (``_apply``), on every replica alike. It
+        waits for no lock, so it starts at once, whatever the ``deadline``."""
         slot = self.slot(name)
         served = slot.layer
         layer = computing_copy(served, x) or fork(served)

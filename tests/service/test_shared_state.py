@@ -228,3 +228,14 @@ def test_a_put_layer_keeps_its_drift_threshold_on_every_replica(replicas, state_
         else:
             pytest.fail("no snapshot was written")
     assert replicas().slot("new.bn").spec.drift_threshold == 0.7  # restored from a snapshot
+
+
+def test_a_step_that_can_start_at_once_is_taken_with_a_deadline_of_now(replicas) -> None:
+    # The event loop takes small steps with a deadline of now: a step that waits for no lock
+    # starts, and its future settles once committed.
+    store = replicas()
+    x = torch.randn(8, 64)
+    outcome = store.start_train("stream.bn", x, deadline=time.monotonic()).result(timeout=10)
+    assert outcome.num_batches_tracked == 1
+    torch.testing.assert_close(outcome.output, torch.nn.BatchNorm1d(64)(x), rtol=1e-5,
+                               atol=1e-5)
