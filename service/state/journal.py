@@ -11,10 +11,7 @@ While one fsync runs the next batch gathers, so throughput holds under concurren
 each request still waits for exactly one or two fsyncs.
 
 ``waiter(seq)`` is the same wait as a future, settled by one syncing thread for a whole
-group, so a request waiting for its record holds no thread. Under concurrent load (the
-last group held several records) that thread lets a group gather for up to
-``GROUP_WINDOW`` after the previous fsync: an fsync costs the CPU a few hundred
-microseconds here whatever it covers. A lone client never waits for the window.
+group (paced by a ``GroupPacer``), so a request waiting for its record holds no thread.
 
 A failed fsync is final. After it the kernel may have dropped the dirty pages and marked
 them clean, so a retry can "succeed" without the data ever reaching the disk (PostgreSQL's
@@ -30,17 +27,16 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
 from ..core.errors import UnavailableError
+from .changes import GroupPacer
 from .records import StateFileError, read_frames
 
 log = logging.getLogger("normcore.service")
 
-GROUP_WINDOW = 0.002  # seconds between the fsyncs of consecutive groups, under load
 _NAME = re.compile(r"^journal-(\d{8})\.log$")
 
 
@@ -189,15 +185,14 @@ class Journal:
 
     def _settle_futures(self) -> None:
         """The syncing thread: fsync for the waiting futures, settle every one covered."""
-        last_end, last_group = 0.0, 0
+        pacer = GroupPacer()
         while True:
             with self._cond:
                 while not self._futures and self._failed is None:
                     self._cond.wait()
                 if not self._futures:
                     return  # failed or closed, and no future left waiting
-            if last_group > 1:  # concurrent load: let the group gather
-                time.sleep(max(0.0, last_end + GROUP_WINDOW - time.monotonic()))
+            pacer.wait()
             with self._cond:
                 target = max(seq for seq, _ in self._futures)
             try:
@@ -205,12 +200,11 @@ class Journal:
                 error = None
             except JournalFailedError as exc:
                 error = exc
-            last_end = time.monotonic()
             with self._cond:
                 done = [(s, f) for s, f in self._futures if error or s <= self._synced]
                 self._futures = [(s, f) for s, f in self._futures
                                  if not error and s > self._synced]
-            last_group = len(done)
+            pacer.wrote(len(done))
             for _, future in sorted(done, key=lambda item: item[0]):  # in record order
                 if error is None:
                     future.set_result(None)

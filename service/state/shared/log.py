@@ -8,13 +8,13 @@ follow commit order); each replica applies them in that order through the store'
   write (``Postgres.write``: lock the head, claim request_ids, append, commit). It then
   applies what others committed before it, then its own rows; each waiter returns its
   change's ``Folded``, or ``KeyTakenError`` for a request_id committed before.
-- **follower**: LISTENs for commits (and polls), and applies the rows it has not seen.
+- **follower**: LISTENs for commits (and polls), applies the rows it has not seen.
 - **compaction** (now and then): a snapshot as of the position applied here; the rows an
   older snapshot covers are trimmed, and a replica behind them reloads the snapshot.
 
-If the database cannot be reached, changes are refused at once (``DatabaseUnavailableError``,
-503), nothing half-applied, and eval keeps the last state applied; the follower reconnects
-and catches up. A write whose reply was lost is settled by looking for its rows.
+If the database cannot be reached, changes are refused at once (503), nothing half-applied;
+eval keeps the last state applied; the follower reconnects and catches up. A write whose
+reply was lost is settled by looking for its rows.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import uuid
 from torch import nn
 
 from ...core.catalog import LayerSpec
-from ..changes import Apply, Change, Folded, KeyTakenError, Waiter
+from ..changes import Apply, Change, Folded, GroupPacer, KeyTakenError, Waiter
 from ..idempotency import KeyWindow
 from ..records import StateFileError
 from .codec import (
@@ -62,10 +62,8 @@ class SharedLog:
     def __init__(self, db: Postgres | SQLite, *, snapshot_every: int = 10_000,
                  keys_kept: int = 10_000, poll_s: float = 0.25, retry_s: float = 1.0) -> None:
         self.db = db
-        self.snapshot_every = snapshot_every
-        self.keys_kept = keys_kept
-        self.poll_s = poll_s
-        self.retry_s = retry_s
+        self.snapshot_every, self.keys_kept = snapshot_every, keys_kept
+        self.poll_s, self.retry_s = poll_s, retry_s  # LISTEN's backup poll; reconnects
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._fold_lock = threading.Lock()  # one thread applies changes at a time
         self._folded = 0  # the last log position applied here
@@ -225,7 +223,9 @@ class SharedLog:
         return pending.future
 
     def _write_loop(self) -> None:
+        pacer = GroupPacer()
         while True:
+            pacer.wait()
             with self._wake:
                 while not self._queue and not self._closed.is_set():
                     self._wake.wait()
@@ -234,10 +234,10 @@ class SharedLog:
                 batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
             try:
                 self._write(batch)
+                pacer.wrote(len(batch))
             except BaseException as exc:  # a bug: answer, keep serving
                 log.exception("writing to the state database failed")
-                for pending in batch:
-                    pending.settle(error=exc)
+                self._fail(batch, exc)
 
     def _write(self, batch: list[Pending]) -> None:
         """Commit ``batch`` in one write, apply what others committed before it, then it."""
