@@ -24,6 +24,8 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
 )}
+_DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}
+_NOT_NUMPY = {torch.bfloat16}
 
 
 class StateFileError(Exception):
@@ -90,9 +92,13 @@ def encode_record(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None 
     """``meta`` (JSON-ready) and named tensors as one payload."""
     specs, blobs = [], []
     for name, tensor in (tensors or {}).items():
-        t = tensor.detach().contiguous().cpu()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        specs.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), len(raw)])
+        t = tensor.detach().cpu()
+        # numpy writes the bytes in C order whatever the strides (one call per tensor: the
+        # journal encodes a record per train step); it has no bfloat16, so that goes as bytes.
+        raw = (t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.dtype in _NOT_NUMPY
+               else t.numpy()).tobytes()
+        kind = _DTYPE_NAMES.get(t.dtype) or str(t.dtype).removeprefix("torch.")
+        specs.append([name, kind, list(t.shape), len(raw)])
         blobs.append(raw)
     header = orjson.dumps({"meta": meta, "tensors": specs})
     return b"".join([_U32.pack(len(header)), header, *blobs])

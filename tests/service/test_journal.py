@@ -32,7 +32,10 @@ def _journal_file(folder: Path, payloads: list[bytes]) -> Path:
 
 def test_records_round_trip_every_dtype() -> None:
     tensors = {"f32": torch.randn(3, 2), "bf16": torch.randn(5).bfloat16(),
-               "count": torch.tensor(7), "empty": torch.empty(0, 3)}
+               "count": torch.tensor(7), "empty": torch.empty(0, 3),
+               "strided": torch.randn(4, 6).t(), "bf16_strided": torch.randn(3, 4).bfloat16().t(),
+               "bf16_scalar": torch.tensor(1.5, dtype=torch.bfloat16),
+               "f16": torch.randn(2, 3).half(), "f64": torch.randn(3).double()}
     meta, back = decode_record(encode_record({"op": "x", "n": [1, 2]}, tensors), "test")
     assert meta == {"op": "x", "n": [1, 2]}
     for name, tensor in tensors.items():
