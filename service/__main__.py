@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     sock = child_socket()
     if settings.workers > 1 and sock is None:
         try:
+            _adopt_one_process_state(settings)
+        except Exception as exc:  # the catalog or the state dir cannot be read
+            print(f"normcore: cannot start: {exc}", file=sys.stderr)
+            return 2
+        try:
             return Workers(settings, argv).run()
         except OSError as exc:
             print(f"normcore: cannot listen on {settings.host}:{settings.port}: {exc}",
@@ -76,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.Server(config).run(sockets=None if sock is None else [sock])
     tracing.shutdown()  # the spans still buffered are sent
     return 1 if app.state.failure else 0
+
+
+def _adopt_one_process_state(settings) -> None:
+    """``--workers N`` on a state dir that one process served: its snapshot and journal
+    become the workers' shared database first (``service/state/adopt.py``)."""
+    folder = settings.state_dir
+    if settings.state_url is not None or folder is None:
+        return
+    from .state.adopt import adopt_journal, needs_adoption
+
+    if needs_adoption(folder):
+        from .core.catalog import load_catalog  # torch, only to adopt
+
+        adopt_journal(folder, load_catalog(settings.catalog), settings.idempotency_window)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def _change_log(settings: Settings) -> ChangeLog | None:
         if (folder / "snapshot.ncs").exists() and not (folder / SQLITE_FILE).exists():
             raise StateFileError(
                 f"{folder} holds the state of one server process (a journal): serve it with "
-                "one worker, or move it away to start the workers' shared state afresh")
+                "one worker, or start the workers with `python -m service --workers N`, "
+                "which adopts it into their shared database first")
         return SharedLog(SQLite(folder), poll_s=0.5, **shared)
     return Persistence(folder, snapshot_every=settings.snapshot_every)
 

@@ -155,8 +155,10 @@ def test_store_and_change_log_meet_through_one_interface() -> None:
     store = _imported_modules(SERVICE / "state" / "store.py")
     assert not {m for m in persistence if m.startswith("service.state.store")}
     assert not {m for m in store if m.startswith("service.state.persistence")}
-    # Connected in one place: the app's wiring.
-    assert _importers_of("service.state.persistence") == {"service/app.py"}
+    # Connected in one place: the app's wiring (and adopt.py, which moves one process's
+    # state into the workers' shared database before they start).
+    assert _importers_of("service.state.persistence") == {"service/app.py",
+                                                          "service/state/adopt.py"}
 
 
 def test_the_shared_log_meets_the_store_through_the_same_interface() -> None:
@@ -167,7 +169,8 @@ def test_the_shared_log_meets_the_store_through_the_same_interface() -> None:
                                                      "service.state.persistence"))}
     store = _imported_modules(SERVICE / "state" / "store.py")
     assert not {m for m in store if m.startswith("service.state.shared")}
-    assert _importers_of("service.state.shared") - inside == {"service/app.py"}
+    assert _importers_of("service.state.shared") - inside == {"service/app.py",
+                                                              "service/state/adopt.py"}
 
 
 def test_the_database_driver_is_imported_only_by_its_adapter() -> None:

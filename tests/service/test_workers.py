@@ -107,11 +107,49 @@ def test_workers_with_memory_only_state_are_refused() -> None:
     assert "workers above 1 need a shared state" in proc.stderr
 
 
-def test_workers_refuse_a_state_dir_that_holds_a_journal(tmp_path: Path) -> None:
+def test_workers_adopt_the_state_one_process_kept(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    one = service_process(["--state-dir", str(state)], log=tmp_path / "one.log")
-    one.start()
-    assert one.stop() == 0
-    proc = _run("--workers", "2", "--port", "0", "--state-dir", str(state))
-    assert proc.returncode != 0
-    assert "holds the state of one server process" in proc.stderr
+    one = service_process(["--state-dir", str(state), "--device", "cpu"],
+                          log=tmp_path / "one.log")
+    twin = torch.nn.BatchNorm1d(64, momentum=None)
+    try:
+        one.start()
+        for i in range(5):
+            x = torch.randn(8, 64) + i
+            assert _train(one.url, x, f"k{i}")["num_batches_tracked"] == i + 1
+            twin.train()(x)
+        with httpx.Client(base_url=one.url, timeout=30) as client:
+            put = client.put("/layers/new.bn", json={"kind": "BatchNorm1d",
+                                                     "config": {"num_features": 8}})
+            assert put.status_code == 200, put.text
+            assert client.delete("/layers/features.gn").status_code == 200
+        assert one.stop() == 0
+    finally:
+        one.kill()
+
+    workers = service_process(["--workers", "2", "--state-dir", str(state), "--device",
+                               "cpu"], log=tmp_path / "workers.log")
+    try:
+        workers.start()
+        served = _served_everywhere(workers.url, 5)
+        torch.testing.assert_close(torch.tensor(served["running_mean"]), twin.running_mean)
+        torch.testing.assert_close(torch.tensor(served["running_var"]), twin.running_var)
+        assert _train(workers.url, x, "k4")["num_batches_tracked"] == 5  # a retry: not again
+        for _ in range(6):  # fresh connections reach either worker
+            with httpx.Client(base_url=workers.url, timeout=30) as client:
+                assert client.get("/stats/new.bn").status_code == 200
+                assert client.get("/stats/features.gn").status_code == 404
+        assert _train(workers.url, x + 1, "k5")["num_batches_tracked"] == 6
+        assert workers.stop() == 0
+    finally:
+        workers.kill()
+    assert (state / "shared.db").exists()
+    assert (state / "journal-adopted" / "snapshot.ncs").exists()
+    assert not (state / "snapshot.ncs").exists()
+
+
+def test_the_adoption_check_names_the_files_the_state_modules_write() -> None:
+    from service.state import adopt, snapshot
+    from service.state.shared import SQLITE_FILE
+
+    assert (adopt._SNAPSHOT, adopt._SHARED) == (snapshot.SNAPSHOT, SQLITE_FILE)

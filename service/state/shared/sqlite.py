@@ -152,6 +152,19 @@ class SQLite:
             conn.rollback()
             raise
 
+    def save_first_snapshot(self, conn: Connection, body: bytes) -> None:
+        """The state a fresh database starts from (position 0: every change follows it)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT seq FROM normcore_head").fetchone()[0] != 0:
+                raise RuntimeError(f"{self.path} is not a fresh database")
+            conn.execute("INSERT INTO normcore_snapshot (id, seq, body) VALUES (1, 0, ?)",
+                         (body,))
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+
     # --- following -----------------------------------------------------------------------------
 
     def listen(self, conn: Connection) -> None:
