@@ -63,6 +63,12 @@ def ops() -> ModuleType | None:
     return _load()
 
 
+def usable() -> bool:
+    """Whether ``ops()`` may give the kernels: False once they are switched off or failed to
+    build, so callers can skip their checks of an input (the torch path's overhead)."""
+    return _state.active is not None or (_state.enabled and _state.failure is None)
+
+
 def enabled() -> bool:
     """Whether normcore may use the kernels (they may still be unavailable)."""
     return _state.enabled

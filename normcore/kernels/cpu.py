@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from ._loader import ops
+from ._loader import ops, usable
 
 _I64 = torch.int64
 # Input dtype -> (the kernels' code for it, the dtype of its parameters and statistics).
@@ -97,7 +97,7 @@ def batch_norm(
     returned if ``with_stats``, or always in eval mode with running statistics (then they
     are computed for the caller, in the same read of the input as the output).
     """
-    layout = _channels(input)
+    layout = _channels(input) if usable() else None
     if layout is None or _wants_grad(input, weight, bias) or _tracing():
         return None
     code, dtype, n, c, hw = layout
@@ -145,7 +145,7 @@ def batch_norm_eval(
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor | None:
     """y = x * scale + shift per channel, the running statistics folded into both."""
-    if running_mean is None or running_var is None:
+    if running_mean is None or running_var is None or not usable():
         return None
     layout = _channels(input)
     if layout is None or _wants_grad(input, weight, bias) or _tracing():
@@ -173,7 +173,7 @@ def group_norm(
     ``output=False`` computes the statistics only, ``stats=False`` the output only. Declines
     one value per group (training's error), like torch's group-size check.
     """
-    kind = _KINDS.get(input.dtype)
+    kind = _KINDS.get(input.dtype) if usable() else None
     if kind is None or not input.is_cpu or not input.is_contiguous():
         return None
     code, dtype = kind
@@ -209,7 +209,7 @@ def instance_norm(
     """(output, mean, var, rejected), input statistics [N, C], as ``run_instance_norm`` in
     training: the running statistics (when both given) move towards the batch average of
     the per-instance statistics, unless ``reject_non_finite`` finds one NaN or Inf."""
-    layout = _channels(input)
+    layout = _channels(input) if usable() else None
     if layout is None or not input.is_contiguous():
         return None
     code, dtype, n, c, hw = layout
@@ -270,7 +270,7 @@ def layer_norm(
     eps: float, *, stats: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """(output, mean, var), statistics of shape ``input.shape[:-len(shape)]`` if wanted."""
-    rows, length, code, dtype = _rows(input, shape, weight, bias)
+    rows, length, code, dtype = _rows(input, shape, weight, bias) if usable() else _NO_ROWS
     kernels = ops() if length else None
     if kernels is None:
         return None
@@ -295,7 +295,7 @@ def rms_norm(
     input: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float, *, stats: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
     """(output, mean square), the latter of shape ``input.shape[:-len(shape)]`` if wanted."""
-    rows, length, code, dtype = _rows(input, shape, weight)
+    rows, length, code, dtype = _rows(input, shape, weight) if usable() else _NO_ROWS
     kernels = ops() if length else None
     if kernels is None:
         return None
@@ -312,7 +312,7 @@ def rms_norm(
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor] | None:
     """Per-channel (mean, biased var) of [N, C, *], as a BatchNorm train step computes them,
     without an output."""
-    layout = _channels(input)
+    layout = _channels(input) if usable() else None
     if layout is None or _wants_grad(input, None, None) or _tracing():
         return None
     kernels = ops()
@@ -351,7 +351,7 @@ def gaussian_drift(
     float64 statistics on the CPU; None for others."""
     c = ref[2]
     shape = mean.shape
-    code = _STATS.get(mean.dtype)
+    code = _STATS.get(mean.dtype) if usable() else None
     if (code is None or var.dtype is not mean.dtype or not mean.is_cpu or not var.is_cpu
             or shape[-1] != c or var.shape != shape or len(shape) > 2
             or not mean.is_contiguous() or not var.is_contiguous()):
@@ -371,7 +371,7 @@ def feature_drift(
     """``gaussian_drift`` of the per-column statistics of [R, F] CPU rows (any dtype the
     kernels take), computed in the same call and never stored; None for other rows."""
     shape = rows.shape
-    kind = _KINDS.get(rows.dtype)
+    kind = _KINDS.get(rows.dtype) if usable() else None
     if (kind is None or len(shape) != 2 or shape[1] != ref[2] or shape[0] < 2
             or not rows.is_cpu or not rows.is_contiguous()):
         return None
