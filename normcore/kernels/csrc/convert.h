@@ -11,9 +11,9 @@
 // One vector is kVecBytes of compute lanes: 16 floats or 8 doubles (the 16 halves behind
 // one float vector are 32 bytes). float16 converts with F16C (AVX-512F: one instruction per
 // vector) where the build machine has it, else bit by bit; bfloat16 is the upper half of a
-// float32 and converts with integer shifts in any vector unit. The kernels are compiled with
-// -march=native on the machine that runs them (see _loader.py), so the #if branches below
-// test the features of that machine.
+// float32 and widens with an integer shift, and rounds with AVX512-BF16 where there is one,
+// else in integers. The kernels are compiled with -march=native on the machine that runs
+// them (see _loader.py), so the #if branches below test the features of that machine.
 
 #pragma once
 
@@ -153,9 +153,14 @@ inline vec_t<double> load(const double* p) {
 }
 
 inline vec_t<float> load(const bf16* p) {
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
   u16x16 h;
   std::memcpy(&h, p, sizeof h);
   const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+#endif
   vec_t<float> v;
   std::memcpy(&v, &w, sizeof v);
   return v;
@@ -181,6 +186,26 @@ inline void store(float* p, vec_t<float> v) { std::memcpy(p, &v, sizeof v); }
 inline void store(double* p, vec_t<double> v) { std::memcpy(p, &v, sizeof v); }
 
 inline void store(bf16* p, vec_t<float> v) {
+#if defined(__AVX512F__)
+  __m512 f;
+  std::memcpy(&f, &v, sizeof f);
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  // One instruction, rounding to nearest even as c10::BFloat16 does, except that it flushes
+  // subnormal inputs to zero: vectors with one (0x20: the denormal class) round in integers.
+  if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0x20) == 0, 1)) {
+    const __m256bh h = _mm512_cvtneps_pbh(f);
+    std::memcpy(p, &h, sizeof h);
+    return;
+  }
+#endif
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+  __m512i r = _mm512_srli_epi32(up, 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                            _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+#else
   u32x16 u;
   std::memcpy(&u, &v, sizeof u);
   const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -189,6 +214,7 @@ inline void store(bf16* p, vec_t<float> v) {
   std::memcpy(&keep, &nan, sizeof keep);
   const u16x16 h = __builtin_convertvector((rounded & ~keep) | (0x7FC0u & keep), u16x16);
   std::memcpy(p, &h, sizeof h);
+#endif
 }
 
 inline void store(f16* p, vec_t<float> v) {

@@ -52,6 +52,11 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
         const A k = shift(r);
         add_sums<kCenter>(p.x + r * p.L, p.L, k, s);
         const Moments m = finish(r, s);
+        if (p.y && r + 1 < end) {
+          const char* next = reinterpret_cast<const char*>(p.x + (r + 1) * p.L);
+          for (int64_t o = 0; o < std::min<int64_t>(4096, p.L * sizeof(T)); o += 64)
+            __builtin_prefetch(next + o, 0, 2);
+        }
         if (p.y) apply(r, 0, p.L, k, m);
       }
       if (kStream) stream_fence();
