@@ -1,12 +1,11 @@
 """Calls into the fused C++ kernels, for the inputs they take; ``None`` for all others.
 
-They take float32, float16, bfloat16 and float64 CPU tensors, C-contiguous (BatchNorm:
-channels_last too), with contiguous parameters and running statistics of the dtype torch
-computes in: float32 under float32, float16 and bfloat16 inputs (as torch.nn takes a half
-input into a float32 layer), float64 under float64. Statistics come back in that dtype too.
-Only when no gradient is wanted and nothing is being traced; anything else (other dtypes,
-mixes and devices, strided views, empty tensors, the kernels switched off or not built)
-gets ``None`` and ``normcore.functional`` takes its torch path.
+They take C-contiguous float32, float16, bfloat16 and float64 CPU tensors (BatchNorm:
+channels_last too) with contiguous parameters and running statistics in the dtype torch
+computes in, that of the statistics returned too: float32 under float32 and half inputs
+(as torch.nn runs a half input through a float32 layer), float64 under float64. Only when
+no gradient is wanted and nothing is traced; all else (other dtypes, mixes and devices,
+strided views, empty tensors, the kernels off or not built) gets ``None``: torch's path.
 
 Each function also declines every input that one of functional's checks would refuse
 (sizes of per-channel tensors, one value per channel in training, shapes torch rejects), so
@@ -35,7 +34,6 @@ _KINDS = {
     torch.bfloat16: (2, torch.float32),
     torch.float64: (3, torch.float64),
 }
-_STATS = {torch.float32: 0, torch.float64: 3}  # dtypes of statistics the drift kernels take
 _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _grad_enabled = torch.is_grad_enabled
 # What torch.jit.is_tracing() returns outside TorchScript, without its Python frame.
@@ -140,28 +138,58 @@ def batch_norm(
     return output, mean, var, False
 
 
-def batch_norm_eval(
+def _eval_layout(
     input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor | None:
-    """y = x * scale + shift per channel, the running statistics folded into both."""
+    weight: Tensor | None, bias: Tensor | None,
+) -> tuple[int, torch.dtype, int, int, int] | None:
+    """``_channels`` of an eval-mode input that the kernels take with these tensors."""
     if running_mean is None or running_var is None or not usable():
         return None
     layout = _channels(input)
     if layout is None or _wants_grad(input, weight, bias) or _tracing():
         return None
-    code, dtype, n, c, hw = layout
-    if not _vectors(c, dtype, weight, bias, running_mean, running_var):
+    if not _vectors(layout[3], layout[1], weight, bias, running_mean, running_var):
         return None
-    kernels = ops()
+    return layout
+
+
+def batch_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> Tensor | None:
+    """y = x * scale + shift per channel, the running statistics folded into both."""
+    layout = _eval_layout(input, running_mean, running_var, weight, bias)
+    kernels = None if layout is None else ops()
     if kernels is None:
         return None
+    code, _, n, c, hw = layout
     output = torch.empty_like(input)
     kernels.batch_norm_eval(
         code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
         running_mean.data_ptr(), running_var.data_ptr(), eps, _threads(),
     )
     return output
+
+
+def instance_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(``batch_norm_eval``'s output, mean, var): InstanceNorm in eval mode with the
+    statistics of each (sample, channel), [N, C], from the read that normalizes."""
+    layout = _eval_layout(input, running_mean, running_var, weight, bias)
+    kernels = None if layout is None or not input.is_contiguous() else ops()
+    if kernels is None:
+        return None
+    code, dtype, n, c, hw = layout
+    output = torch.empty_like(input)
+    mean, var = torch.empty(n, c, dtype=dtype), torch.empty(n, c, dtype=dtype)
+    kernels.instance_norm_eval_stats(
+        code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+        running_mean.data_ptr(), running_var.data_ptr(), eps, mean.data_ptr(), var.data_ptr(),
+        _threads(),
+    )
+    return output, mean, var
 
 
 def group_norm(
@@ -325,60 +353,3 @@ def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor] | None:
         0.0, False, _threads(),
     )
     return mean, var
-
-
-def drift_reference(mean: Tensor, var: Tensor) -> tuple[int, int, int, int] | None:
-    """(address of mean, of var, C, dtype code) of a drift reference the kernels can read
-    and fold in place: two contiguous CPU vectors of C values, both float32 or both float64;
-    None for any other. Checked once by the caller, who keeps both tensors alive as long as
-    it uses the addresses."""
-    c = mean.numel()
-    code = _STATS.get(mean.dtype)
-    if (code is None or c == 0 or mean.dim() != 1 or var.dim() != 1
-            or not _vectors(c, mean.dtype, mean, var)):
-        return None
-    return mean.data_ptr(), var.data_ptr(), c, code
-
-
-def gaussian_drift(
-    mean: Tensor, var: Tensor, unbias: float, ref: tuple[int, int, int, int], eps: float,
-    weight: float, top: int,
-) -> tuple[float, tuple[tuple[int, float], ...]] | None:
-    """(score, its ``top`` channels as (index, J_c)) of a batch's statistics, [C] or per
-    instance [N, C] (averaged over N; biased ``var`` times ``unbias``), against a reference
-    (``drift_reference``: mean and unbiased var), as ``service.core.drift`` defines it; a
-    finite score moves the reference by ``weight`` towards the batch, in place. float32 or
-    float64 statistics on the CPU; None for others."""
-    c = ref[2]
-    shape = mean.shape
-    code = _STATS.get(mean.dtype) if usable() else None
-    if (code is None or var.dtype is not mean.dtype or not mean.is_cpu or not var.is_cpu
-            or shape[-1] != c or var.shape != shape or len(shape) > 2
-            or not mean.is_contiguous() or not var.is_contiguous()):
-        return None
-    kernels = ops()
-    if kernels is None:
-        return None
-    return kernels.gaussian_drift(
-        code, mean.data_ptr(), var.data_ptr(), mean.numel() // c, c, unbias, ref[3], ref[0],
-        ref[1], eps, weight, top,
-    )
-
-
-def feature_drift(
-    rows: Tensor, ref: tuple[int, int, int, int], eps: float, weight: float, top: int,
-) -> tuple[float, tuple[tuple[int, float], ...]] | None:
-    """``gaussian_drift`` of the per-column statistics of [R, F] CPU rows (any dtype the
-    kernels take), computed in the same call and never stored; None for other rows."""
-    shape = rows.shape
-    kind = _KINDS.get(rows.dtype) if usable() else None
-    if (kind is None or len(shape) != 2 or shape[1] != ref[2] or shape[0] < 2
-            or not rows.is_cpu or not rows.is_contiguous()):
-        return None
-    kernels = ops()
-    if kernels is None:
-        return None
-    return kernels.feature_drift(
-        kind[0], rows.data_ptr(), shape[0], shape[1], 1, ref[3], ref[0], ref[1], eps, weight,
-        top, _threads(),
-    )

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from normcore.functional import batch_norm_stats
-from normcore.kernels import cpu as _fast
+from normcore.kernels import drift as _fast
 
 __all__ = [
     "BUCKETS",

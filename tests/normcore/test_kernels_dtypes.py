@@ -102,3 +102,29 @@ def test_a_layer_of_the_wrong_dtype_raises_torch_error_not_the_kernels(spy: Spy,
     assert not spy.calls
     assert torch.equal(ours.running_mean, ref.running_mean)
     assert int(ours.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 8, 4, 4), (2, 3, 70_000)])
+@pytest.mark.usefixtures("output_stores")
+def test_instance_norm_eval_statistics_come_in_the_read_that_normalizes(spy: Spy, dtype,
+                                                                        shape) -> None:
+    layer = getattr(normcore, f"InstanceNorm{len(shape) - 2}d")(
+        shape[1], affine=True, track_running_stats=True)
+    layer.to(torch.float64 if dtype == torch.float64 else torch.float32).eval()
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+        layer.weight.normal_()
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 50).to(dtype)
+    with torch.no_grad():
+        output, mean, var = layer.normalize(x)
+        assert spy.calls["instance_norm_eval_stats"] == 1  # one kernel call
+        assert sum(spy.calls.values()) == 1
+        assert torch.equal(output, layer(x))  # the same output as forward
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=list(range(2, x.dim())), correction=0)
+    assert mean.shape == var.shape == shape[:2]
+    assert mean.dtype == var.dtype == layer.running_mean.dtype
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from normcore import kernels
-from normcore.kernels import cpu as _fast
+from normcore.kernels import drift as _fast
 from service.core.drift import (
     INPUT_MOMENTUM,
     MAX_ROWS,

@@ -1,18 +1,21 @@
 // BatchNorm over [N, C, HW] of any storage type, on the per-channel passes of channels.h:
 // a train step (statistics, running statistics, then one scale and shift per channel),
 // eval with the running statistics folded into that scale and shift, and eval that also
-// returns the batch statistics from the read that normalizes.
+// returns the batch statistics from the read that normalizes, or (InstanceNorm's eval,
+// the same map) the statistics of each (sample, channel) plane.
 //
 // Parameters, running statistics and returned statistics are acc_t<T>: float32 under
 // float32, float16 and bfloat16 inputs, float64 under float64.
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "channels.h"
+#include "parallel.h"
 #include "reduce.h"
 
 namespace normcore {
@@ -105,6 +108,44 @@ void batch_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const 
     const Moments ms = moments(sums[c], N * HW, k[c]);
     mean[c] = static_cast<A>(ms.mean);
     var[c] = static_cast<A>(ms.var);
+  }
+}
+
+// batch_eval's y, and the mean and biased variance of each (sample, channel) plane into
+// mean/var [N*C], each plane shifted by its first value, in one read of x. Outputs big
+// enough to be streamed take two passes instead.
+template <class T, class A = acc_t<T>>
+void instance_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* w,
+                         const A* b, const A* rm, const A* rv, double eps, A* mean, A* var,
+                         int threads) {
+  std::vector<A> scale(C), shift(C);
+  eval_scale(C, w, b, rm, rv, eps, scale.data(), shift.data());
+  const bool stream = streaming(N * C * HW * static_cast<int64_t>(sizeof(T)));
+  const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
+  const int64_t pieces = N * C * segs, per_chunk = std::max<int64_t>(1, kChunk / seg);
+  std::vector<Sums> part(pieces);
+  parallel_chunks(ceil_div(pieces, per_chunk), threads, [&](int64_t chunk) {
+    const int64_t end = std::min(pieces, (chunk + 1) * per_chunk);
+    for (int64_t q = chunk * per_chunk; q < end; ++q) {
+      const int64_t plane = q / segs, lo = q % segs * seg, len = std::min(seg, HW - lo);
+      const int64_t c = plane % C, at = plane * HW + lo;
+      const A k = widen(x[plane * HW]);
+      if (stream)
+        add_sums<true>(x + at, len, k, part[q]);
+      else
+        affine_add_sums(x + at, y + at, len, k, scale[c], shift[c], part[q]);
+    }
+  });
+  if (stream) {
+    const std::vector<A> zero(C, A{0});
+    channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), threads);
+  }
+  for (int64_t plane = 0; plane < N * C; ++plane) {
+    Sums s;
+    for (int64_t i = 0; i < segs; ++i) s += part[plane * segs + i];
+    const Moments m = moments(s, HW, widen(x[plane * HW]));
+    mean[plane] = static_cast<A>(m.mean);
+    var[plane] = static_cast<A>(m.var);
   }
 }
 

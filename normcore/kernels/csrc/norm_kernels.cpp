@@ -1,7 +1,7 @@
 // Fused normalization kernels for contiguous CPU tensors, as a Python module.
 //
-// normcore/kernels/cpu.py calls these with a dtype code (kDtypes below), raw data pointers
-// (Python ints, 0 for none) and sizes. It has already checked dtype, device, layout and
+// normcore/kernels/cpu.py calls these with a dtype code (Dtype in calls.h), raw data
+// pointers (Python ints, 0 for none) and sizes. It has already checked dtype, device, layout and
 // sizes and allocated every output; whatever it cannot hand over goes through torch
 // instead. Each entry point is one template over the storage type (convert.h): inputs and
 // outputs of float32, float16, bfloat16 or float64, with parameters, running statistics and
@@ -10,8 +10,9 @@
 // Memory traffic: BatchNorm train reads x twice (statistics, then normalization) and
 // writes y once; BatchNorm eval folds the running statistics into one scale and shift per
 // channel (1 read, 1 write), and computes the batch statistics in that same read when they
-// are wanted; LayerNorm, RMSNorm, GroupNorm and InstanceNorm normalize each
-// row or (sample, group) plane right after its statistics, while it is still in cache.
+// are wanted (InstanceNorm's eval: those of each plane); LayerNorm, RMSNorm, GroupNorm and
+// InstanceNorm normalize each row or (sample, group) plane right after its statistics,
+// while it is still in cache.
 //
 // Work is cut into chunks of about kChunk values (parallel.h runs them); inputs smaller
 // than two chunks run on the calling thread. Partial statistics are kept per chunk and added in
@@ -21,12 +22,11 @@
 #include <Python.h>
 
 #include <cmath>
-#include <cstdarg>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "batch.h"
+#include "calls.h"
 #include "channels.h"
 #include "convert.h"
 #include "drift.h"
@@ -36,94 +36,6 @@
 
 namespace normcore {
 namespace {
-
-// Dtype codes, as cpu.py numbers them: float32, float16, bfloat16, float64.
-enum Dtype : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
-
-// f(T{}) for the storage type of a dtype code (parse has checked it).
-template <class F>
-void typed(int64_t dtype, const F& f) {
-  switch (dtype) {
-    case kF16:
-      return f(f16{});
-    case kBF16:
-      return f(bf16{});
-    case kF64:
-      return f(double{});
-    default:
-      return f(float{});
-  }
-}
-
-// f(S{}, R{}) for statistics and a reference of dtype codes kF32 or kF64 (parse has checked).
-template <class F>
-void typed2(int64_t stats, int64_t ref, const F& f) {
-  auto with = [&](auto s) { return ref == kF64 ? f(s, double{}) : f(s, float{}); };
-  return stats == kF64 ? with(double{}) : with(float{});
-}
-
-template <class T>
-const T* in(void* p) {
-  return static_cast<const T*>(p);
-}
-template <class T>
-T* out(void* p) {
-  return static_cast<T*>(p);
-}
-
-// Arguments by format letter: p pointer (int, 0 for none), n int64, d double, t a dtype
-// code (int64, one of Dtype), s a dtype code of statistics (kF32 or kF64).
-bool parse(PyObject* const* args, Py_ssize_t nargs, const char* name, const char* fmt, ...) {
-  const Py_ssize_t want = static_cast<Py_ssize_t>(std::strlen(fmt));
-  if (nargs != want) {
-    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, want, nargs);
-    return false;
-  }
-  va_list ap;
-  va_start(ap, fmt);
-  for (Py_ssize_t i = 0; i < want; ++i) {
-    switch (fmt[i]) {
-      case 'p':
-        *va_arg(ap, void**) = PyLong_AsVoidPtr(args[i]);
-        break;
-      case 'n':
-        *va_arg(ap, int64_t*) = PyLong_AsLongLong(args[i]);
-        break;
-      case 't':
-      case 's': {
-        const int64_t code = *va_arg(ap, int64_t*) = PyLong_AsLongLong(args[i]);
-        const bool ok = fmt[i] == 't' ? code >= kF32 && code <= kF64 : code == kF32 || code == kF64;
-        if (!ok && !PyErr_Occurred())
-          PyErr_Format(PyExc_ValueError, "%s: dtype code %lld not taken", name,
-                       static_cast<long long>(code));
-        break;
-      }
-      default:
-        *va_arg(ap, double*) = PyFloat_AsDouble(args[i]);
-    }
-    if (PyErr_Occurred()) {
-      va_end(ap);
-      return false;
-    }
-  }
-  va_end(ap);
-  return true;
-}
-
-// Releases the GIL while a kernel runs, unless the input is so small that releasing and
-// taking it back would cost more than the kernel.
-class Unlocked {
- public:
-  explicit Unlocked(int64_t work) : state_(work >= kChunk ? PyEval_SaveThread() : nullptr) {}
-  ~Unlocked() {
-    if (state_) PyEval_RestoreThread(state_);
-  }
-  Unlocked(const Unlocked&) = delete;
-  Unlocked& operator=(const Unlocked&) = delete;
-
- private:
-  PyThreadState* state_;
-};
 
 // batch_norm_train(dtype, x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
 //                  running_var, num_batches_tracked, momentum, reject, threads)
@@ -193,6 +105,29 @@ PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nar
       using A = acc_t<T>;
       batch_eval_stats(in<T>(x), out<T>(y), N, C, HW, in<A>(w), in<A>(b), in<A>(rm),
                        in<A>(rv), eps, out<A>(mean), out<A>(var), static_cast<int>(threads));
+    });
+  }
+  Py_RETURN_NONE;
+}
+
+// instance_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var,
+//                          eps, mean, var, threads)
+// batch_norm_eval's y, and the statistics of each (sample, channel) plane into mean/var
+// [N*C], in the same read of x: what normalize() of an InstanceNorm in eval mode returns.
+PyObject* instance_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
+  int64_t dtype, N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, "instance_norm_eval_stats", "tppnnnppppdppn", &dtype, &x, &y, &N,
+             &C, &HW, &w, &b, &rm, &rv, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    typed(dtype, [&](auto t) {
+      using T = decltype(t);
+      using A = acc_t<T>;
+      instance_eval_stats(in<T>(x), out<T>(y), N, C, HW, in<A>(w), in<A>(b), in<A>(rm),
+                          in<A>(rv), eps, out<A>(mean), out<A>(var), static_cast<int>(threads));
     });
   }
   Py_RETURN_NONE;
@@ -365,6 +300,7 @@ PyMethodDef methods[] = {
     method<batch_norm_train>("batch_norm_train"),
     method<batch_norm_eval>("batch_norm_eval"),
     method<batch_norm_eval_stats>("batch_norm_eval_stats"),
+    method<instance_norm_eval_stats>("instance_norm_eval_stats"),
     method<layer_norm>("layer_norm"),
     method<rms_norm>("rms_norm"),
     method<group_norm>("group_norm"),
