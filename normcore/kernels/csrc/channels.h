@@ -209,6 +209,8 @@ void channel_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A*
   spread(k, C, HW, kc.data());
   spread(a, C, HW, ac.data());
   spread(b, C, HW, bc.data());
+  if constexpr (!kShiftOut<T>)
+    for (int64_t j = 0; j < width; ++j) bc[j] -= kc[j] * ac[j];  // see affine_row
   const int64_t rows = std::max<int64_t>(1, kChunk / width);
   with_stream<T>(total, [&](auto stream) {
     parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {

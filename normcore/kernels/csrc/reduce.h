@@ -185,28 +185,46 @@ inline Moments moments(const Sums& s, int64_t n, double k) {
 
 inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
+// Outputs are formed from x - k (above) for float32 and float64. A 2-byte input carries 8
+// or 11 significant bits, its own rounding thousands of times coarser than that of x * a
+// in float32, so its outputs skip the subtraction: x * a + (b - k * a), one FMA.
+template <class T>
+constexpr bool kShiftOut = sizeof(T) > 2;
+
 // y = (x - k) * a + b over n contiguous values.
 template <bool kStream, class T>
 inline void affine(const T* x, T* y, int64_t n, acc_t<T> k, acc_t<T> a, acc_t<T> b) {
   using A = acc_t<T>;
   constexpr int L = kLanesOf<A>;
+  if constexpr (!kShiftOut<T>) b -= k * a;
   const vec_t<A> kv = splat(k), av = splat(a), bv = splat(b);
-  auto one = [&](int64_t i) { y[i] = narrow<T>((widen(x[i]) - k) * a + b); };
+  auto one = [&](int64_t i) {
+    y[i] = narrow<T>(kShiftOut<T> ? (widen(x[i]) - k) * a + b : widen(x[i]) * a + b);
+  };
   int64_t i = 0;
   for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) one(i);
-  for (; i + L <= n; i += L) put<kStream>(y + i, (load(x + i) - kv) * av + bv);
+  for (; i + L <= n; i += L) {
+    const vec_t<A> v = load(x + i);
+    put<kStream>(y + i, kShiftOut<T> ? (v - kv) * av + bv : v * av + bv);
+  }
   for (; i < n; ++i) one(i);
 }
 
-// y = (x - k[j]) * a[j] + b[j] over one row of n values.
+// y = (x - k[j]) * a[j] + b[j] over one row of n values; for 2-byte T (kShiftOut) the
+// caller has folded k into b: y = x * a[j] + b[j].
 template <bool kStream, class T, class A = acc_t<T>>
 inline void affine_row(const T* x, T* y, int64_t n, const A* k, const A* a, const A* b) {
   constexpr int L = kLanesOf<A>;
-  auto one = [&](int64_t i) { y[i] = narrow<T>((widen(x[i]) - k[i]) * a[i] + b[i]); };
+  auto one = [&](int64_t i) {
+    const A u = widen(x[i]);
+    y[i] = narrow<T>((kShiftOut<T> ? u - k[i] : u) * a[i] + b[i]);
+  };
   int64_t i = 0;
   for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) one(i);
-  for (; i + L <= n; i += L)
-    put<kStream>(y + i, (load(x + i) - load(k + i)) * load(a + i) + load(b + i));
+  for (; i + L <= n; i += L) {
+    const vec_t<A> v = load(x + i);
+    put<kStream>(y + i, (kShiftOut<T> ? v - load(k + i) : v) * load(a + i) + load(b + i));
+  }
   for (; i < n; ++i) one(i);
 }
 
@@ -216,8 +234,9 @@ template <bool kStream, bool kWeight, bool kBias, class T, class A = acc_t<T>>
 void scale_row(const T* x, T* y, int64_t i0, int64_t i1, A k, A s, A o, const A* w,
                const A* b) {
   constexpr int L = kLanesOf<A>;
+  if constexpr (!kShiftOut<T>) o -= k * s;
   auto one = [&](int64_t i) {
-    A u = (widen(x[i]) - k) * s + o;
+    A u = (kShiftOut<T> ? widen(x[i]) - k : widen(x[i])) * s + o;
     if (kWeight) u *= w[i];
     if (kBias) u += b[i];
     y[i] = narrow<T>(u);
@@ -226,7 +245,8 @@ void scale_row(const T* x, T* y, int64_t i0, int64_t i1, A k, A s, A o, const A*
   int64_t i = i0;
   for (const int64_t h = head<kStream>(y, i0, i1); i < h; ++i) one(i);
   for (; i + L <= i1; i += L) {
-    vec_t<A> u = (load(x + i) - kv) * sv + ov;
+    const vec_t<A> v = load(x + i);
+    vec_t<A> u = (kShiftOut<T> ? v - kv : v) * sv + ov;
     if (kWeight) u *= load(w + i);
     if (kBias) u += load(b + i);
     put<kStream>(y + i, u);
