@@ -92,6 +92,7 @@ void affine_add_sums(const T* x, T* y, int64_t n, A k, A a, A b, Sums& s) {
     vec_t<A> a1 = {}, a2 = {}, c1 = {}, c2 = {};
     int64_t i = o;
     for (; i + 2 * L <= e; i += 2 * L) {
+      __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
       const vec_t<A> u = load(x + i), v = load(x + i + L);
       store(y + i, u * av + bv);
       store(y + i + L, v * av + bv);
