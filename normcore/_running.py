@@ -93,7 +93,7 @@ def run_batch_norm(
     if training and running_mean is not None and running_var is not None:
         if reject_non_finite:
             check_finite(stats)
-        fold_running(running_mean, running_var, stats[0], stats[1], momentum)
+        fold_running(running_mean, running_var, stats, momentum)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
     return Normalized(output, stats[0], _biased(stats[1], count)) if with_stats else output
@@ -119,7 +119,7 @@ def _train_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                                   0.0, eps, torch.backends.cudnn.enabled)
         return output, torch.stack((mean, var)), count
     stats = torch.zeros(2, input.size(1), dtype=dtype, device=input.device)
-    output = torch.native_batch_norm(input, weight, bias, stats[0], stats[1], True, 1.0, eps)[0]
+    output = torch.native_batch_norm(input, weight, bias, *stats.unbind(), True, 1.0, eps)[0]
     return output, stats, count
 
 
@@ -237,7 +237,7 @@ def run_instance_norm(
         if update:
             # torch updates one copy of the running stats per sample and keeps their average.
             averaged = stats.mean(1)
-            fold_running(running_mean, running_var, averaged[0], averaged[1], momentum)
+            fold_running(running_mean, running_var, averaged, momentum)
         if not with_stats:
             return output
         return Normalized(output, stats[0], _biased(stats[1], count))

@@ -122,10 +122,12 @@ def stat_dtype(input: Tensor, like: Tensor | None) -> torch.dtype:
     return torch.float32 if input.dtype in REDUCED else input.dtype
 
 
-def fold_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased: Tensor,
+def fold_running(running_mean: Tensor, running_var: Tensor, stats: Tensor,
                  momentum: float) -> None:
-    """``update_running`` from the unbiased variance, both buffers in one call:
-    ``running += momentum * (batch - running)``, torch.nn's update to rounding."""
+    """``update_running`` from ``stats``, a [2, C] tensor of the batch's mean and unbiased
+    variance, both buffers in one call: ``running += momentum * (batch - running)``, torch.nn's
+    update to rounding."""
+    mean, unbiased = stats.unbind()
     torch._foreach_lerp_(
         [running_mean, running_var],
         [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum,
