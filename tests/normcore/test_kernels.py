@@ -63,6 +63,28 @@ def test_a_failed_build_logs_one_warning_and_leaves_the_torch_path(
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_a_unit_that_does_not_compile_fails_the_build_and_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not any(map(shutil.which, _loader.COMPILERS)):
+        pytest.skip("no C++ compiler on this machine")
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "norm_kernels.cpp").write_text("int module_part() { return 0; }\n")
+    (sources / "types_broken.cpp").write_text("#error this unit does not compile\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "built"))
+    monkeypatch.setattr(_loader, "SOURCES", sources)
+    monkeypatch.setattr(_loader, "_state", _loader._State())
+    with caplog.at_level(logging.WARNING, logger="normcore.kernels"):
+        assert not kernels.warm_up()
+    assert "types_broken.cpp" in _loader._state.failure
+    assert "this unit does not compile" in _loader._state.failure
+    assert len([r for r in caplog.records if r.name == "normcore.kernels"]) == 1
+    built = tmp_path / "built"
+    assert not [p for p in built.rglob("*") if p.is_file()]  # no library, no objects
+    assert [p.name for p in built.iterdir()] == [_loader.build_directory().name]
+
+
 def test_without_a_compiler_on_path_a_fresh_process_falls_back(tmp_path) -> None:
     # The whole first-use path in a clean interpreter: nothing raises, one warning, results.
     code = (

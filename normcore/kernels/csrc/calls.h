@@ -1,6 +1,6 @@
 // How the module's functions take their arguments: positional Python ints and floats read
-// by format letter (pointers arrive as ints, 0 for none), a dtype code dispatched to the
-// template of its storage type, and the GIL released while a kernel runs.
+// by format letter (pointers arrive as ints, 0 for none, dtype codes checked), and the GIL
+// released while a kernel runs.
 
 #pragma once
 
@@ -10,28 +10,12 @@
 #include <cstdint>
 #include <cstring>
 
-#include "convert.h"
 #include "parallel.h"
 
 namespace normcore {
 
 // Dtype codes, as cpu.py numbers them: float32, float16, bfloat16, float64.
 enum Dtype : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
-
-// f(T{}) for the storage type of a dtype code (parse has checked it).
-template <class F>
-void typed(int64_t dtype, const F& f) {
-  switch (dtype) {
-    case kF16:
-      return f(f16{});
-    case kBF16:
-      return f(bf16{});
-    case kF64:
-      return f(double{});
-    default:
-      return f(float{});
-  }
-}
 
 // f(S{}, R{}) for statistics and a reference of dtype codes kF32 or kF64 (parse has checked).
 template <class F>

@@ -25,17 +25,28 @@
 #include <cstdint>
 #include <vector>
 
-#include "batch.h"
 #include "calls.h"
-#include "channels.h"
-#include "convert.h"
 #include "drift.h"
 #include "parallel.h"
 #include "reduce.h"
-#include "rows.h"
+#include "table.h"
 
 namespace normcore {
 namespace {
+
+// The kernels of a dtype code (parse has checked it).
+const Table& table(int64_t dtype) {
+  switch (dtype) {
+    case kF16:
+      return kF16Table;
+    case kBF16:
+      return kBF16Table;
+    case kF64:
+      return kF64Table;
+    default:
+      return kF32Table;
+  }
+}
 
 // batch_norm_train(dtype, x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
 //                  running_var, num_batches_tracked, momentum, reject, threads)
@@ -43,7 +54,7 @@ namespace {
 // batch.h's batch_train: statistics, running statistics, the batch counted, y normalized.
 PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   void *x, *y, *w, *b, *mean, *var, *rm, *rv;
-  int64_t* tracked;
+  int64_t* tracked;  // num_batches_tracked
   int64_t dtype, N, C, HW, reject, threads;
   double eps, momentum;
   if (!parse(args, nargs, "batch_norm_train", "tppnnnppdpppppdnn", &dtype, &x, &y, &N, &C,
@@ -53,13 +64,8 @@ PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   bool ok = true;
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      ok = batch_train(in<T>(x), out<T>(y), N, C, HW, in<A>(w), in<A>(b), eps, out<A>(mean),
-                       out<A>(var), out<A>(rm), out<A>(rv), tracked, momentum, reject != 0,
-                       static_cast<int>(threads));
-    });
+    ok = table(dtype).batch_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, tracked,
+                                  momentum, reject != 0, static_cast<int>(threads));
   }
   return PyBool_FromLong(ok);
 }
@@ -76,12 +82,7 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      batch_eval(in<T>(x), out<T>(y), N, C, HW, in<A>(w), in<A>(b), in<A>(rm), in<A>(rv), eps,
-                 static_cast<int>(threads));
-    });
+    table(dtype).batch_eval(x, y, N, C, HW, w, b, rm, rv, eps, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -100,12 +101,8 @@ PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nar
     return nullptr;
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      batch_eval_stats(in<T>(x), out<T>(y), N, C, HW, in<A>(w), in<A>(b), in<A>(rm),
-                       in<A>(rv), eps, out<A>(mean), out<A>(var), static_cast<int>(threads));
-    });
+    table(dtype).batch_eval_stats(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
+                                  static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -123,12 +120,8 @@ PyObject* instance_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t 
     return nullptr;
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      instance_eval_stats(in<T>(x), out<T>(y), N, C, HW, in<A>(w), in<A>(b), in<A>(rm),
-                          in<A>(rv), eps, out<A>(mean), out<A>(var), static_cast<int>(threads));
-    });
+    table(dtype).instance_eval_stats(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
+                                     static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -143,12 +136,7 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(R * D);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      const Rows<T> p{in<T>(x), out<T>(y), R, D, eps, out<A>(mean), out<A>(var)};
-      layer_rows(p, in<A>(w), in<A>(b), static_cast<int>(threads));
-    });
+    table(dtype).layer_norm(x, y, R, D, w, b, eps, mean, var, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -163,12 +151,7 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(R * D);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      const Rows<T> p{in<T>(x), out<T>(y), R, D, eps, nullptr, out<A>(mean_square)};
-      rms_rows(p, in<A>(w), static_cast<int>(threads));
-    });
+    table(dtype).rms_norm(x, y, R, D, w, eps, mean_square, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -184,12 +167,7 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      const Rows<T> p{in<T>(x), out<T>(y), N * G, C / G * HW, eps, out<A>(mean), out<A>(var)};
-      group_rows(p, in<A>(w), in<A>(b), G, C / G, HW, static_cast<int>(threads));
-    });
+    table(dtype).group_norm(x, y, N, C, HW, G, w, b, eps, mean, var, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -208,13 +186,8 @@ PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs
   bool ok = true;
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      using T = decltype(t);
-      using A = acc_t<T>;
-      const Rows<T> p{in<T>(x), out<T>(y), N * C, HW, eps, out<A>(mean), out<A>(var)};
-      ok = instance_train(p, N, C, HW, in<A>(w), in<A>(b), out<A>(rm), out<A>(rv), momentum,
-                          reject != 0, static_cast<int>(threads));
-    });
+    ok = table(dtype).instance_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, momentum,
+                                     reject != 0, static_cast<int>(threads));
   }
   return PyBool_FromLong(ok);
 }
@@ -257,14 +230,7 @@ PyObject* feature_drift(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<double> mean(C), var(C);
   {
     Unlocked unlocked(N * C * HW);
-    typed(dtype, [&](auto t) {
-      const std::vector<Moments> ms =
-          channel_moments(in<decltype(t)>(x), N, C, HW, static_cast<int>(threads));
-      for (int64_t c = 0; c < C; ++c) {
-        mean[c] = ms[c].mean;
-        var[c] = ms[c].var;
-      }
-    });
+    table(dtype).moments(x, N, C, HW, mean.data(), var.data(), static_cast<int>(threads));
   }
   DriftResult result;
   typed2(kF64, ref_dtype, [&](auto, auto r) {
