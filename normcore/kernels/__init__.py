@@ -11,7 +11,7 @@ for |mean|/std up to 1e4 and beyond. float16 and bfloat16 values are read and wr
 their own two bytes, widened to float32 in registers (half inputs run against float32
 parameters, as in torch.nn).
 
-The kernels compile on first use (a few seconds, then cached per machine; see
+The kernels compile on first use (10-40 seconds, then cached per machine; see
 ``_loader``) or at ``warm_up()``. ``normcore.functional`` falls back to its plain torch path
 by itself for every input they do not take (other dtypes, mixes or devices, strided views,
 autograd), when they are switched off with ``set_enabled(False)``, and when they cannot be
