@@ -2,7 +2,8 @@
 //
 // Statistics are shifted sums: with k the first value of the reduced set and d = x - k,
 // sum(d) and sum(d*d) are accumulated in vector lanes of acc_t<T> (float32, or float64 for
-// float64 inputs) over blocks of kBlock values and in double across blocks. |mean - k| is a few standard deviations, so
+// float64 inputs) over blocks of kBlock values and in double across blocks. |mean - k| is
+// a few standard deviations, so
 //     var = sum(d*d)/n - (sum(d)/n)^2
 // keeps its digits where E[x^2] - E[x]^2 cancels (|mean|/std of 1e4 in float32). Outputs
 // are formed from d too, y = d*a + (b - dm*a) with dm = mean - k: x - k is exact for x
