@@ -19,9 +19,9 @@ from ._stats import (
     Normalized,
     check_finite,
     check_per_channel,
+    fold_running,
     raise_non_finite,
     stat_dtype,
-    update_running,
     var_mean,
     verify_batch_size,
     verify_spatial_size,
@@ -89,38 +89,43 @@ def run_batch_norm(
             eps, torch.backends.cudnn.enabled,
         )
         return Normalized(output, *batch_norm_stats(input)) if with_stats else output
-    output, mean, var = _train_pass(input, weight, bias, eps)
+    output, stats, count = _train_pass(input, weight, bias, eps)
     if training and running_mean is not None and running_var is not None:
         if reject_non_finite:
-            check_finite(mean, var)
-        update_running(running_mean, running_var, mean, var, input.numel() // channels, momentum)
+            check_finite(stats)
+        fold_running(running_mean, running_var, stats, momentum)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-    return Normalized(output, mean, var) if with_stats else output
+    return Normalized(output, stats[0], _biased(stats[1], count)) if with_stats else output
 
 
 def _train_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
-                eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """torch's own train-mode batch norm over dim 1, in one fused pass:
-    (output, mean, biased var).
+                eps: float) -> tuple[Tensor, Tensor, int]:
+    """torch's own train-mode batch norm over dim 1, in one fused pass: (output, stats,
+    count), ``stats`` a [2, C] tensor of the mean and the unbiased variance over the
+    ``count`` values per channel (the biased variance when ``count`` < 2).
 
     The batch's statistics come out through running buffers that start at zero and take
-    momentum 1, so they are torch's own to the last bit (mean, and the unbiased variance
-    that ``var`` is scaled back from). Much faster than a separate ``var_mean`` for
-    float16/bfloat16 and float64 input, whose CPU reductions over dims 0, 2, ... are
-    scalar loops.
+    momentum 1, so they are torch's own to the last bit. Much faster than a separate
+    ``var_mean`` for float16/bfloat16 and float64 input, whose CPU reductions over dims
+    0, 2, ... are scalar loops; and one [2, C] tensor is one allocation and one finiteness
+    check.
     """
     dtype = stat_dtype(input, weight)
     count = input.numel() // input.size(1)
-    if count < 2:  # no unbiased variance to scale back from: reduce, then normalize
+    if count < 2:  # no unbiased variance: reduce, then normalize
         var, mean = var_mean(input, [0, *range(2, input.dim())])
         output = torch.batch_norm(input, weight, bias, mean.to(dtype), var.to(dtype), False,
                                   0.0, eps, torch.backends.cudnn.enabled)
-        return output, mean, var
-    mean = torch.zeros(input.size(1), dtype=dtype, device=input.device)
-    unbiased = torch.zeros_like(mean)
-    output = torch.native_batch_norm(input, weight, bias, mean, unbiased, True, 1.0, eps)[0]
-    return output, mean, unbiased.mul_((count - 1) / count)
+        return output, torch.stack((mean, var)), count
+    stats = torch.zeros(2, input.size(1), dtype=dtype, device=input.device)
+    output = torch.native_batch_norm(input, weight, bias, *stats.unbind(), True, 1.0, eps)[0]
+    return output, stats, count
+
+
+def _biased(var: Tensor, count: int) -> Tensor:
+    """The biased variance of ``count`` values from ``_train_pass``'s variance."""
+    return var if count < 2 else var * ((count - 1) / count)
 
 
 def _empty_batch_norm(
@@ -146,7 +151,8 @@ def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     fast = _fast.batch_norm_stats(input)
     if fast is not None:
         return fast
-    return _train_pass(input, None, None, 0.0)[1:]
+    _, stats, count = _train_pass(input, None, None, 0.0)
+    return stats[0], _biased(stats[1], count)
 
 
 def batch_norm_with_stats(
@@ -222,21 +228,25 @@ def run_instance_norm(
         # Each (sample, channel) pair is one channel of a batch norm over a batch of one.
         batch = input.size(0)
         flat = input.reshape(1, batch * channels, *input.shape[2:])
-        output, mean, var = _train_pass(
+        output, stats, count = _train_pass(
             flat, None if weight is None else weight.repeat(batch),
             None if bias is None else bias.repeat(batch), eps)
-        output, mean, var = output.view_as(input), mean.view(batch, channels), \
-            var.view(batch, channels)
-    else:
-        mean, var = _instance_stats(input, eps)
-        output = _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
-    if update and reject_non_finite:
-        check_finite(mean, var)
-    if update:
-        count = input.numel() // mean.numel()  # values per (sample, channel)
-        # torch updates one copy of the running stats per sample and keeps their average.
-        update_running(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
-    return Normalized(output, mean, var) if with_stats else output
+        output, stats = output.view_as(input), stats.view(2, batch, channels)
+        if update and reject_non_finite:
+            check_finite(stats)
+        if update:
+            # torch updates one copy of the running stats per sample and keeps their average.
+            averaged = stats.mean(1)
+            fold_running(running_mean, running_var, averaged, momentum)
+        if not with_stats:
+            return output
+        return Normalized(output, stats[0], _biased(stats[1], count))
+    fast = _fast.instance_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    if fast is not None:  # the statistics from the read that normalizes
+        return Normalized(*fast)
+    mean, var = _instance_stats(input, eps)
+    output = _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
+    return Normalized(output, mean, var)
 
 
 def _instance_stats(input: Tensor, eps: float) -> tuple[Tensor, Tensor]:

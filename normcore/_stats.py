@@ -18,6 +18,7 @@ __all__ = [
     "RMSNormalized",
     "check_finite",
     "check_per_channel",
+    "fold_running",
     "raise_non_finite",
     "stat_dtype",
     "update_running",
@@ -73,7 +74,12 @@ def check_per_channel(channels: int, **tensors: Tensor | None) -> None:
 
 def check_finite(*stats: Tensor) -> None:
     # NaN/Inf in the input always reaches the mean or variance, so checking the few
-    # per-channel statistics costs nothing next to scanning the whole input.
+    # per-channel statistics costs nothing next to scanning the whole input. A NaN or Inf
+    # anywhere makes a sum NaN or Inf: one reduction per tensor settles the usual case, and
+    # only a sum that is not finite (which finite values may give by overflowing) takes the
+    # exact test, a few more operations than torch.isfinite.
+    if all(math.isfinite(float(s.sum())) for s in stats):
+        return
     if not all(bool(torch.isfinite(s).all()) for s in stats):
         raise_non_finite()
 
@@ -114,6 +120,18 @@ def stat_dtype(input: Tensor, like: Tensor | None) -> torch.dtype:
     if like is not None:
         return like.dtype
     return torch.float32 if input.dtype in REDUCED else input.dtype
+
+
+def fold_running(running_mean: Tensor, running_var: Tensor, stats: Tensor,
+                 momentum: float) -> None:
+    """``update_running`` from ``stats``, a [2, C] tensor of the batch's mean and unbiased
+    variance, both buffers in one call: ``running += momentum * (batch - running)``, torch.nn's
+    update to rounding."""
+    mean, unbiased = stats.unbind()
+    torch._foreach_lerp_(
+        [running_mean, running_var],
+        [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum,
+    )
 
 
 def update_running(

@@ -5,9 +5,10 @@ exactly the arguments of their ``torch.nn.functional`` namesakes, return the sam
 update running statistics in place the same way and raise the same errors, so code written
 against torch can switch by changing one import.
 
-Float32 CPU tensors go through the fused kernels of ``normcore.kernels`` when they are
-built and switched on; everything else, and everything when they are off, through plain
-torch code. Both give the same results to torch.nn's tolerances.
+Contiguous float32, float16, bfloat16 and float64 CPU tensors go through the fused kernels
+of ``normcore.kernels`` when they are built and switched on; everything else, and
+everything when they are off, through plain torch code. Both give the same results to
+torch.nn's tolerances.
 
 The ``*_with_stats`` variants also return the statistics of the input, computed in the
 same pass that normalizes it: ``Normalized(output, mean, var)`` with the biased variance,

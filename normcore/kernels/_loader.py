@@ -1,12 +1,15 @@
-"""Build ``csrc/norm_kernels.cpp`` once per machine, load it once per process, and switch it.
+"""Build ``csrc/*.cpp`` once per machine, load the module once per process, and switch it.
 
-The shared library goes to ``$TORCH_EXTENSIONS_DIR`` (torch's directory for compiled
-extensions, ``~/.cache/torch_extensions`` by default) under ``normcore_<key>/``. The key
-hashes the sources, the compiler flags, the Python ABI and the CPU's feature flags
-(``-march=native``): a new source, interpreter or machine builds anew (a few seconds),
-anything else loads the cached file in milliseconds. A build writes a temporary file and
-renames it into place, so concurrent processes (test workers, service replicas) never see
-half a library and never wait on a lock that a killed process left behind.
+``norm_kernels.cpp`` is the Python module; each ``types_*.cpp`` holds the kernels of one
+storage type. All of them compile at once, then link into one shared library, which goes
+to ``$TORCH_EXTENSIONS_DIR`` (torch's directory for compiled extensions,
+``~/.cache/torch_extensions`` by default) under ``normcore_<key>/``. The key hashes the
+sources, the compiler flags, the Python ABI and the CPU's feature flags
+(``-march=native``): a new source, interpreter or machine builds anew (10-40 seconds,
+depending on the cores), anything else loads the cached file in milliseconds. A build
+works in a temporary folder and renames the library into place, so concurrent processes
+(test workers, service replicas) never see half a library and never wait on a lock that a
+killed process left behind.
 
 If there is no compiler or the build fails, one warning is logged and normcore keeps using
 its plain torch path; nothing raises.
@@ -24,19 +27,20 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger("normcore.kernels")
 
-SOURCES = Path(__file__).with_name("csrc")
-SOURCE = SOURCES / "norm_kernels.cpp"  # includes the headers next to it
+SOURCES = Path(__file__).with_name("csrc")  # translation units and the headers they include
 NAME = "normcore_kernels"  # the module name compiled into the source (PyInit_normcore_kernels)
 COMPILERS = ("c++", "g++", "clang++")
 FLAGS = (
-    "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC",
+    "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fPIC",
     "-fvisibility=hidden", "-fopenmp",
 )
+LINK_FLAGS = ("-shared", "-fopenmp")
 BUILD_TIMEOUT_S = 300
 
 
@@ -61,6 +65,12 @@ def ops() -> ModuleType | None:
     if active is not None or not _state.enabled or _state.failure is not None:
         return active
     return _load()
+
+
+def usable() -> bool:
+    """Whether ``ops()`` may give the kernels: False once they are switched off or failed to
+    build, so callers can skip their checks of an input (the torch path's overhead)."""
+    return _state.active is not None or (_state.enabled and _state.failure is None)
 
 
 def enabled() -> bool:
@@ -114,7 +124,7 @@ def build_directory() -> Path:
     """Where this machine's build of the current source lives."""
     key = hashlib.sha256()
     sources = [p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".cpp", ".h")]
-    for part in (*sources, " ".join(FLAGS).encode(), sys.version.encode(),
+    for part in (*sources, " ".join(FLAGS + LINK_FLAGS).encode(), sys.version.encode(),
                  str(sysconfig.get_config_var("EXT_SUFFIX")).encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
@@ -138,22 +148,37 @@ def build() -> Path:
     if compiler is None:
         raise KernelBuildError(f"no C++ compiler found (tried {', '.join(COMPILERS)})")
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{NAME}-", suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        command = [compiler, *FLAGS, f"-I{sysconfig.get_paths()['include']}", str(SOURCE),
-                   "-o", tmp]
-        done = subprocess.run(command, capture_output=True, text=True, check=False,
-                              timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            raise KernelBuildError(
-                f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}"
-            )
+    with tempfile.TemporaryDirectory(prefix=f".{NAME}-", dir=directory) as scratch:
+        deadline = time.monotonic() + BUILD_TIMEOUT_S
+        include = f"-I{sysconfig.get_paths()['include']}"
+        objects = []
+        compiles = []
+        for unit in sorted(SOURCES.glob("*.cpp")):  # all at once: one per core
+            objects.append(str(Path(scratch) / f"{unit.stem}.o"))
+            compiles.append([compiler, *FLAGS, include, "-c", str(unit), "-o", objects[-1]])
+        _run_all(compiles, deadline)
+        tmp = str(Path(scratch) / "module.so")
+        _run_all([[compiler, *objects, *LINK_FLAGS, "-o", tmp]], deadline)
         os.replace(tmp, target)  # atomic: readers see no file or the whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
+
+
+def _run_all(commands: list[list[str]], deadline: float) -> None:
+    """Run the commands side by side; KernelBuildError with the first failure's output."""
+    running = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True) for c in commands]
+    try:
+        for command, process in zip(commands, running, strict=True):
+            _, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            if process.returncode != 0:
+                raise KernelBuildError(
+                    f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-2000:]}"
+                )
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _import(path: Path) -> ModuleType:

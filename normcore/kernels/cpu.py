@@ -1,9 +1,11 @@
 """Calls into the fused C++ kernels, for the inputs they take; ``None`` for all others.
 
-They take float32 CPU tensors, C-contiguous (BatchNorm: channels_last too), with contiguous
-float32 parameters and running statistics, when no gradient is wanted and nothing is being
-traced. Anything else (other dtypes and devices, strided views, empty tensors, the kernels
-switched off or not built) gets ``None`` and ``normcore.functional`` takes its torch path.
+They take C-contiguous float32, float16, bfloat16 and float64 CPU tensors (BatchNorm:
+channels_last too) with contiguous parameters and running statistics in the dtype torch
+computes in, that of the statistics returned too: float32 under float32 and half inputs
+(as torch.nn runs a half input through a float32 layer), float64 under float64. Only when
+no gradient is wanted and nothing is traced; all else (other dtypes, mixes and devices,
+strided views, empty tensors, the kernels off or not built) gets ``None``: torch's path.
 
 Each function also declines every input that one of functional's checks would refuse
 (sizes of per-channel tensors, one value per channel in training, shapes torch rejects), so
@@ -22,10 +24,16 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from ._loader import ops
+from ._loader import ops, usable
 
-_F32 = torch.float32
 _I64 = torch.int64
+# Input dtype -> (the kernels' code for it, the dtype of its parameters and statistics).
+_KINDS = {
+    torch.float32: (0, torch.float32),
+    torch.float16: (1, torch.float32),
+    torch.bfloat16: (2, torch.float32),
+    torch.float64: (3, torch.float64),
+}
 _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _grad_enabled = torch.is_grad_enabled
 # What torch.jit.is_tracing() returns outside TorchScript, without its Python frame.
@@ -41,10 +49,10 @@ def _wants_grad(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> bo
     )
 
 
-def _vectors(n: int, *tensors: Tensor | None) -> bool:
-    """Each tensor None, or n contiguous float32 values on the CPU."""
+def _vectors(n: int, dtype: torch.dtype, *tensors: Tensor | None) -> bool:
+    """Each tensor None, or n contiguous values of ``dtype`` on the CPU."""
     for t in tensors:
-        if t is not None and (t.dtype is not _F32 or not t.is_cpu or t.numel() != n
+        if t is not None and (t.dtype is not dtype or not t.is_cpu or t.numel() != n
                               or not t.is_contiguous()):
             return False
     return True
@@ -54,9 +62,11 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _channels(input: Tensor) -> tuple[int, int, int] | None:
-    """[N, C, HW] of a float32 CPU input; channels_last as [N*H*W, C, 1]; else None."""
-    if input.dtype is not _F32 or not input.is_cpu:
+def _channels(input: Tensor) -> tuple[int, torch.dtype, int, int, int] | None:
+    """(dtype code, statistics dtype, N, C, HW) of a CPU input the kernels take as
+    [N, C, HW]; channels_last as [N*H*W, C, 1]; else None."""
+    kind = _KINDS.get(input.dtype)
+    if kind is None or not input.is_cpu:
         return None
     shape = input.shape
     numel = input.numel()
@@ -65,10 +75,10 @@ def _channels(input: Tensor) -> tuple[int, int, int] | None:
     n = shape[0]
     c = shape[1]
     if input.is_contiguous():
-        return n, c, numel // (n * c)
+        return *kind, n, c, numel // (n * c)
     last = _LAST.get(len(shape))
     if last is not None and input.is_contiguous(memory_format=last):
-        return numel // c, c, 1
+        return *kind, numel // c, c, 1
     return None
 
 
@@ -85,13 +95,13 @@ def batch_norm(
     returned if ``with_stats``, or always in eval mode with running statistics (then they
     are computed for the caller, in the same read of the input as the output).
     """
-    layout = _channels(input)
+    layout = _channels(input) if usable() else None
     if layout is None or _wants_grad(input, weight, bias) or _tracing():
         return None
-    n, c, hw = layout
+    code, dtype, n, c, hw = layout
     if training and n * hw == 1:
         return None  # one value per channel: functional raises torch's error
-    if not _vectors(c, weight, bias, running_mean, running_var):
+    if not _vectors(c, dtype, weight, bias, running_mean, running_var):
         return None
     running = running_mean is not None and running_var is not None
     update = training and running
@@ -104,17 +114,17 @@ def batch_norm(
     threads = _threads()
     output = torch.empty_like(input)
     use_batch = training or not running
-    mean = torch.empty(c) if with_stats or not use_batch else None
-    var = torch.empty(c) if with_stats or not use_batch else None
+    mean = torch.empty(c, dtype=dtype) if with_stats or not use_batch else None
+    var = torch.empty(c, dtype=dtype) if with_stats or not use_batch else None
     if not use_batch:  # eval: the running statistics normalize, in the statistics' read
         kernels.batch_norm_eval_stats(
-            input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+            code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
             running_mean.data_ptr(), running_var.data_ptr(), eps, mean.data_ptr(),
             var.data_ptr(), threads,
         )
         return output, mean, var, False
     ok = kernels.batch_norm_train(
-        input.data_ptr(), output.data_ptr() if use_batch else 0, n, c, hw, _ptr(weight),
+        code, input.data_ptr(), output.data_ptr() if use_batch else 0, n, c, hw, _ptr(weight),
         _ptr(bias), eps, _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
         _ptr(running_var) if update else 0, _ptr(count), momentum,
         update and reject_non_finite, threads,
@@ -128,28 +138,58 @@ def batch_norm(
     return output, mean, var, False
 
 
+def _eval_layout(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None,
+) -> tuple[int, torch.dtype, int, int, int] | None:
+    """``_channels`` of an eval-mode input that the kernels take with these tensors."""
+    if running_mean is None or running_var is None or not usable():
+        return None
+    layout = _channels(input)
+    if layout is None or _wants_grad(input, weight, bias) or _tracing():
+        return None
+    if not _vectors(layout[3], layout[1], weight, bias, running_mean, running_var):
+        return None
+    return layout
+
+
 def batch_norm_eval(
     input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     weight: Tensor | None, bias: Tensor | None, eps: float,
 ) -> Tensor | None:
     """y = x * scale + shift per channel, the running statistics folded into both."""
-    if running_mean is None or running_var is None:
-        return None
-    layout = _channels(input)
-    if layout is None or _wants_grad(input, weight, bias) or _tracing():
-        return None
-    n, c, hw = layout
-    if not _vectors(c, weight, bias, running_mean, running_var):
-        return None
-    kernels = ops()
+    layout = _eval_layout(input, running_mean, running_var, weight, bias)
+    kernels = None if layout is None else ops()
     if kernels is None:
         return None
+    code, _, n, c, hw = layout
     output = torch.empty_like(input)
     kernels.batch_norm_eval(
-        input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+        code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
         running_mean.data_ptr(), running_var.data_ptr(), eps, _threads(),
     )
     return output
+
+
+def instance_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(``batch_norm_eval``'s output, mean, var): InstanceNorm in eval mode with the
+    statistics of each (sample, channel), [N, C], from the read that normalizes."""
+    layout = _eval_layout(input, running_mean, running_var, weight, bias)
+    kernels = None if layout is None or not input.is_contiguous() else ops()
+    if kernels is None:
+        return None
+    code, dtype, n, c, hw = layout
+    output = torch.empty_like(input)
+    mean, var = torch.empty(n, c, dtype=dtype), torch.empty(n, c, dtype=dtype)
+    kernels.instance_norm_eval_stats(
+        code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
+        running_mean.data_ptr(), running_var.data_ptr(), eps, mean.data_ptr(), var.data_ptr(),
+        _threads(),
+    )
+    return output, mean, var
 
 
 def group_norm(
@@ -161,8 +201,10 @@ def group_norm(
     ``output=False`` computes the statistics only, ``stats=False`` the output only. Declines
     one value per group (training's error), like torch's group-size check.
     """
-    if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
+    kind = _KINDS.get(input.dtype) if usable() else None
+    if kind is None or not input.is_cpu or not input.is_contiguous():
         return None
+    code, dtype = kind
     shape = input.shape
     numel = input.numel()
     if len(shape) < 2 or numel == 0:
@@ -172,16 +214,16 @@ def group_norm(
     hw = numel // (n * c)
     if num_groups <= 0 or c % num_groups or n * (c // num_groups) * hw == 1:
         return None
-    if _wants_grad(input, weight, bias) or _tracing() or not _vectors(c, weight, bias):
+    if _wants_grad(input, weight, bias) or _tracing() or not _vectors(c, dtype, weight, bias):
         return None
     kernels = ops()
     if kernels is None:
         return None
     out = torch.empty_like(input) if output else None
-    mean = torch.empty(n, num_groups) if stats else None
-    var = torch.empty(n, num_groups) if stats else None
+    mean = torch.empty(n, num_groups, dtype=dtype) if stats else None
+    var = torch.empty(n, num_groups, dtype=dtype) if stats else None
     kernels.group_norm(
-        input.data_ptr(), _ptr(out), n, c, hw, num_groups, _ptr(weight), _ptr(bias), eps,
+        code, input.data_ptr(), _ptr(out), n, c, hw, num_groups, _ptr(weight), _ptr(bias), eps,
         _ptr(mean), _ptr(var), _threads(),
     )
     return out, mean, var
@@ -195,23 +237,23 @@ def instance_norm(
     """(output, mean, var, rejected), input statistics [N, C], as ``run_instance_norm`` in
     training: the running statistics (when both given) move towards the batch average of
     the per-instance statistics, unless ``reject_non_finite`` finds one NaN or Inf."""
-    layout = _channels(input)
+    layout = _channels(input) if usable() else None
     if layout is None or not input.is_contiguous():
         return None
-    n, c, hw = layout
+    code, dtype, n, c, hw = layout
     if hw == 1 or _wants_grad(input, weight, bias) or _tracing():
         return None  # hw == 1: one value per instance, functional raises torch's error
-    if not _vectors(c, weight, bias, running_mean, running_var):
+    if not _vectors(c, dtype, weight, bias, running_mean, running_var):
         return None
     kernels = ops()
     if kernels is None:
         return None
     update = running_mean is not None and running_var is not None
     output = torch.empty_like(input)
-    mean = torch.empty(n, c) if with_stats else None
-    var = torch.empty(n, c) if with_stats else None
+    mean = torch.empty(n, c, dtype=dtype) if with_stats else None
+    var = torch.empty(n, c, dtype=dtype) if with_stats else None
     ok = kernels.instance_norm_train(
-        input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias), eps,
+        code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias), eps,
         _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
         _ptr(running_var) if update else 0, momentum, update and reject_non_finite,
         _threads(),
@@ -221,28 +263,34 @@ def instance_norm(
     return output, mean, var, not ok
 
 
+_NO_ROWS = (0, 0, 0, None)
+
+
 def _rows(input: Tensor, shape: tuple[int, ...], weight: Tensor | None,
-          bias: Tensor | None = None) -> tuple[int, int]:
-    """(rows, length) over the last ``len(shape)`` dims; (0, 0) if the kernels don't take them."""
-    if input.dtype is not _F32 or not input.is_cpu or not input.is_contiguous():
-        return 0, 0
+          bias: Tensor | None = None) -> tuple[int, int, int, torch.dtype | None]:
+    """(rows, length, dtype code, statistics dtype) over the last ``len(shape)`` dims;
+    length 0 if the kernels don't take them."""
+    kind = _KINDS.get(input.dtype)
+    if kind is None or not input.is_cpu or not input.is_contiguous():
+        return _NO_ROWS
+    dtype = kind[1]
     k = len(shape)
     have = input.shape
     numel = input.numel()
     if k == 0 or len(have) < k or numel == 0:
-        return 0, 0
+        return _NO_ROWS
     if have[-1] != shape[0] if k == 1 else have[-k:] != shape:
-        return 0, 0
-    if weight is not None and (weight.dtype is not _F32 or not weight.is_cpu
+        return _NO_ROWS
+    if weight is not None and (weight.dtype is not dtype or not weight.is_cpu
                                or weight.shape != shape or not weight.is_contiguous()):
-        return 0, 0
-    if bias is not None and (bias.dtype is not _F32 or not bias.is_cpu
+        return _NO_ROWS
+    if bias is not None and (bias.dtype is not dtype or not bias.is_cpu
                              or bias.shape != shape or not bias.is_contiguous()):
-        return 0, 0
+        return _NO_ROWS
     if _wants_grad(input, weight, bias) or _tracing():
-        return 0, 0
+        return _NO_ROWS
     length = have[-1] if k == 1 else math.prod(shape)
-    return numel // length, length
+    return numel // length, length, kind[0], dtype
 
 
 def layer_norm(
@@ -250,22 +298,22 @@ def layer_norm(
     eps: float, *, stats: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """(output, mean, var), statistics of shape ``input.shape[:-len(shape)]`` if wanted."""
-    rows, length = _rows(input, shape, weight, bias)
+    rows, length, code, dtype = _rows(input, shape, weight, bias) if usable() else _NO_ROWS
     kernels = ops() if length else None
     if kernels is None:
         return None
     output = torch.empty_like(input)
     if not stats:
         kernels.layer_norm(
-            input.data_ptr(), output.data_ptr(), rows, length,
+            code, input.data_ptr(), output.data_ptr(), rows, length,
             0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
             eps, 0, 0, _threads(),
         )
         return output, None, None
     lead = input.shape[: input.dim() - len(shape)]
-    mean, var = torch.empty(lead), torch.empty(lead)
+    mean, var = torch.empty(lead, dtype=dtype), torch.empty(lead, dtype=dtype)
     kernels.layer_norm(
-        input.data_ptr(), output.data_ptr(), rows, length, _ptr(weight), _ptr(bias), eps,
+        code, input.data_ptr(), output.data_ptr(), rows, length, _ptr(weight), _ptr(bias), eps,
         mean.data_ptr(), var.data_ptr(), _threads(),
     )
     return output, mean, var
@@ -275,14 +323,15 @@ def rms_norm(
     input: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float, *, stats: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
     """(output, mean square), the latter of shape ``input.shape[:-len(shape)]`` if wanted."""
-    rows, length = _rows(input, shape, weight)
+    rows, length, code, dtype = _rows(input, shape, weight) if usable() else _NO_ROWS
     kernels = ops() if length else None
     if kernels is None:
         return None
     output = torch.empty_like(input)
-    mean_square = torch.empty(input.shape[: input.dim() - len(shape)]) if stats else None
+    lead = input.shape[: input.dim() - len(shape)]
+    mean_square = torch.empty(lead, dtype=dtype) if stats else None
     kernels.rms_norm(
-        input.data_ptr(), output.data_ptr(), rows, length, _ptr(weight), eps,
+        code, input.data_ptr(), output.data_ptr(), rows, length, _ptr(weight), eps,
         _ptr(mean_square), _threads(),
     )
     return output, mean_square
@@ -291,67 +340,16 @@ def rms_norm(
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor] | None:
     """Per-channel (mean, biased var) of [N, C, *], as a BatchNorm train step computes them,
     without an output."""
-    layout = _channels(input)
+    layout = _channels(input) if usable() else None
     if layout is None or _wants_grad(input, None, None) or _tracing():
         return None
     kernels = ops()
     if kernels is None:
         return None
-    n, c, hw = layout
-    mean, var = torch.empty(c), torch.empty(c)
+    code, dtype, n, c, hw = layout
+    mean, var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
     kernels.batch_norm_train(
-        input.data_ptr(), 0, n, c, hw, 0, 0, 0.0, mean.data_ptr(), var.data_ptr(), 0, 0, 0,
+        code, input.data_ptr(), 0, n, c, hw, 0, 0, 0.0, mean.data_ptr(), var.data_ptr(), 0, 0, 0,
         0.0, False, _threads(),
     )
     return mean, var
-
-
-def drift_reference(mean: Tensor, var: Tensor) -> tuple[int, int, int] | None:
-    """(address of mean, of var, C) of a drift reference the kernels can read and fold in
-    place: two contiguous float32 CPU vectors of C values; None for any other. Checked once
-    by the caller, who keeps both tensors alive as long as it uses the addresses."""
-    c = mean.numel()
-    if c == 0 or mean.dim() != 1 or var.dim() != 1 or not _vectors(c, mean, var):
-        return None
-    return mean.data_ptr(), var.data_ptr(), c
-
-
-def gaussian_drift(
-    mean: Tensor, var: Tensor, unbias: float, ref: tuple[int, int, int], eps: float,
-    weight: float, top: int,
-) -> tuple[float, tuple[tuple[int, float], ...]] | None:
-    """(score, its ``top`` channels as (index, J_c)) of a batch's statistics, [C] or per
-    instance [N, C] (averaged over N; biased ``var`` times ``unbias``), against a reference
-    (``drift_reference``: mean and unbiased var), as ``service.core.drift`` defines it; a
-    finite score moves the reference by ``weight`` towards the batch, in place. float32 on
-    the CPU; None for other statistics."""
-    c = ref[2]
-    shape = mean.shape
-    if (mean.dtype is not _F32 or var.dtype is not _F32 or not mean.is_cpu or not var.is_cpu
-            or shape[-1] != c or var.shape != shape or len(shape) > 2
-            or not mean.is_contiguous() or not var.is_contiguous()):
-        return None
-    kernels = ops()
-    if kernels is None:
-        return None
-    return kernels.gaussian_drift(
-        mean.data_ptr(), var.data_ptr(), mean.numel() // c, c, unbias, ref[0], ref[1], eps,
-        weight, top,
-    )
-
-
-def feature_drift(
-    rows: Tensor, ref: tuple[int, int, int], eps: float, weight: float, top: int,
-) -> tuple[float, tuple[tuple[int, float], ...]] | None:
-    """``gaussian_drift`` of the per-column statistics of [R, F] float32 CPU rows, computed
-    in the same call and never stored; None for other rows."""
-    shape = rows.shape
-    if (len(shape) != 2 or shape[1] != ref[2] or shape[0] < 2 or rows.dtype is not _F32
-            or not rows.is_cpu or not rows.is_contiguous()):
-        return None
-    kernels = ops()
-    if kernels is None:
-        return None
-    return kernels.feature_drift(
-        rows.data_ptr(), shape[0], shape[1], 1, ref[0], ref[1], eps, weight, top, _threads(),
-    )

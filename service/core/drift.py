@@ -35,8 +35,8 @@ of the statistics of the eval inputs it has served: the first batch starts it, a
 later one, once scored, moves it by ``fold_weight``. So a lasting shift scores high at
 first and fades over some 1 / ``INPUT_MOMENTUM`` batches as the reference follows it.
 
-For float32 CPU statistics one fused call computes the score (``normcore.kernels``), else
-a few vectorised torch operations on tensors of C values.
+For float32 or float64 CPU statistics one fused call computes the score
+(``normcore.kernels``), else a few vectorised torch operations on tensors of C values.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from normcore.functional import batch_norm_stats
-from normcore.kernels import cpu as _fast
+from normcore.kernels import drift as _fast
 
 __all__ = [
     "BUCKETS",
@@ -144,8 +144,8 @@ def symmetric_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Te
 
 class Reference:
     """What batches are scored against: a mean and an unbiased variance, [C] each. The fused
-    kernels read float32 CPU ones (and fold batches into them) by address, checked once
-    here; others take the torch path."""
+    kernels read float32 or float64 CPU ones (and fold batches into them) by address,
+    checked once here; others take the torch path."""
 
     __slots__ = ("fast", "mean", "var")
 
@@ -228,8 +228,9 @@ def feature_moments(rows: Tensor) -> Moments:
 
 def feature_drift(rows: Tensor, reference: Reference, eps: float,
                   weight: float) -> Drift | None:
-    """``drift(feature_moments(rows), ...)`` in one fused pass over float32 CPU rows (two
-    or more); None where the kernels do not take them (then compute the two steps)."""
+    """``drift(feature_moments(rows), ...)`` in one fused pass over CPU rows of any float
+    dtype (two or more); None where the kernels do not take them (then compute the two
+    steps)."""
     if reference.fast is None:
         return None
     fast = _fast.feature_drift(rows, reference.fast, eps, weight, TOP_CHANNELS)

@@ -1,4 +1,5 @@
-"""The parity suites run twice: once through the fused kernels, once on the torch path."""
+"""The parity suites run twice: once through the fused kernels, once on the torch path.
+The kernel suites get a spy on the extension module, two threads, and streamed outputs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 from normcore import kernels
+from normcore.kernels import _loader
+
+from .checks import Spy
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -34,3 +38,41 @@ def both_paths(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         kernels.set_enabled(previous)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
+    """The kernels switched on, every call into them counted."""
+    if not kernels.warm_up():
+        pytest.skip("the kernels are not available here")
+    previous = kernels.set_enabled(True)
+    watcher = Spy(_loader.ops())
+    monkeypatch.setattr(_loader._state, "module", watcher)
+    monkeypatch.setattr(_loader._state, "active", watcher)
+    yield watcher
+    kernels.set_enabled(previous)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The kernels' parallel paths: the suite otherwise runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["cached", "streamed"])
+def output_stores(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Outputs under the streaming threshold (one fused pass), and over it (two passes)."""
+    if request.param == "cached":
+        yield request.param
+        return
+    module = _loader.ops()
+    previous = module.stream_threshold(0)  # every output is streamed
+    try:
+        yield request.param
+    finally:
+        module.stream_threshold(previous)

@@ -4,14 +4,11 @@ split across chunks, channels_last), each against torch.nn."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from types import ModuleType
 
 import pytest
 import torch
@@ -28,61 +25,14 @@ from .cases import (
     PER_KIND,
     PRECISIONS,
     Case,
-    Precision,
     Row,
     rows,
 )
+from .checks import Spy, assert_same
 
-
-class _Spy:
-    """Counts the calls that reach the extension module."""
-
-    def __init__(self, module: ModuleType) -> None:
-        self._module = module
-        self.calls: collections.Counter[str] = collections.Counter()
-
-    def __getattr__(self, name: str):
-        fn = getattr(self._module, name)
-
-        def call(*args):
-            self.calls[name] += 1
-            return fn(*args)
-
-        return call
-
-
-@pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Spy]:
-    if not kernels.warm_up():
-        pytest.skip("the kernels are not available here")
-    previous = kernels.set_enabled(True)
-    watcher = _Spy(_loader.ops())
-    monkeypatch.setattr(_loader._state, "module", watcher)
-    monkeypatch.setattr(_loader._state, "active", watcher)
-    yield watcher
-    kernels.set_enabled(previous)
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    """The kernels' parallel paths: the suite otherwise runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _assert_same(ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
-                 precision: Precision = FLOAT32) -> None:
-    """Two train steps then eval, outputs and every buffer as torch.nn's."""
-    with torch.no_grad():
-        for mode in (True, True, False):
-            ours.train(mode)
-            ref.train(mode)
-            precision.assert_close(ours(x), ref(x))
-            precision.assert_same_state(ours, ref)
+# torch.nn.RMSNorm itself warns that mixed dtypes (half input, float32 weight) skip its
+# fused kernel.
+pytestmark = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 
 
 # --- building and switching ----------------------------------------------------------------
@@ -105,12 +55,34 @@ def test_a_failed_build_logs_one_warning_and_leaves_the_torch_path(
     x = torch.randn(case.shapes[0])
     with caplog.at_level(logging.WARNING, logger="normcore.kernels"):
         assert not kernels.warm_up()
-        _assert_same(ours, ref, x)
+        assert_same(ours, ref, x)
         assert not kernels.warm_up()
     warnings = [r for r in caplog.records if r.name == "normcore.kernels"]
     assert len(warnings) == 1
     assert "no C++ compiler" in warnings[0].getMessage()
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_unit_that_does_not_compile_fails_the_build_and_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not any(map(shutil.which, _loader.COMPILERS)):
+        pytest.skip("no C++ compiler on this machine")
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    (sources / "norm_kernels.cpp").write_text("int module_part() { return 0; }\n")
+    (sources / "types_broken.cpp").write_text("#error this unit does not compile\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "built"))
+    monkeypatch.setattr(_loader, "SOURCES", sources)
+    monkeypatch.setattr(_loader, "_state", _loader._State())
+    with caplog.at_level(logging.WARNING, logger="normcore.kernels"):
+        assert not kernels.warm_up()
+    assert "types_broken.cpp" in _loader._state.failure
+    assert "this unit does not compile" in _loader._state.failure
+    assert len([r for r in caplog.records if r.name == "normcore.kernels"]) == 1
+    built = tmp_path / "built"
+    assert not [p for p in built.rglob("*") if p.is_file()]  # no library, no objects
+    assert [p.name for p in built.iterdir()] == [_loader.build_directory().name]
 
 
 def test_without_a_compiler_on_path_a_fresh_process_falls_back(tmp_path) -> None:
@@ -131,16 +103,16 @@ def test_without_a_compiler_on_path_a_fresh_process_falls_back(tmp_path) -> None
     assert done.stderr.count("normcore kernels unavailable") == 1
 
 
-def test_switching_off_takes_the_torch_path(spy: _Spy) -> None:
+def test_switching_off_takes_the_torch_path(spy: Spy) -> None:
     case = Case("LayerNorm", {"normalized_shape": [8]}, ((4, 8),))
     ours, ref = case.pair()
     x = torch.randn(case.shapes[0])
     assert kernels.set_enabled(False) is True
     assert not kernels.enabled()
-    _assert_same(ours, ref, x)
+    assert_same(ours, ref, x)
     assert not spy.calls
     kernels.set_enabled(True)
-    _assert_same(ours, ref, x)
+    assert_same(ours, ref, x)
     assert spy.calls["layer_norm"] == 3
 
 
@@ -161,20 +133,20 @@ def test_the_build_is_cached_per_source(tmp_path, monkeypatch: pytest.MonkeyPatc
 # --- what the kernels take and what they leave to torch ------------------------------------
 
 @pytest.mark.usefixtures("two_threads")
-@pytest.mark.parametrize("row", rows(EDGES))
-def test_edge_shapes_match_torch_through_the_kernels(spy: _Spy, row: Row) -> None:
+@pytest.mark.parametrize("row", rows(EDGES, precisions=PRECISIONS))
+def test_edge_shapes_match_torch_through_the_kernels(spy: Spy, row: Row) -> None:
     ours, ref = row.pair()
-    _assert_same(ours, ref, row.input(row.case.shapes[0], scale=2, shift=1))
+    assert_same(ours, ref, row.input(row.case.shapes[0], scale=2, shift=1), row.precision)
     assert sum(spy.calls.values()) == 3
 
 
-@pytest.mark.parametrize("row", rows(CHANNELS_LAST))
-def test_channels_last_input_is_normalized_in_place_of_layout(spy: _Spy, row: Row) -> None:
+@pytest.mark.parametrize("row", rows(CHANNELS_LAST, precisions=PRECISIONS))
+def test_channels_last_input_is_normalized_in_place_of_layout(spy: Spy, row: Row) -> None:
     ours, ref = row.pair()
     x = row.input(row.case.shapes[0])
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     x = x.contiguous(memory_format=fmt)
-    _assert_same(ours, ref, x)
+    assert_same(ours, ref, x, row.precision)
     with torch.no_grad():
         assert ours.train()(x).is_contiguous(memory_format=fmt)
     assert spy.calls["batch_norm_train"] == 3  # two train steps in _assert_same, one here
@@ -187,29 +159,31 @@ def _strided(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
+# Strided inputs of every dtype; and float16/bfloat16 inputs into layers of their own dtype
+# (torch.nn takes them; the kernels compute under float32 or float64 parameters only).
 DECLINED = [
     pytest.param(Row(case, precision), layout, id=f"{case.id}-{precision.id}-{layout}")
     for case in PER_KIND
     for precision in PRECISIONS
-    for layout in ("contiguous", "strided")
-    if precision is not FLOAT32 or layout == "strided"
+    for layout in ("strided", "half layer")
+    if precision.reduced or layout == "strided"
 ]
 
 
-# torch.nn.RMSNorm itself warns that mixed dtypes skip its fused kernel.
-@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize(("row", "layout"), DECLINED)
-def test_inputs_the_kernels_do_not_take_go_to_torch(spy: _Spy, row: Row, layout: str) -> None:
+def test_inputs_the_kernels_do_not_take_go_to_torch(spy: Spy, row: Row, layout: str) -> None:
     ours, ref = row.pair()
     x = row.input(row.case.shapes[0], scale=2, shift=1)
     if layout == "strided":
         x = _strided(x)
         assert not x.is_contiguous()
-    _assert_same(ours, ref, x, row.precision)
+    else:
+        ours, ref = ours.to(x.dtype), ref.to(x.dtype)
+    assert_same(ours, ref, x, row.precision)
     assert not spy.calls
 
 
-def test_channels_last_group_norm_goes_to_torch(spy: _Spy) -> None:
+def test_channels_last_group_norm_goes_to_torch(spy: Spy) -> None:
     case = Case("GroupNorm", {"num_groups": 2, "num_channels": 8}, ((4, 8, 5, 6),))
     ours, ref = case.pair()
     x = torch.randn(case.shapes[0]).contiguous(memory_format=torch.channels_last)
@@ -218,7 +192,7 @@ def test_channels_last_group_norm_goes_to_torch(spy: _Spy) -> None:
     assert not spy.calls
 
 
-def test_autograd_takes_the_torch_path_and_gets_torch_gradients(spy: _Spy) -> None:
+def test_autograd_takes_the_torch_path_and_gets_torch_gradients(spy: Spy) -> None:
     case = Case("LayerNorm", {"normalized_shape": [16]}, ((8, 16),))
     ours, ref = case.pair()
     x = torch.randn(case.shapes[0], requires_grad=True)
@@ -231,7 +205,7 @@ def test_autograd_takes_the_torch_path_and_gets_torch_gradients(spy: _Spy) -> No
     assert not spy.calls
 
 
-def test_running_statistics_written_by_the_kernels_bump_their_version(spy: _Spy) -> None:
+def test_running_statistics_written_by_the_kernels_bump_their_version(spy: Spy) -> None:
     layer = normcore.BatchNorm2d(4)
     before = layer.running_mean._version, layer.running_var._version
     with torch.no_grad():
@@ -242,49 +216,49 @@ def test_running_statistics_written_by_the_kernels_bump_their_version(spy: _Spy)
     assert int(layer.num_batches_tracked) == 1
 
 
+STAT_TOLERANCES = {  # input dtype -> (statistics dtype, rtol of the mean, rtol of the var)
+    torch.float32: (torch.float32, 1e-6, 1e-4),
+    torch.float16: (torch.float32, 1e-6, 1e-4),
+    torch.bfloat16: (torch.float32, 1e-6, 1e-4),
+    torch.float64: (torch.float64, 1e-14, 1e-12),
+}
+
+
+@pytest.mark.parametrize("dtype", STAT_TOLERANCES)
 @pytest.mark.parametrize(("shape", "channels_last"), [
     ((2, 3), False), ((16, 64), False), ((4, 8, 70), False), ((3, 5, 4, 4), False),
     ((3, 5, 4, 4), True), ((2, 4, 3, 8, 8), True),
 ])
-def test_batch_statistics_alone_match_a_float64_reduction(spy: _Spy, shape, channels_last
-                                                         ) -> None:
-    x = torch.randn(shape) * 3 + 50  # far from zero: a shifted sum keeps the variance
+def test_batch_statistics_alone_match_a_float64_reduction(spy: Spy, shape, channels_last,
+                                                          dtype) -> None:
+    # Far from zero: a shifted sum keeps the variance.
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 50).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
                          else torch.channels_last_3d)
     mean, var = normcore.functional.batch_norm_stats(x)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=[0, *range(2, x.dim())], correction=0)
-    torch.testing.assert_close(mean, ref_mean.float(), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(var, ref_var.float(), rtol=1e-4, atol=1e-5)
+    stat_dtype, mean_rtol, var_rtol = STAT_TOLERANCES[dtype]
+    assert mean.dtype == var.dtype == stat_dtype
+    torch.testing.assert_close(mean, ref_mean.to(stat_dtype), rtol=mean_rtol, atol=1e-5)
+    torch.testing.assert_close(var, ref_var.to(stat_dtype), rtol=var_rtol, atol=1e-5)
     assert spy.calls["batch_norm_train"] == 1  # statistics only: no output written
-
-
-@pytest.fixture(params=["cached", "streamed"])
-def output_stores(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Outputs under the streaming threshold (one fused pass), and over it (two passes)."""
-    if request.param == "cached":
-        yield request.param
-        return
-    module = _loader.ops()
-    previous = module.stream_threshold(0)  # every output is streamed
-    try:
-        yield request.param
-    finally:
-        module.stream_threshold(previous)
 
 
 @pytest.mark.parametrize(("shape", "channels_last"), [
     ((16, 64), False), ((4, 8, 70), False), ((5, 16, 56, 56), False), ((3, 5, 4, 4), True),
     ((2, 3, 100_000), False),
 ])
+@pytest.mark.parametrize("dtype", STAT_TOLERANCES)
 @pytest.mark.usefixtures("output_stores")
-def test_eval_statistics_come_in_the_read_that_normalizes(spy: _Spy, shape, channels_last
-                                                         ) -> None:
+def test_eval_statistics_come_in_the_read_that_normalizes(spy: Spy, shape, channels_last,
+                                                         dtype) -> None:
     layer = normcore.BatchNorm1d(shape[1]) if len(shape) < 4 else normcore.BatchNorm2d(shape[1])
+    layer.to(STAT_TOLERANCES[dtype][0])
     with torch.no_grad():
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(shape) * 3 + 50
+    x = (torch.randn(shape) * 3 + 50).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -299,7 +273,7 @@ def test_eval_statistics_come_in_the_read_that_normalizes(spy: _Spy, shape, chan
 
 
 @pytest.mark.parametrize("row", rows(LARGE))
-def test_results_do_not_depend_on_the_thread_count(spy: _Spy, row: Row) -> None:
+def test_results_do_not_depend_on_the_thread_count(spy: Spy, row: Row) -> None:
     # Partial sums are kept per chunk and added in a fixed order.
     x = row.input(row.case.shapes[0], shift=3)
     threads = torch.get_num_threads()
@@ -322,7 +296,7 @@ def test_results_do_not_depend_on_the_thread_count(spy: _Spy, row: Row) -> None:
 
 
 @pytest.mark.usefixtures("two_threads")
-def test_concurrent_callers_get_their_own_results(spy: _Spy) -> None:
+def test_concurrent_callers_get_their_own_results(spy: Spy) -> None:
     # The kernels release the GIL; several Python threads may run them at once.
     layer = normcore.BatchNorm2d(8).eval()
     inputs = [torch.randn(16, 8, 64, 64) * (i + 1) for i in range(4)]

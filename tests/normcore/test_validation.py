@@ -152,3 +152,15 @@ def test_normalize_answers_an_empty_batch_where_affine_torch_fails(cls) -> None:
     result = layer.normalize(x)
     assert result.output.shape == x.shape
     assert result.mean.shape == result.var.shape == (0, 4)
+
+
+def test_finite_statistics_whose_sum_overflows_are_not_rejected() -> None:
+    # 64 channels of variance ~1e37: finite each, but their float32 sum overflows, which
+    # a cheap finiteness test must not mistake for an Inf.
+    ours, ref = normcore.BatchNorm1d(64), torch.nn.BatchNorm1d(64)
+    x = torch.tensor([3.2e18, -3.2e18]).repeat(4).view(8, 1).expand(8, 64).contiguous()
+    assert not torch.isfinite(torch.var_mean(x, 0)[0].sum())
+    with torch.no_grad():  # the kernels take no autograd
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == 1

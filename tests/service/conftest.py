@@ -9,6 +9,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from normcore import kernels
 from service.app import create_app
 from service.settings import Settings
 from tests.server_process import ServerProcess, service_process
@@ -16,6 +17,14 @@ from tests.server_process import ServerProcess, service_process
 from .postgres import Cluster, bindir
 
 _SERVER_KEY = pytest.StashKey[ServerProcess]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built() -> None:
+    """The fused kernels built once, here, before any server process starts: on a fresh
+    machine each would otherwise compile them (most of a minute on a busy 2-core box) inside
+    its ready timeout. Later processes load the cached build."""
+    kernels.warm_up()
 
 
 def make_client(**settings) -> TestClient:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from normcore import kernels
+from normcore.kernels import drift as _fast
 from service.core.drift import (
     INPUT_MOMENTUM,
     MAX_ROWS,
@@ -110,25 +111,50 @@ def test_fold_weight_is_a_cumulative_average_then_the_momentum() -> None:
     assert fold_weight(1000) == INPUT_MOMENTUM
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16,
+                                   torch.float64], ids=str)
 @pytest.mark.parametrize("rows", [3, 64, 5000])
-def test_fused_feature_drift_equals_its_two_steps(rows: int) -> None:
+def test_fused_feature_drift_equals_its_two_steps(rows: int, dtype: torch.dtype) -> None:
     if not kernels.warm_up():
         pytest.skip("the kernels are not available here")
-    x = torch.randn(rows, 48) * 3 + 100  # far from zero: the statistics must stay stable
+    # Far from zero: the statistics must stay stable.
+    x = (torch.randn(rows, 48, dtype=torch.float64) * 3 + 100).to(dtype)
     flat = feature_rows(x, 48)
     if rows > MAX_ROWS:
         assert MAX_ROWS // 2 < flat.size(0) <= MAX_ROWS
         assert flat.is_contiguous()
     else:
         assert flat.size(0) == rows
-    reference = start(feature_moments(torch.randn(256, 48) * 3 + 100))
+    # A reference of the statistics' dtype: float64 under float64 rows, else float32.
+    reference = start(feature_moments((torch.randn(256, 48) * 3 + 100).to(dtype)))
     twin = Reference(reference.mean.clone(), reference.var.clone())
     fused = feature_drift(flat, reference, EPS, 0.1)
+    assert fused is not None  # the kernels took the rows
     two_steps = drift(feature_moments(flat), twin, EPS, 0.1)
     assert fused.score == pytest.approx(two_steps.score, rel=1e-4)
     assert [c for c, _ in fused.channels] == [c for c, _ in two_steps.channels]
     torch.testing.assert_close(reference.mean, twin.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reference.var, twin.var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("stats", "ref"), [(torch.float64, torch.float64),
+                                             (torch.float64, torch.float32),
+                                             (torch.float32, torch.float64)], ids=str)
+def test_float64_statistics_and_references_are_scored_by_the_kernels(stats, ref) -> None:
+    if not kernels.warm_up():
+        pytest.skip("the kernels are not available here")
+    batch, ref_mean, ref_var = _random_case(np.random.default_rng(5), (5, 16), 10)
+    batch = Moments(batch.mean.to(stats), batch.var.to(stats), batch.count)
+    ref_mean, ref_var = ref_mean.to(ref), ref_var.to(ref)
+    expected = _reference(batch, ref_mean, ref_var)
+    moved = (batch.mean.double().mean(0) + ref_mean.double()) / 2  # halfway to the batch
+    reference = Reference(ref_mean, ref_var)
+    assert reference.fast is not None
+    got = _fast.gaussian_drift(batch.mean, batch.var, 10 / 9, reference.fast, EPS, 0.5,
+                               TOP_CHANNELS)
+    assert got is not None
+    assert got[0] == pytest.approx(expected.mean(), rel=1e-5)
+    torch.testing.assert_close(reference.mean, moved.to(ref))
 
 
 def test_no_score_without_a_variance_or_with_non_finite_statistics(path: str) -> None:

@@ -16,15 +16,17 @@
 namespace normcore {
 
 constexpr int64_t kPlanarMin = 64;  // shorter channel planes are reduced as columns
-constexpr int kColumnRows = 128;    // rows summed in float32 per column before a double add
+constexpr int kColumnRows = 128;    // rows summed in acc_t<T> per column before a double add
 constexpr int64_t kColumnScratch = int64_t{1} << 22;  // Sums of per-chunk column partials
 
 // Channels of HW >= kPlanarMin values are reduced plane by plane, cut into pieces of at
 // most about kChunk values; shorter ones (BatchNorm1d on [N, C], channels_last) as the
 // columns of an [N, C*HW] matrix, vectorized along its rows. Every value is shifted by its
 // channel's k[c], so partial sums add up directly.
-inline std::vector<Sums> channel_sums(const float* x, int64_t N, int64_t C, int64_t HW,
-                               const float* k, int threads) {
+template <class T, class A = acc_t<T>>
+std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, const A* k,
+                               int threads) {
+  constexpr int L = kLanesOf<A>;
   std::vector<Sums> out(C);
   if (HW >= kPlanarMin) {
     const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
@@ -41,30 +43,30 @@ inline std::vector<Sums> channel_sums(const float* x, int64_t N, int64_t C, int6
     return out;
   }
   const int64_t width = C * HW;
-  std::vector<float> kc(width);
+  std::vector<A> kc(width);
   spread(k, C, HW, kc.data());
   const int64_t chunks = std::max<int64_t>(
       1, std::min(N * width / kChunk, kColumnScratch / width));
   const int64_t rows = ceil_div(N, chunks);
   std::vector<Sums> part(chunks * width);
   parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
-    std::vector<float> a1(width), a2(width);
+    std::vector<A> a1(width), a2(width);
     Sums* acc = part.data() + chunk * width;
     const int64_t end = std::min(N, (chunk + 1) * rows);
     for (int64_t row = chunk * rows; row < end;) {
       const int64_t stop = std::min(end, row + kColumnRows);
-      std::fill(a1.begin(), a1.end(), 0.0f);
-      std::fill(a2.begin(), a2.end(), 0.0f);
+      std::fill(a1.begin(), a1.end(), A{0});
+      std::fill(a2.begin(), a2.end(), A{0});
       for (; row < stop; ++row) {
-        const float* r = x + row * width;
+        const T* r = x + row * width;
         int64_t j = 0;
-        for (; j + kLanes <= width; j += kLanes) {
-          const vec d = load(r + j) - load(kc.data() + j);
+        for (; j + L <= width; j += L) {
+          const vec_t<A> d = load(r + j) - load(kc.data() + j);
           store(a1.data() + j, load(a1.data() + j) + d);
           store(a2.data() + j, load(a2.data() + j) + d * d);
         }
         for (; j < width; ++j) {
-          const float d = r[j] - kc[j];
+          const A d = widen(r[j]) - kc[j];
           a1[j] += d;
           a2[j] += d * d;
         }
@@ -81,41 +83,45 @@ inline std::vector<Sums> channel_sums(const float* x, int64_t N, int64_t C, int6
 // add_sums<true> over n contiguous values that also writes y = x * a + b: one read of x
 // for a statistics pass and an eval-mode normalization. The sums are add_sums's, bit for
 // bit (same blocks, same lanes, same order); y is stored plainly, never streamed.
-inline void affine_add_sums(const float* x, float* y, int64_t n, float k, float a, float b,
-                            Sums& s) {
-  const vec kv = splat(k), av = splat(a), bv = splat(b);
+template <class T, class A = acc_t<T>>
+void affine_add_sums(const T* x, T* y, int64_t n, A k, A a, A b, Sums& s) {
+  constexpr int L = kLanesOf<A>;
+  const vec_t<A> kv = splat(k), av = splat(a), bv = splat(b);
   for (int64_t o = 0; o < n; o += kBlock) {
     const int64_t e = std::min(n, o + kBlock);
-    vec a1 = {}, a2 = {}, c1 = {}, c2 = {};
+    vec_t<A> a1 = {}, a2 = {}, c1 = {}, c2 = {};
     int64_t i = o;
-    for (; i + 2 * kLanes <= e; i += 2 * kLanes) {
-      const vec u = load(x + i), v = load(x + i + kLanes);
+    for (; i + 2 * L <= e; i += 2 * L) {
+      __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
+      const vec_t<A> u = load(x + i), v = load(x + i + L);
       store(y + i, u * av + bv);
-      store(y + i + kLanes, v * av + bv);
-      const vec d = u - kv, f = v - kv;
+      store(y + i + L, v * av + bv);
+      const vec_t<A> d = u - kv, f = v - kv;
       a1 += d;
       c1 += f;
       a2 += d * d;
       c2 += f * f;
     }
-    float t1 = 0, t2 = 0;
+    A t1 = 0, t2 = 0;
     for (; i < e; ++i) {
-      y[i] = x[i] * a + b;
-      const float d = x[i] - k;
+      const A u = widen(x[i]);
+      y[i] = narrow<T>(u * a + b);
+      const A d = u - k;
       t1 += d;
       t2 += d * d;
     }
-    s.s1 += static_cast<double>(hsum(a1 + c1)) + t1;
-    s.s2 += static_cast<double>(hsum(a2 + c2)) + t2;
+    s.s1 += static_cast<double>(hsum<A>(a1 + c1)) + t1;
+    s.s2 += static_cast<double>(hsum<A>(a2 + c2)) + t2;
   }
 }
 
 // channel_sums of [N, C, HW] (same pieces, same sums) that also writes
 // y = x * a[c] + b[c]: BatchNorm's eval mode with the batch statistics, in one read of x.
 // For outputs that are not streamed (see with_stream); larger ones take two passes.
-inline std::vector<Sums> channel_affine_sums(const float* x, float* y, int64_t N, int64_t C,
-                                             int64_t HW, const float* k, const float* a,
-                                             const float* b, int threads) {
+template <class T, class A = acc_t<T>>
+std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, int64_t HW,
+                                      const A* k, const A* a, const A* b, int threads) {
+  constexpr int L = kLanesOf<A>;
   std::vector<Sums> out(C);
   if (HW >= kPlanarMin) {
     const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
@@ -133,7 +139,7 @@ inline std::vector<Sums> channel_affine_sums(const float* x, float* y, int64_t N
     return out;
   }
   const int64_t width = C * HW;
-  std::vector<float> kc(width), ac(width), bc(width);
+  std::vector<A> kc(width), ac(width), bc(width);
   spread(k, C, HW, kc.data());
   spread(a, C, HW, ac.data());
   spread(b, C, HW, bc.data());
@@ -142,27 +148,28 @@ inline std::vector<Sums> channel_affine_sums(const float* x, float* y, int64_t N
   const int64_t rows = ceil_div(N, chunks);
   std::vector<Sums> part(chunks * width);
   parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
-    std::vector<float> a1(width), a2(width);
+    std::vector<A> a1(width), a2(width);
     Sums* acc = part.data() + chunk * width;
     const int64_t end = std::min(N, (chunk + 1) * rows);
     for (int64_t row = chunk * rows; row < end;) {
       const int64_t stop = std::min(end, row + kColumnRows);
-      std::fill(a1.begin(), a1.end(), 0.0f);
-      std::fill(a2.begin(), a2.end(), 0.0f);
+      std::fill(a1.begin(), a1.end(), A{0});
+      std::fill(a2.begin(), a2.end(), A{0});
       for (; row < stop; ++row) {
-        const float* r = x + row * width;
-        float* w = y + row * width;
+        const T* r = x + row * width;
+        T* w = y + row * width;
         int64_t j = 0;
-        for (; j + kLanes <= width; j += kLanes) {
-          const vec u = load(r + j);
+        for (; j + L <= width; j += L) {
+          const vec_t<A> u = load(r + j);
           store(w + j, u * load(ac.data() + j) + load(bc.data() + j));
-          const vec d = u - load(kc.data() + j);
+          const vec_t<A> d = u - load(kc.data() + j);
           store(a1.data() + j, load(a1.data() + j) + d);
           store(a2.data() + j, load(a2.data() + j) + d * d);
         }
         for (; j < width; ++j) {
-          w[j] = r[j] * ac[j] + bc[j];
-          const float d = r[j] - kc[j];
+          const A u = widen(r[j]);
+          w[j] = narrow<T>(u * ac[j] + bc[j]);
+          const A d = u - kc[j];
           a1[j] += d;
           a2[j] += d * d;
         }
@@ -177,12 +184,13 @@ inline std::vector<Sums> channel_affine_sums(const float* x, float* y, int64_t N
 }
 
 // y = (x - k[c]) * a[c] + b[c] for every value of channel c of [N, C, HW].
-inline void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
-                    const float* k, const float* a, const float* b, int threads) {
+template <class T, class A = acc_t<T>>
+void channel_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* k,
+                    const A* a, const A* b, int threads) {
   const int64_t total = N * C * HW;
   if (HW >= kPlanarMin) {
     const int64_t chunks = std::max<int64_t>(1, total / kChunk);
-    with_stream(total, [&](auto stream) {
+    with_stream<T>(total, [&](auto stream) {
       const int64_t base = total / chunks, extra = total % chunks;
       parallel_chunks(chunks, threads, [&](int64_t chunk) {
         int64_t lo = chunk * base + std::min(chunk, extra);
@@ -198,12 +206,14 @@ inline void channel_affine(const float* x, float* y, int64_t N, int64_t C, int64
     return;
   }
   const int64_t width = C * HW;
-  std::vector<float> kc(width), ac(width), bc(width);
+  std::vector<A> kc(width), ac(width), bc(width);
   spread(k, C, HW, kc.data());
   spread(a, C, HW, ac.data());
   spread(b, C, HW, bc.data());
+  if constexpr (!kShiftOut<T>)
+    for (int64_t j = 0; j < width; ++j) bc[j] -= kc[j] * ac[j];  // see affine_row
   const int64_t rows = std::max<int64_t>(1, kChunk / width);
-  with_stream(total, [&](auto stream) {
+  with_stream<T>(total, [&](auto stream) {
     parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
       const int64_t end = std::min(N, (chunk + 1) * rows);
       for (int64_t row = chunk * rows; row < end; ++row)

@@ -27,9 +27,10 @@ struct DriftResult {
 // var biased, and keeps its `top` channels of largest J_c (the lower index first on a tie).
 // If the score is finite and weight > 0, the reference then moves towards the batch,
 // ref += weight * (batch - ref), with the batch's unbiased variance (weight 1: a copy).
-template <typename T>
+// T (the statistics) and R (the reference) are float or double.
+template <typename T, typename R>
 DriftResult gaussian_drift(const T* mean, const T* var, int64_t rows, int64_t C,
-                           double unbias, float* ref_mean, float* ref_var, double eps,
+                           double unbias, R* ref_mean, R* ref_var, double eps,
                            double weight, int64_t top) {
   DriftResult out;
   top = std::min(top, C);
@@ -58,8 +59,8 @@ DriftResult gaussian_drift(const T* mean, const T* var, int64_t rows, int64_t C,
   out.score = C > 0 ? sum / C : NAN;
   if (std::isfinite(out.score) && weight > 0) {
     for (int64_t c = 0; c < C; ++c) {
-      ref_mean[c] = static_cast<float>(ref_mean[c] + weight * (m1[c] - ref_mean[c]));
-      ref_var[c] = static_cast<float>(ref_var[c] + weight * (u1[c] - ref_var[c]));
+      ref_mean[c] = static_cast<R>(ref_mean[c] + weight * (m1[c] - ref_mean[c]));
+      ref_var[c] = static_cast<R>(ref_var[c] + weight * (u1[c] - ref_var[c]));
     }
   }
   return out;

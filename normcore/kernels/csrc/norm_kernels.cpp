@@ -1,14 +1,18 @@
-// Fused normalization kernels for contiguous float32 CPU tensors, as a Python module.
+// Fused normalization kernels for contiguous CPU tensors, as a Python module.
 //
-// normcore/kernels/cpu.py calls these with raw data pointers (Python ints, 0 for none) and
-// sizes. It has already checked dtype, device, layout and sizes and allocated every
-// output; whatever it cannot hand over goes through torch instead.
+// normcore/kernels/cpu.py calls these with a dtype code (Dtype in calls.h), raw data
+// pointers (Python ints, 0 for none) and sizes. It has already checked dtype, device, layout and
+// sizes and allocated every output; whatever it cannot hand over goes through torch
+// instead. Each entry point is one template over the storage type (convert.h): inputs and
+// outputs of float32, float16, bfloat16 or float64, with parameters, running statistics and
+// returned statistics in acc_t<T> (float32, or float64 for float64 inputs).
 //
 // Memory traffic: BatchNorm train reads x twice (statistics, then normalization) and
 // writes y once; BatchNorm eval folds the running statistics into one scale and shift per
 // channel (1 read, 1 write), and computes the batch statistics in that same read when they
-// are wanted; LayerNorm, RMSNorm, GroupNorm and InstanceNorm normalize each
-// row or (sample, group) plane right after its statistics, while it is still in cache.
+// are wanted (InstanceNorm's eval: those of each plane); LayerNorm, RMSNorm, GroupNorm and
+// InstanceNorm normalize each row or (sample, group) plane right after its statistics,
+// while it is still in cache.
 //
 // Work is cut into chunks of about kChunk values (parallel.h runs them); inputs smaller
 // than two chunks run on the calling thread. Partial statistics are kept per chunk and added in
@@ -18,310 +22,223 @@
 #include <Python.h>
 
 #include <cmath>
-#include <cstdarg>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#include "channels.h"
+#include "calls.h"
 #include "drift.h"
 #include "parallel.h"
 #include "reduce.h"
-#include "rows.h"
+#include "table.h"
 
 namespace normcore {
 namespace {
 
-// Arguments by format letter: p pointer (int, 0 for none), n int64, d double.
-bool parse(PyObject* const* args, Py_ssize_t nargs, const char* name, const char* fmt, ...) {
-  const Py_ssize_t want = static_cast<Py_ssize_t>(std::strlen(fmt));
-  if (nargs != want) {
-    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, want, nargs);
-    return false;
+// The kernels of a dtype code (parse has checked it).
+const Table& table(int64_t dtype) {
+  switch (dtype) {
+    case kF16:
+      return kF16Table;
+    case kBF16:
+      return kBF16Table;
+    case kF64:
+      return kF64Table;
+    default:
+      return kF32Table;
   }
-  va_list ap;
-  va_start(ap, fmt);
-  for (Py_ssize_t i = 0; i < want; ++i) {
-    switch (fmt[i]) {
-      case 'p':
-        *va_arg(ap, void**) = PyLong_AsVoidPtr(args[i]);
-        break;
-      case 'n':
-        *va_arg(ap, int64_t*) = PyLong_AsLongLong(args[i]);
-        break;
-      default:
-        *va_arg(ap, double*) = PyFloat_AsDouble(args[i]);
-    }
-    if (PyErr_Occurred()) {
-      va_end(ap);
-      return false;
-    }
-  }
-  va_end(ap);
-  return true;
 }
 
-// Releases the GIL while a kernel runs, unless the input is so small that releasing and
-// taking it back would cost more than the kernel.
-class Unlocked {
- public:
-  explicit Unlocked(int64_t work) : state_(work >= kChunk ? PyEval_SaveThread() : nullptr) {}
-  ~Unlocked() {
-    if (state_) PyEval_RestoreThread(state_);
-  }
-  Unlocked(const Unlocked&) = delete;
-  Unlocked& operator=(const Unlocked&) = delete;
-
- private:
-  PyThreadState* state_;
-};
-
-// batch_norm_train(x, y, N, C, HW, weight, bias, eps, mean, var, running_mean, running_var,
-//                  num_batches_tracked, momentum, reject, threads) -> bool (not rejected)
-// Batch statistics per channel into mean/var (if given). Rejected if reject is set and
-// they are not all finite; otherwise y (if given) is normalized with them, the running
-// statistics (if given) move by momentum towards the mean and unbiased variance, and
-// num_batches_tracked (int64, if given) counts one more batch.
+// batch_norm_train(dtype, x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
+//                  running_var, num_batches_tracked, momentum, reject, threads)
+//     -> bool (not rejected)
+// batch.h's batch_train: statistics, running statistics, the batch counted, y normalized.
 PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  float *x, *y, *w, *b, *mean, *var, *rm, *rv;
-  int64_t* tracked;
-  int64_t N, C, HW, reject, threads;
+  void *x, *y, *w, *b, *mean, *var, *rm, *rv;
+  int64_t* tracked;  // num_batches_tracked
+  int64_t dtype, N, C, HW, reject, threads;
   double eps, momentum;
-  if (!parse(args, nargs, "batch_norm_train", "ppnnnppdpppppdnn", &x, &y, &N, &C, &HW, &w,
-             &b, &eps, &mean, &var, &rm, &rv, &tracked, &momentum, &reject, &threads))
-    return nullptr;
-  bool finite = true;
-  {
-    Unlocked unlocked(N * C * HW);
-    std::vector<float> k(C), a(C), off(C);
-    for (int64_t c = 0; c < C; ++c) k[c] = x[c * HW];
-    const std::vector<Sums> sums = channel_sums(x, N, C, HW, k.data(), threads);
-    const int64_t n = N * HW;
-    std::vector<Moments> ms(C);
-    for (int64_t c = 0; c < C; ++c) {
-      ms[c] = moments(sums[c], n, k[c]);
-      finite = finite && ms[c].finite();
-      if (mean) mean[c] = static_cast<float>(ms[c].mean);
-      if (var) var[c] = static_cast<float>(ms[c].var);
-    }
-    if (finite || !reject) {
-      for (int64_t c = 0; c < C; ++c) {
-        const double scale = rstd_of(ms[c].var, eps) * (w ? w[c] : 1.0f);
-        a[c] = static_cast<float>(scale);
-        off[c] = static_cast<float>((b ? b[c] : 0.0f) - ms[c].dm * scale);
-        if (rm) {
-          rm[c] = static_cast<float>((1 - momentum) * rm[c] + momentum * ms[c].mean);
-          rv[c] = static_cast<float>((1 - momentum) * rv[c] +
-                                     momentum * ms[c].var * n / static_cast<double>(n - 1));
-        }
-      }
-      if (tracked) ++*tracked;
-      if (y) channel_affine(x, y, N, C, HW, k.data(), a.data(), off.data(), threads);
-    }
-  }
-  return PyBool_FromLong(finite || !reject);
-}
-
-// batch_norm_eval(x, y, N, C, HW, weight, bias, running_mean, running_var, eps, threads)
-// y = x * scale[c] + shift[c], running statistics and affine folded as torch folds them.
-PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  float *x, *y, *w, *b, *rm, *rv;
-  int64_t N, C, HW, threads;
-  double eps;
-  if (!parse(args, nargs, "batch_norm_eval", "ppnnnppppdn", &x, &y, &N, &C, &HW, &w, &b, &rm,
-             &rv, &eps, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    std::vector<float> zero(C, 0.0f), scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const float invstd = 1.0f / std::sqrt(rv[c] + static_cast<float>(eps));
-      scale[c] = w ? invstd * w[c] : invstd;
-      shift[c] = (b ? b[c] : 0.0f) - rm[c] * scale[c];
-    }
-    channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), threads);
-  }
-  Py_RETURN_NONE;
-}
-
-// batch_norm_eval_stats(x, y, N, C, HW, weight, bias, running_mean, running_var, eps, mean,
-//                       var, threads)
-// batch_norm_eval's y, and the batch statistics per channel into mean/var as
-// batch_norm_train computes them (the same sums), in one read of x: what normalize() in
-// eval mode returns. Outputs big enough to be streamed take two passes instead.
-PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  float *x, *y, *w, *b, *rm, *rv, *mean, *var;
-  int64_t N, C, HW, threads;
-  double eps;
-  if (!parse(args, nargs, "batch_norm_eval_stats", "ppnnnppppdppn", &x, &y, &N, &C, &HW, &w,
-             &b, &rm, &rv, &eps, &mean, &var, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    std::vector<float> k(C), scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      k[c] = x[c * HW];
-      const float invstd = 1.0f / std::sqrt(rv[c] + static_cast<float>(eps));
-      scale[c] = w ? invstd * w[c] : invstd;
-      shift[c] = (b ? b[c] : 0.0f) - rm[c] * scale[c];
-    }
-    const int t = static_cast<int>(threads);
-    std::vector<Sums> sums;
-    if (streaming(N * C * HW * static_cast<int64_t>(sizeof(float)))) {
-      sums = channel_sums(x, N, C, HW, k.data(), t);
-      const std::vector<float> zero(C, 0.0f);
-      channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), t);
-    } else {
-      sums = channel_affine_sums(x, y, N, C, HW, k.data(), scale.data(), shift.data(), t);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const Moments ms = moments(sums[c], N * HW, k[c]);
-      mean[c] = static_cast<float>(ms.mean);
-      var[c] = static_cast<float>(ms.var);
-    }
-  }
-  Py_RETURN_NONE;
-}
-
-// layer_norm(x, y, R, D, weight, bias, eps, mean, var, threads): rows of D values.
-PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  Rows p;
-  float *w, *b;
-  int64_t threads;
-  if (!parse(args, nargs, "layer_norm", "ppnnppdppn", &p.x, &p.y, &p.R, &p.L, &w, &b, &p.eps,
-             &p.mean_out, &p.var_out, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(p.R * p.L);
-    layer_rows(p, w, b, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// rms_norm(x, y, R, D, weight, eps, mean_square, threads): rows of D values.
-PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  Rows p;
-  float* w;
-  int64_t threads;
-  if (!parse(args, nargs, "rms_norm", "ppnnpdpn", &p.x, &p.y, &p.R, &p.L, &w, &p.eps,
-             &p.var_out, &threads))
-    return nullptr;
-  p.mean_out = nullptr;
-  {
-    Unlocked unlocked(p.R * p.L);
-    rms_rows(p, w, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// group_norm(x, y, N, C, HW, G, weight, bias, eps, mean, var, threads): statistics per
-// (sample, group) into mean/var [N*G] (either may be null); y (if given) normalized.
-PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  Rows p;
-  float *w, *b;
-  int64_t N, C, HW, G, threads;
-  if (!parse(args, nargs, "group_norm", "ppnnnnppdppn", &p.x, &p.y, &N, &C, &HW, &G, &w, &b,
-             &p.eps, &p.mean_out, &p.var_out, &threads))
-    return nullptr;
-  p.R = N * G;
-  p.L = C / G * HW;
-  {
-    Unlocked unlocked(p.R * p.L);
-    group_rows(p, w, b, G, C / G, HW, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// instance_norm_train(x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
-//                     running_var, momentum, reject, threads) -> bool (not rejected)
-// y normalized per (sample, channel); statistics [N*C] into mean/var (if given). Unless
-// reject is set and a statistic is not finite, the running statistics (if given) move
-// towards the batch average of the per-instance mean and unbiased variance.
-PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  Rows p;
-  float *w, *b, *rm, *rv;
-  int64_t N, C, HW, reject, threads;
-  double momentum;
-  if (!parse(args, nargs, "instance_norm_train", "ppnnnppdppppdnn", &p.x, &p.y, &N, &C, &HW,
-             &w, &b, &p.eps, &p.mean_out, &p.var_out, &rm, &rv, &momentum, &reject,
+  if (!parse(args, nargs, "batch_norm_train", "tppnnnppdpppppdnn", &dtype, &x, &y, &N, &C,
+             &HW, &w, &b, &eps, &mean, &var, &rm, &rv, &tracked, &momentum, &reject,
              &threads))
     return nullptr;
-  p.R = N * C;
-  p.L = HW;
-  bool finite = true;
+  bool ok = true;
   {
-    Unlocked unlocked(p.R * p.L);
-    std::vector<float> mean_own, var_own;
-    if (rm && !p.mean_out) {
-      mean_own.resize(p.R);
-      p.mean_out = mean_own.data();
-    }
-    if (rm && !p.var_out) {
-      var_own.resize(p.R);
-      p.var_out = var_own.data();
-    }
-    group_rows(p, w, b, C, 1, HW, static_cast<int>(threads));
-    if (rm) {
-      for (int64_t r = 0; r < p.R; ++r)
-        finite = finite && std::isfinite(p.mean_out[r]) && std::isfinite(p.var_out[r]);
-      if (finite || !reject) {
-        const double unbias = HW / static_cast<double>(HW - 1);
-        for (int64_t c = 0; c < C; ++c) {
-          double m = 0, v = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            m += p.mean_out[n * C + c];
-            v += p.var_out[n * C + c];
-          }
-          rm[c] = static_cast<float>((1 - momentum) * rm[c] + momentum * m / N);
-          rv[c] = static_cast<float>((1 - momentum) * rv[c] + momentum * v / N * unbias);
-        }
-      }
-    }
+    Unlocked unlocked(N * C * HW);
+    ok = table(dtype).batch_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, tracked,
+                                  momentum, reject != 0, static_cast<int>(threads));
   }
-  return PyBool_FromLong(finite || !reject);
+  return PyBool_FromLong(ok);
 }
 
-// gaussian_drift(mean, var, rows, C, unbias, ref_mean, ref_var, eps, weight, top)
-//     -> (score, ((channel, J_c), ...))
+// batch_norm_eval(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var, eps,
+//                 threads)
+// y = x * scale[c] + shift[c], running statistics and affine folded as torch folds them.
+PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *rm, *rv;
+  int64_t dtype, N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, "batch_norm_eval", "tppnnnppppdn", &dtype, &x, &y, &N, &C, &HW, &w,
+             &b, &rm, &rv, &eps, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    table(dtype).batch_eval(x, y, N, C, HW, w, b, rm, rv, eps, static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
+// batch_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var, eps,
+//                       mean, var, threads)
+// batch_norm_eval's y, and the batch statistics per channel into mean/var as
+// batch_norm_train computes them, in the same read of x: what normalize() in eval mode
+// returns.
+PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
+  int64_t dtype, N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, "batch_norm_eval_stats", "tppnnnppppdppn", &dtype, &x, &y, &N, &C,
+             &HW, &w, &b, &rm, &rv, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    table(dtype).batch_eval_stats(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
+                                  static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
+// instance_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var,
+//                          eps, mean, var, threads)
+// batch_norm_eval's y, and the statistics of each (sample, channel) plane into mean/var
+// [N*C], in the same read of x: what normalize() of an InstanceNorm in eval mode returns.
+PyObject* instance_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
+  int64_t dtype, N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, "instance_norm_eval_stats", "tppnnnppppdppn", &dtype, &x, &y, &N,
+             &C, &HW, &w, &b, &rm, &rv, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    table(dtype).instance_eval_stats(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
+                                     static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
+// layer_norm(dtype, x, y, R, D, weight, bias, eps, mean, var, threads): rows of D values.
+PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *mean, *var;
+  int64_t dtype, R, D, threads;
+  double eps;
+  if (!parse(args, nargs, "layer_norm", "tppnnppdppn", &dtype, &x, &y, &R, &D, &w, &b, &eps,
+             &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(R * D);
+    table(dtype).layer_norm(x, y, R, D, w, b, eps, mean, var, static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
+// rms_norm(dtype, x, y, R, D, weight, eps, mean_square, threads): rows of D values.
+PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *mean_square;
+  int64_t dtype, R, D, threads;
+  double eps;
+  if (!parse(args, nargs, "rms_norm", "tppnnpdpn", &dtype, &x, &y, &R, &D, &w, &eps,
+             &mean_square, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(R * D);
+    table(dtype).rms_norm(x, y, R, D, w, eps, mean_square, static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
+// group_norm(dtype, x, y, N, C, HW, G, weight, bias, eps, mean, var, threads): statistics
+// per (sample, group) into mean/var [N*G] (either may be null); y (if given) normalized.
+PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *mean, *var;
+  int64_t dtype, N, C, HW, G, threads;
+  double eps;
+  if (!parse(args, nargs, "group_norm", "tppnnnnppdppn", &dtype, &x, &y, &N, &C, &HW, &G, &w,
+             &b, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    table(dtype).group_norm(x, y, N, C, HW, G, w, b, eps, mean, var, static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
+// instance_norm_train(dtype, x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
+//                     running_var, momentum, reject, threads) -> bool (not rejected)
+// rows.h's instance_train: y normalized per (sample, channel), statistics [N*C] into
+// mean/var (if given), running statistics moved unless rejected.
+PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *mean, *var, *rm, *rv;
+  int64_t dtype, N, C, HW, reject, threads;
+  double eps, momentum;
+  if (!parse(args, nargs, "instance_norm_train", "tppnnnppdppppdnn", &dtype, &x, &y, &N, &C,
+             &HW, &w, &b, &eps, &mean, &var, &rm, &rv, &momentum, &reject, &threads))
+    return nullptr;
+  bool ok = true;
+  {
+    Unlocked unlocked(N * C * HW);
+    ok = table(dtype).instance_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, momentum,
+                                     reject != 0, static_cast<int>(threads));
+  }
+  return PyBool_FromLong(ok);
+}
+
+// gaussian_drift(dtype, mean, var, rows, C, unbias, ref_dtype, ref_mean, ref_var, eps,
+//                weight, top) -> (score, ((channel, J_c), ...))
 // drift.h: the drift score of a batch's statistics ([rows, C], var biased, times unbias)
 // against a reference (unbiased var), its `top` channels that moved most, and the
 // reference moved by weight towards the batch when the score is finite.
 PyObject* gaussian_drift_(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  float *mean, *var, *rm, *rv;
-  int64_t rows, C, top;
+  void *mean, *var, *rm, *rv;
+  int64_t dtype, rows, C, ref_dtype, top;
   double unbias, eps, weight;
-  if (!parse(args, nargs, "gaussian_drift", "ppnndppddn", &mean, &var, &rows, &C, &unbias,
-             &rm, &rv, &eps, &weight, &top))
+  if (!parse(args, nargs, "gaussian_drift", "sppnndsppddn", &dtype, &mean, &var, &rows, &C,
+             &unbias, &ref_dtype, &rm, &rv, &eps, &weight, &top))
     return nullptr;
-  return drift_tuple(gaussian_drift(mean, var, rows, C, unbias, rm, rv, eps, weight, top));
+  DriftResult result;
+  typed2(dtype, ref_dtype, [&](auto s, auto r) {
+    using S = decltype(s);
+    using R = decltype(r);
+    result = gaussian_drift(in<S>(mean), in<S>(var), rows, C, unbias, out<R>(rm), out<R>(rv),
+                            eps, weight, top);
+  });
+  return drift_tuple(result);
 }
 
-// feature_drift(x, N, C, HW, ref_mean, ref_var, eps, weight, top, threads)
+// feature_drift(dtype, x, N, C, HW, ref_dtype, ref_mean, ref_var, eps, weight, top, threads)
 //     -> (score, ((channel, J_c), ...))
-// gaussian_drift of the per-channel statistics of [N, C, HW] (as batch_norm_train computes
-// them, never stored): LayerNorm's and RMSNorm's input features as [rows, features, 1].
+// gaussian_drift of the per-channel statistics of [N, C, HW] of any storage type (as
+// batch_norm_train computes them, never stored): LayerNorm's and RMSNorm's input features
+// as [rows, features, 1].
 PyObject* feature_drift(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  float *x, *rm, *rv;
-  int64_t N, C, HW, top, threads;
+  void *x, *rm, *rv;
+  int64_t dtype, N, C, HW, ref_dtype, top, threads;
   double eps, weight;
-  if (!parse(args, nargs, "feature_drift", "pnnnppddnn", &x, &N, &C, &HW, &rm, &rv, &eps,
-             &weight, &top, &threads))
+  if (!parse(args, nargs, "feature_drift", "tpnnnsppddnn", &dtype, &x, &N, &C, &HW,
+             &ref_dtype, &rm, &rv, &eps, &weight, &top, &threads))
     return nullptr;
   const int64_t n = N * HW;
   std::vector<double> mean(C), var(C);
   {
     Unlocked unlocked(N * C * HW);
-    std::vector<float> k(C);
-    for (int64_t c = 0; c < C; ++c) k[c] = x[c * HW];
-    const std::vector<Sums> sums = channel_sums(x, N, C, HW, k.data(), threads);
-    for (int64_t c = 0; c < C; ++c) {
-      const Moments ms = moments(sums[c], n, k[c]);
-      mean[c] = ms.mean;
-      var[c] = ms.var;
-    }
+    table(dtype).moments(x, N, C, HW, mean.data(), var.data(), static_cast<int>(threads));
   }
-  return drift_tuple(gaussian_drift(mean.data(), var.data(), 1, C,
-                                    n / static_cast<double>(n - 1), rm, rv, eps, weight, top));
+  DriftResult result;
+  typed2(kF64, ref_dtype, [&](auto, auto r) {
+    using R = decltype(r);
+    result = gaussian_drift(mean.data(), var.data(), 1, C, n / static_cast<double>(n - 1),
+                            out<R>(rm), out<R>(rv), eps, weight, top);
+  });
+  return drift_tuple(result);
 }
 
 // stalls() -> (regions that stalled so far, current back-off span): for diagnostics.
@@ -349,6 +266,7 @@ PyMethodDef methods[] = {
     method<batch_norm_train>("batch_norm_train"),
     method<batch_norm_eval>("batch_norm_eval"),
     method<batch_norm_eval_stats>("batch_norm_eval_stats"),
+    method<instance_norm_eval_stats>("instance_norm_eval_stats"),
     method<layer_norm>("layer_norm"),
     method<rms_norm>("rms_norm"),
     method<group_norm>("group_norm"),
@@ -362,7 +280,7 @@ PyMethodDef methods[] = {
 
 PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "normcore_kernels",
-    "Fused normalization kernels for contiguous float32 CPU tensors.", -1, methods,
+    "Fused normalization kernels for contiguous CPU tensors.", -1, methods,
     nullptr, nullptr, nullptr, nullptr,
 };
 

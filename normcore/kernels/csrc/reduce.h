@@ -1,8 +1,9 @@
 // Vector building blocks: shifted sums for statistics, and the affine maps that normalize.
 //
 // Statistics are shifted sums: with k the first value of the reduced set and d = x - k,
-// sum(d) and sum(d*d) are accumulated in float32 vector lanes over blocks of kBlock values
-// and in double across blocks. |mean - k| is a few standard deviations, so
+// sum(d) and sum(d*d) are accumulated in vector lanes of acc_t<T> (float32, or float64 for
+// float64 inputs) over blocks of kBlock values and in double across blocks. |mean - k| is
+// a few standard deviations, so
 //     var = sum(d*d)/n - (sum(d)/n)^2
 // keeps its digits where E[x^2] - E[x]^2 cancels (|mean|/std of 1e4 in float32). Outputs
 // are formed from d too, y = d*a + (b - dm*a) with dm = mean - k: x - k is exact for x
@@ -15,14 +16,13 @@
 // Sapphire Rapids VM, streaming loses up to 15% as long as input and output fit in L3.
 // The threshold is glibc's for memcpy: 3/4 of the L3 cache (at least 4 times the L2).
 //
-// GCC's vector extensions compile to whatever the build machine has (AVX-512, AVX2, SSE).
+// Every function is a template over the storage type T of x and y (convert.h): float,
+// f16, bf16 or double, computed in acc_t<T>. GCC's vector extensions compile to whatever
+// the build machine has (AVX-512, AVX2, SSE).
 
 #pragma once
 
 #include <unistd.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -30,50 +30,68 @@
 #include <cstring>
 #include <type_traits>
 
+#include "convert.h"
+
 namespace normcore {
 
-constexpr int kLanes = 16;
-constexpr int64_t kBlock = 2048;  // values summed in float32 lanes before a double add
+constexpr int64_t kBlock = 2048;  // values summed in vector lanes before a double add
+// Passes that stream through x ask for the line this many bytes ahead as they read: one
+// core alone keeps too few misses in flight to stream from L3 or memory at full speed
+// (statistics a third faster on 2-byte inputs, scale-and-shift a few percent, measured on
+// a Sapphire Rapids VM).
+constexpr int kPrefetch = 2048;
 
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+template <class A>
+inline vec_t<A> splat(A v) {
+  return vec_t<A>{} + v;
 }
 
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+// Bytes of T behind one vector of compute lanes: 64 (float, double) or 32 (f16, bf16).
+template <class T>
+constexpr int kStoreBytes = kLanesOf<acc_t<T>> * static_cast<int>(sizeof(T));
 
-// Stores of a vector to p; kStream: non-temporal, and p must be aligned to the vector.
-template <bool kStream>
-inline void put(float* p, vec v) {
-  if (!kStream) return store(p, v);
+// Non-temporal stores of kBytes (32 or 64) from s to p, p aligned to kBytes.
+template <int kBytes>
+inline void stream_bytes(void* p, const char* s) {
 #if defined(__AVX512F__)
-  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
-#elif defined(__AVX__)
-  for (int i = 0; i < kLanes; i += 8) {
-    __m256 h;
-    std::memcpy(&h, reinterpret_cast<const float*>(&v) + i, sizeof h);
-    _mm256_stream_ps(p + i, h);
+  if constexpr (kBytes == 64) {
+    __m512i v;
+    std::memcpy(&v, s, sizeof v);
+    return _mm512_stream_si512(static_cast<__m512i*>(p), v);
   }
-#elif defined(__SSE__)
-  for (int i = 0; i < kLanes; i += 4) {
-    __m128 q;
-    std::memcpy(&q, reinterpret_cast<const float*>(&v) + i, sizeof q);
-    _mm_stream_ps(p + i, q);
+#endif
+#if defined(__AVX__)
+  for (int i = 0; i < kBytes; i += 32) {
+    __m256i v;
+    std::memcpy(&v, s + i, sizeof v);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + i), v);
+  }
+#elif defined(__SSE2__)
+  for (int i = 0; i < kBytes; i += 16) {
+    __m128i v;
+    std::memcpy(&v, s + i, sizeof v);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + i), v);
   }
 #else
-  store(p, v);
+  std::memcpy(p, s, kBytes);
 #endif
 }
 
-// Values before the first vector-aligned address of y + i0 (streamed stores need it).
-template <bool kStream>
-inline int64_t head(const float* y, int64_t i0, int64_t i1) {
+// Stores a vector to p; kStream: non-temporal, and p must be aligned to kStoreBytes<T>.
+template <bool kStream, class T>
+inline void put(T* p, vec_t<acc_t<T>> v) {
+  if (!kStream) return store(p, v);
+  alignas(kVecBytes) T out[kLanesOf<acc_t<T>>];
+  store(out, v);
+  stream_bytes<kStoreBytes<T>>(p, reinterpret_cast<const char*>(out));
+}
+
+// Values before the first aligned vector address from y + i0 (streamed stores need it).
+template <bool kStream, class T>
+inline int64_t head(const T* y, int64_t i0, int64_t i1) {
   if (!kStream) return i0;
-  const auto misaligned = reinterpret_cast<uintptr_t>(y + i0) % sizeof(vec);
-  const int64_t skip = misaligned ? (sizeof(vec) - misaligned) / sizeof(float) : 0;
+  const auto misaligned = reinterpret_cast<uintptr_t>(y + i0) % kStoreBytes<T>;
+  const int64_t skip = misaligned ? (kStoreBytes<T> - misaligned) / sizeof(T) : 0;
   return std::min(i1, i0 + skip);
 }
 
@@ -95,24 +113,26 @@ inline int64_t& stream_threshold() {
 
 inline bool streaming(int64_t bytes) { return bytes >= stream_threshold(); }
 
-// f(std::true_type) if an output of this many values is streamed, else f(std::false_type).
-template <class F>
+// f(std::true_type) if an output of this many values of T is streamed, else
+// f(std::false_type).
+template <class T, class F>
 void with_stream(int64_t values, const F& f) {
-  if (streaming(values * static_cast<int64_t>(sizeof(float))))
+  if (streaming(values * static_cast<int64_t>(sizeof(T))))
     f(std::true_type{});
   else
     f(std::false_type{});
 }
 
-inline vec splat(float v) { return vec{} + v; }
-
-// Sum of the lanes, pairwise: four float32 roundings, far below a block's own.
-inline float hsum(vec v) {
-  typedef float half __attribute__((vector_size(kLanes * sizeof(float) / 2)));
-  const half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const float s[4] = {h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]};
-  return (s[0] + s[2]) + (s[1] + s[3]);
+// Sum of the lanes, pairwise (halves, then quarters, ...): a few roundings, far below a
+// block's own.
+template <class A>
+inline A hsum(vec_t<A> v) {
+  constexpr int n = kLanesOf<A>;
+  A a[n];
+  std::memcpy(a, &v, sizeof a);
+  for (int w = n / 2; w >= 4; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
 struct Sums {
@@ -126,15 +146,18 @@ struct Sums {
 
 // s.s1 += sum(x - k), s.s2 += sum((x - k)^2) over n contiguous values. Without kMean
 // only s.s2 = sum(x^2) is wanted (k is 0).
-template <bool kMean>
-void add_sums(const float* x, int64_t n, float k, Sums& s) {
-  const vec kv = splat(k);
+template <bool kMean, class T>
+void add_sums(const T* x, int64_t n, acc_t<T> k, Sums& s) {
+  using A = acc_t<T>;
+  constexpr int L = kLanesOf<A>;
+  const vec_t<A> kv = splat(k);
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
-    vec a1 = {}, a2 = {}, c1 = {}, c2 = {};
+    vec_t<A> a1 = {}, a2 = {}, c1 = {}, c2 = {};
     int64_t i = b;
-    for (; i + 2 * kLanes <= e; i += 2 * kLanes) {
-      const vec d = load(x + i) - kv, f = load(x + i + kLanes) - kv;
+    for (; i + 2 * L <= e; i += 2 * L) {
+      __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
+      const vec_t<A> d = load(x + i) - kv, f = load(x + i + L) - kv;
       if (kMean) {
         a1 += d;
         c1 += f;
@@ -142,14 +165,14 @@ void add_sums(const float* x, int64_t n, float k, Sums& s) {
       a2 += d * d;
       c2 += f * f;
     }
-    float t1 = 0, t2 = 0;
+    A t1 = 0, t2 = 0;
     for (; i < e; ++i) {
-      const float d = x[i] - k;
+      const A d = widen(x[i]) - k;
       t1 += d;
       t2 += d * d;
     }
-    if (kMean) s.s1 += static_cast<double>(hsum(a1 + c1)) + t1;
-    s.s2 += static_cast<double>(hsum(a2 + c2)) + t2;
+    if (kMean) s.s1 += static_cast<double>(hsum<A>(a1 + c1)) + t1;
+    s.s2 += static_cast<double>(hsum<A>(a2 + c2)) + t2;
   }
 }
 
@@ -161,7 +184,7 @@ struct Moments {
   bool finite() const { return std::isfinite(mean) && std::isfinite(var); }
 };
 
-inline Moments moments(const Sums& s, int64_t n, float k) {
+inline Moments moments(const Sums& s, int64_t n, double k) {
   const double dm = s.s1 / n, var = s.s2 / n - dm * dm;
   // A tiny negative from rounding becomes 0; NaN (Inf - Inf from an infinite input) stays.
   return {dm, k + dm, var < 0.0 ? 0.0 : var};
@@ -169,43 +192,69 @@ inline Moments moments(const Sums& s, int64_t n, float k) {
 
 inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
+// Outputs are formed from x - k (above) for float32 and float64. A 2-byte input carries 8
+// or 11 significant bits, its own rounding thousands of times coarser than that of x * a
+// in float32, so its outputs skip the subtraction: x * a + (b - k * a), one FMA.
+template <class T>
+constexpr bool kShiftOut = sizeof(T) > 2;
+
 // y = (x - k) * a + b over n contiguous values.
-template <bool kStream>
-inline void affine(const float* x, float* y, int64_t n, float k, float a, float b) {
-  const vec kv = splat(k), av = splat(a), bv = splat(b);
+template <bool kStream, class T>
+inline void affine(const T* x, T* y, int64_t n, acc_t<T> k, acc_t<T> a, acc_t<T> b) {
+  using A = acc_t<T>;
+  constexpr int L = kLanesOf<A>;
+  if constexpr (!kShiftOut<T>) b -= k * a;
+  const vec_t<A> kv = splat(k), av = splat(a), bv = splat(b);
+  auto one = [&](int64_t i) {
+    y[i] = narrow<T>(kShiftOut<T> ? (widen(x[i]) - k) * a + b : widen(x[i]) * a + b);
+  };
   int64_t i = 0;
-  for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) y[i] = (x[i] - k) * a + b;
-  for (; i + kLanes <= n; i += kLanes) put<kStream>(y + i, (load(x + i) - kv) * av + bv);
-  for (; i < n; ++i) y[i] = (x[i] - k) * a + b;
+  for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) one(i);
+  for (; i + L <= n; i += L) {
+    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
+    const vec_t<A> v = load(x + i);
+    put<kStream>(y + i, kShiftOut<T> ? (v - kv) * av + bv : v * av + bv);
+  }
+  for (; i < n; ++i) one(i);
 }
 
-// y = (x - k[j]) * a[j] + b[j] over one row of n values.
-template <bool kStream>
-inline void affine_row(const float* x, float* y, int64_t n, const float* k, const float* a,
-                       const float* b) {
+// y = (x - k[j]) * a[j] + b[j] over one row of n values; for 2-byte T (kShiftOut) the
+// caller has folded k into b: y = x * a[j] + b[j].
+template <bool kStream, class T, class A = acc_t<T>>
+inline void affine_row(const T* x, T* y, int64_t n, const A* k, const A* a, const A* b) {
+  constexpr int L = kLanesOf<A>;
+  auto one = [&](int64_t i) {
+    const A u = widen(x[i]);
+    y[i] = narrow<T>((kShiftOut<T> ? u - k[i] : u) * a[i] + b[i]);
+  };
   int64_t i = 0;
-  for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) y[i] = (x[i] - k[i]) * a[i] + b[i];
-  for (; i + kLanes <= n; i += kLanes)
-    put<kStream>(y + i, (load(x + i) - load(k + i)) * load(a + i) + load(b + i));
-  for (; i < n; ++i) y[i] = (x[i] - k[i]) * a[i] + b[i];
+  for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) one(i);
+  for (; i + L <= n; i += L) {
+    const vec_t<A> v = load(x + i);
+    put<kStream>(y + i, (kShiftOut<T> ? v - load(k + i) : v) * load(a + i) + load(b + i));
+  }
+  for (; i < n; ++i) one(i);
 }
 
 // y = ((x - k) * s + o) * w[i] + b[i] over [i0, i1): LayerNorm's normalize-then-affine
 // (RMSNorm with k = o = 0).
-template <bool kStream, bool kWeight, bool kBias>
-void scale_row(const float* x, float* y, int64_t i0, int64_t i1, float k, float s, float o,
-               const float* w, const float* b) {
+template <bool kStream, bool kWeight, bool kBias, class T, class A = acc_t<T>>
+void scale_row(const T* x, T* y, int64_t i0, int64_t i1, A k, A s, A o, const A* w,
+               const A* b) {
+  constexpr int L = kLanesOf<A>;
+  if constexpr (!kShiftOut<T>) o -= k * s;
   auto one = [&](int64_t i) {
-    float u = (x[i] - k) * s + o;
+    A u = (kShiftOut<T> ? widen(x[i]) - k : widen(x[i])) * s + o;
     if (kWeight) u *= w[i];
     if (kBias) u += b[i];
-    y[i] = u;
+    y[i] = narrow<T>(u);
   };
-  const vec kv = splat(k), sv = splat(s), ov = splat(o);
+  const vec_t<A> kv = splat(k), sv = splat(s), ov = splat(o);
   int64_t i = i0;
   for (const int64_t h = head<kStream>(y, i0, i1); i < h; ++i) one(i);
-  for (; i + kLanes <= i1; i += kLanes) {
-    vec u = (load(x + i) - kv) * sv + ov;
+  for (; i + L <= i1; i += L) {
+    const vec_t<A> v = load(x + i);
+    vec_t<A> u = (kShiftOut<T> ? v - kv : v) * sv + ov;
     if (kWeight) u *= load(w + i);
     if (kBias) u += load(b + i);
     put<kStream>(y + i, u);
@@ -214,7 +263,8 @@ void scale_row(const float* x, float* y, int64_t i0, int64_t i1, float k, float 
 }
 
 // out[c * HW + i] = v[c]: a per-channel value for each column of an [N, C*HW] matrix.
-inline void spread(const float* v, int64_t C, int64_t HW, float* out) {
+template <class A>
+inline void spread(const A* v, int64_t C, int64_t HW, A* out) {
   for (int64_t c = 0; c < C; ++c) std::fill(out + c * HW, out + (c + 1) * HW, v[c]);
 }
 
