@@ -63,9 +63,13 @@ def fork(layer: nn.Module) -> nn.Module:
     """
     if layer._modules:
         return copy.deepcopy(layer, memo={id(p): p for p in layer.parameters()})
-    new = copy.copy(layer)
-    new._buffers = {k: None if v is None else v.clone() for k, v in layer._buffers.items()}
-    new._parameters = dict(layer._parameters)
+    # copy.copy and nn.Module.__setattr__, spelled out: a fork is made per train step, and
+    # their generic paths cost more than the step itself on small tensors.
+    new = object.__new__(type(layer))
+    state = new.__dict__
+    state.update(layer.__dict__)
+    state["_buffers"] = {k: None if v is None else v.clone() for k, v in layer._buffers.items()}
+    state["_parameters"] = dict(layer._parameters)
     return new
 
 
