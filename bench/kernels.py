@@ -32,9 +32,10 @@ CPU-only, so there normcore always runs its torch path: no ``fallback`` contende
 columns show ``-``). A GPU streams 4-32 MB in a few microseconds, close to the cost of
 launching the kernels, so 128 and 512 MB inputs are added to show its bandwidth.
 
-Goals on 4-32 MB inputs: every family and mode at most 1.0x torch.nn's time; BatchNorm eval
-at most 1.5x copy, BatchNorm train 3x, LayerNorm and RMSNorm 2.5x, GroupNorm 3x. On inputs
-under 64 KB, no slower than torch.nn.
+Goals on 4-32 MB inputs: every family, mode and dtype at most 1.0x torch.nn's time; against
+a copy, BatchNorm train at most 1.5x and every single-pass family 1.2x in float32 and
+float64, everything 1.3x in float16 and bfloat16. On inputs under 64 KB, no slower than
+torch.nn; the torch path at most 1.1x torch.nn.
 """
 
 from __future__ import annotations
@@ -59,12 +60,6 @@ MB = 1 << 20
 TARGETS_MB = (4, 8, 16, 32)
 CUDA_TARGETS_MB = (*TARGETS_MB, 128, 512)  # 4-32 MB is launch-bound on a GPU
 TORCH_LIMIT = 1.0
-COPY_LIMITS = {  # family prefix -> (train, eval) limit of normcore / copy
-    "BatchNorm": (3.0, 1.5),
-    "LayerNorm": (2.5, 2.5),
-    "RMSNorm": (2.5, 2.5),
-    "GroupNorm": (3.0, 3.0),
-}
 SMALL_BYTES = 64 * 1024
 NOISY = 0.25  # median / best - 1 above which a case is measured again, then flagged
 
@@ -276,18 +271,26 @@ def torch_claim(label: str, rows: list[dict], key: str) -> str:
             f"  -- goal <= {TORCH_LIMIT:.2f}: {verdict}")
 
 
+def copy_limit(row: dict) -> float:
+    """The goal for normcore / copy at 4-32 MB: 2-byte types 1.3x, whatever they do; else
+    1.5x for BatchNorm train (it reads its input twice) and 1.2x for a single pass."""
+    if row["dtype"] in ("float16", "bfloat16"):
+        return 1.3
+    return 1.5 if row["family"].startswith("BatchNorm") and row["mode"] == "train" else 1.2
+
+
 def copy_claims(rows: list[dict]) -> list[str]:
     lines = []
-    for prefix, (train, eval_) in COPY_LIMITS.items():
-        for mode, limit in (("train", train), ("eval", eval_)):
-            mine = [r for r in rows if r["family"].startswith(prefix) and r["mode"] == mode]
+    for family in dict.fromkeys(r["family"] for r in rows):
+        for mode in ("train", "eval"):
+            mine = [r for r in rows if r["family"] == family and r["mode"] == mode]
             if not mine:
                 continue
-            worst = max(mine, key=lambda r: r["ratio_copy"])
-            over = [r for r in mine if r["ratio_copy"] > limit]
+            worst = max(mine, key=lambda r: r["ratio_copy"] / copy_limit(r))
+            over = [r for r in mine if r["ratio_copy"] > copy_limit(r)]
             verdict = f"{len(over)} case(s) OVER" if over else "ok"
-            lines.append(f"max normcore/copy {prefix} {mode}: {worst['ratio_copy']:.2f}  "
-                         f"[{_where(worst)}]  -- goal <= {limit:.1f}: {verdict}")
+            lines.append(f"max normcore/copy {family} {mode}: {worst['ratio_copy']:.2f}  "
+                         f"[{_where(worst)}]  -- goal <= {copy_limit(worst):.1f}: {verdict}")
     return lines
 
 
