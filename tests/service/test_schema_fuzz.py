@@ -84,10 +84,13 @@ def _fuzz(schema, strategy, examples: int) -> Counter:
 
 
 def test_schema_valid_requests_to_every_route(schema) -> None:
-    sent = _fuzz(schema, schema.as_strategy(GenerationMode.POSITIVE), 400)
-    routes = {f"{op.ok().method.upper()} {op.ok().path}" for op in schema.get_all_operations()}
-    assert set(sent) == routes
-    assert sum(sent.values()) >= 350
+    # Route by route: one strategy over all of them may leave a route out by chance.
+    operations = [op.ok() for op in schema.get_all_operations()]
+    sent: Counter = Counter()
+    for operation in operations:
+        sent += _fuzz(schema, operation.as_strategy(GenerationMode.POSITIVE), 14)
+    assert set(sent) == {f"{op.method.upper()} {op.path}" for op in operations}
+    assert sum(sent.values()) >= 10 * len(operations)
 
 
 def test_schema_invalid_requests_are_4xx(schema) -> None:
