@@ -53,6 +53,7 @@ class GroupPacer:
     def wrote(self, size: int) -> None:
         self._end, self._size = time.monotonic(), size
 
+
 # Settles once a change's record is safe, failed (``UnavailableError``) if it cannot be.
 # With a shared log its result is the change's ``Folded`` once this replica has applied it.
 Waiter = Future
@@ -132,8 +133,8 @@ class ChangeLog(Protocol):
 
     def record(self, change: Change) -> Waiter | None:
         """Record ``change`` (a private log: called under the lock that orders it); return
-        the future that settles when it is safe, or None if it already is. Raises if it cannot be
-        recorded.
+        the future that settles when it is safe, or None if it already is. Raises if it
+        cannot be recorded.
 
         A failure is final: once a record or a waiter has failed, every later ``record``
         raises, so the store may drop the steps that were not yet safe."""

@@ -51,6 +51,7 @@ from .journal import (
     journal_path,
     replay,
 )
+from .layer_records import origin_spec, pick, snapshot_layers, spec_meta
 from .records import StateFileError, decode_record, encode_record, frame
 from .snapshot import read_snapshot, remove_temp_files, snapshot_path, write_snapshot
 
@@ -69,11 +70,6 @@ class _Layer:
     uploaded: bool
     layer: nn.Module | None = None  # the latest recorded layer (never modified once served)
     state: Tensors = field(default_factory=dict)  # while restoring: the recorded tensors
-
-
-def _uploaded_spec(name: str, meta: dict[str, Any], origin: Tensors) -> LayerSpec:
-    return LayerSpec(name, meta["kind"], meta["config"], None, "", meta.get("device"), origin,
-                     meta.get("drift_threshold"))
 
 
 class Persistence:
@@ -195,9 +191,9 @@ class Persistence:
                 self._deleted.add(name)
             for layer in meta["layers"]:
                 name = layer["name"]
-                state = _pick(tensors, f"{name}/state/")
+                state = pick(tensors, f"{name}/state/")
                 if layer["uploaded"]:
-                    spec = _uploaded_spec(name, layer, _pick(tensors, f"{name}/origin/"))
+                    spec = origin_spec(name, layer, pick(tensors, f"{name}/origin/"))
                     self._layers[name] = _Layer(spec, True, state=state)
                 elif name in self._layers:
                     self._layers[name].state = state
@@ -214,7 +210,7 @@ class Persistence:
         """Fold one journal record into the state being restored."""
         op, name = meta.get("op"), meta.get("layer")
         if op == "put":
-            self._layers[name] = _Layer(_uploaded_spec(name, meta, tensors), True,
+            self._layers[name] = _Layer(origin_spec(name, meta, tensors), True,
                                         state=dict(tensors))
             self._deleted.discard(name)
         elif op == "delete":
@@ -276,9 +272,7 @@ class Persistence:
             self._keys.mark_recorded(change.key, change.applied.num_batches_tracked)
         if change.op == "put":
             origin = {k: v.detach().clone() for k, v in change.layer.state_dict().items()}
-            spec = change.spec
-            spec = LayerSpec(name, spec.kind, dict(spec.kwargs), None, "", spec.device, origin,
-                             spec.drift_threshold)
+            spec = origin_spec(name, spec_meta(change.spec), origin)
             self._layers[name] = _Layer(spec, True, change.layer)
             self._deleted.discard(name)
         elif change.op == "delete":
@@ -309,17 +303,8 @@ class Persistence:
     def _capture(self, generation: int) -> tuple[dict[str, Any], Tensors]:
         """The snapshot's metadata and tensors; recorded layers are immutable, so the
         tensors can be encoded after the lock is released."""
-        layers, tensors = [], {}
-        for name, entry in self._layers.items():
-            spec = entry.spec
-            layers.append({"name": name, "kind": spec.kind, "config": spec.kwargs,
-                           "device": spec.device, "uploaded": entry.uploaded,
-                           "drift_threshold": spec.drift_threshold})
-            for key, value in entry.layer.state_dict().items():
-                tensors[f"{name}/state/{key}"] = value
-            if entry.uploaded:
-                for key, value in spec.state.items():
-                    tensors[f"{name}/origin/{key}"] = value
+        layers, tensors = snapshot_layers((name, e.spec, e.layer, e.uploaded)
+                                          for name, e in self._layers.items())
         keys = [[k, e.layer, e.digest, e.num_batches_tracked] for k, e in self._keys.recorded()]
         meta = {"format": _FORMAT, "journal": generation, "layers": layers, "keys": keys,
                 "deleted": sorted(self._deleted & self._catalog)}
@@ -388,10 +373,6 @@ def _describe(change: Change) -> tuple[dict[str, Any], Tensors] | None:
                            change.applied.num_batches_tracked]
         return (meta, tensors) if tensors or "key" in meta else None
     if change.op == "put":
-        meta |= {"kind": change.spec.kind, "config": change.spec.kwargs,
-                 "device": change.spec.device, "drift_threshold": change.spec.drift_threshold}
+        meta |= spec_meta(change.spec)
     return meta, change.layer.state_dict()
 
-
-def _pick(tensors: Tensors, prefix: str) -> Tensors:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

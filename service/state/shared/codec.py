@@ -28,23 +28,11 @@ from normcore.errors import CheckpointError
 from ...core.catalog import LayerSpec, make_layer
 from ..changes import Change, StepDelta
 from ..idempotency import Applied, KeyWindow
+from ..layer_records import origin_spec, pick, snapshot_layers, spec_meta
 from ..records import StateFileError, decode_record, encode_record
 
 FORMAT = 1
 Tensors = dict[str, torch.Tensor]
-
-
-def origin_spec(name: str, meta: dict[str, Any], state: Tensors) -> LayerSpec:
-    """The spec of a layer created through the admin API (``meta``: its kind, config,
-    device and drift threshold): a reset returns it to ``state``."""
-    return LayerSpec(name, meta["kind"], dict(meta["config"]), None, "", meta.get("device"),
-                     state, meta.get("drift_threshold"))
-
-
-def spec_meta(spec: LayerSpec) -> dict[str, Any]:
-    """What a put records of its spec (``origin_spec`` takes it back)."""
-    return {"kind": spec.kind, "config": spec.kwargs, "device": spec.device,
-            "drift_threshold": spec.drift_threshold}
 
 
 def build(spec: LayerSpec, state: Tensors, source: str) -> nn.Module:
@@ -116,17 +104,8 @@ class Entry:
 
 def encode_snapshot(seq: int, entries: dict[str, Entry], deleted: Iterable[str],
                     keys: list[tuple[str, Applied]]) -> bytes:
-    layers, tensors = [], {}
-    for name, entry in entries.items():
-        spec = entry.spec
-        layers.append({"name": name, "kind": spec.kind, "config": spec.kwargs,
-                       "device": spec.device, "uploaded": entry.uploaded,
-                       "drift_threshold": spec.drift_threshold})
-        for key, value in entry.layer.state_dict().items():
-            tensors[f"{name}/state/{key}"] = value
-        if entry.uploaded:
-            for key, value in spec.state.items():
-                tensors[f"{name}/origin/{key}"] = value
+    layers, tensors = snapshot_layers((name, e.spec, e.layer, e.uploaded)
+                                      for name, e in entries.items())
     recorded = [[k, e.layer, e.digest, e.num_batches_tracked] for k, e in keys]
     meta = {"format": FORMAT, "seq": seq, "layers": layers, "keys": recorded,
             "deleted": sorted(deleted)}
@@ -150,9 +129,9 @@ def decode_snapshot(body: bytes | None, specs: list[LayerSpec], keys: KeyWindow
             del entries[name]
         for layer in meta["layers"]:
             name = layer["name"]
-            state = _pick(tensors, f"{name}/state/")
+            state = pick(tensors, f"{name}/state/")
             if layer["uploaded"]:
-                spec = origin_spec(name, layer, _pick(tensors, f"{name}/origin/"))
+                spec = origin_spec(name, layer, pick(tensors, f"{name}/origin/"))
                 entries[name] = Entry(spec, build(spec, state, source), True)
             elif name in entries:
                 entries[name].layer = build(entries[name].spec, state, source)
@@ -162,6 +141,3 @@ def decode_snapshot(body: bytes | None, specs: list[LayerSpec], keys: KeyWindow
     except (KeyError, TypeError, ValueError) as exc:
         raise StateFileError(f"{source}: malformed ({exc!r})") from None
 
-
-def _pick(tensors: Tensors, prefix: str) -> Tensors:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -33,6 +33,7 @@ from torch import nn
 from ...core.catalog import LayerSpec
 from ..changes import Apply, Change, Folded, GroupPacer, KeyTakenError, Waiter
 from ..idempotency import KeyWindow
+from ..layer_records import origin_spec, spec_meta
 from ..records import StateFileError
 from .codec import (
     Entry,
@@ -40,8 +41,6 @@ from .codec import (
     decode_snapshot,
     encode_change,
     encode_snapshot,
-    origin_spec,
-    spec_meta,
 )
 from .pending import DatabaseUnavailableError, Pending, reason
 from .postgres import Postgres

@@ -1,0 +1,50 @@
+"""What a record or a snapshot says of a served layer, the same for the embedded journal
+(``persistence.py``) and the shared log (``shared/codec.py``): the spec of a layer put
+through the admin API, and each layer's state (plus, for such a layer, the state a reset
+returns it to) as named tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.catalog import LayerSpec
+
+Tensors = dict[str, torch.Tensor]
+
+
+def spec_meta(spec: LayerSpec) -> dict[str, Any]:
+    """What a put records of its spec (``origin_spec`` takes it back)."""
+    return {"kind": spec.kind, "config": spec.kwargs, "device": spec.device,
+            "drift_threshold": spec.drift_threshold}
+
+
+def origin_spec(name: str, meta: dict[str, Any], state: Tensors) -> LayerSpec:
+    """The spec of a layer created through the admin API (``meta``: its kind, config,
+    device and drift threshold): a reset returns it to ``state``."""
+    return LayerSpec(name, meta["kind"], dict(meta["config"]), None, "", meta.get("device"),
+                     state, meta.get("drift_threshold"))
+
+
+def snapshot_layers(layers: Iterable[tuple[str, LayerSpec, nn.Module, bool]]
+                    ) -> tuple[list[dict[str, Any]], Tensors]:
+    """The metadata and tensors of ``(name, spec, layer, uploaded)``: ``name/state/...``
+    for every layer, ``name/origin/...`` for an uploaded one (``pick`` reads them back)."""
+    metas, tensors = [], {}
+    for name, spec, layer, uploaded in layers:
+        metas.append({"name": name, **spec_meta(spec), "uploaded": uploaded})
+        for key, value in layer.state_dict().items():
+            tensors[f"{name}/state/{key}"] = value
+        if uploaded:
+            for key, value in spec.state.items():
+                tensors[f"{name}/origin/{key}"] = value
+    return metas, tensors
+
+
+def pick(tensors: Tensors, prefix: str) -> Tensors:
+    """The tensors named ``prefix...``, without the prefix."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
