@@ -10,6 +10,7 @@ of no samples sets them to NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -89,6 +90,13 @@ def run_batch_norm(
             eps, torch.backends.cudnn.enabled,
         )
         return Normalized(output, *batch_norm_stats(input)) if with_stats else output
+    if training and not with_stats and _plain_buffers(running_mean, running_var):
+        output = _train_in_place(input, running_mean, running_var, weight, bias, momentum, eps,
+                                 reject_non_finite)
+        if output is not None:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            return output
     output, stats, count = _train_pass(input, weight, bias, eps)
     if training and running_mean is not None and running_var is not None:
         if reject_non_finite:
@@ -121,6 +129,40 @@ def _train_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     stats = torch.zeros(2, input.size(1), dtype=dtype, device=input.device)
     output = torch.native_batch_norm(input, weight, bias, *stats.unbind(), True, 1.0, eps)[0]
     return output, stats, count
+
+
+def _train_in_place(input: Tensor, running_mean: Tensor, running_var: Tensor,
+                    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
+                    reject_non_finite: bool) -> Tensor | None:
+    """torch.nn's own train step, the running statistics updated inside torch's call; None
+    (and the statistics as they were) when the result is not finite.
+
+    A forward that returns no statistics needs no [2, C] buffer and no separate fold: one
+    call, as torch.nn makes it. A non-finite batch statistic always leaves a non-finite
+    running one (momentum times NaN or Inf), so checking the result and restoring a copy
+    taken first refuses what the batch-statistics check would; the caller then takes that
+    exact path, which also decides the rare case of running statistics that were not
+    finite before this step.
+    """
+    saved = torch.cat((running_mean, running_var)) if reject_non_finite else None
+    output = torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
+                              eps, input.is_cuda and torch.backends.cudnn.enabled)
+    # One reduction checks both: a NaN or Inf in either makes their dot product NaN or Inf
+    # (0 * Inf is NaN); a dot of finite values that overflows only sends the step down the
+    # exact path.
+    if saved is None or math.isfinite(float(running_mean.dot(running_var))):
+        return output
+    channels = running_mean.numel()
+    running_mean.copy_(saved[:channels])
+    running_var.copy_(saved[channels:])
+    return None
+
+
+def _plain_buffers(running_mean: Tensor | None, running_var: Tensor | None) -> bool:
+    """Both running statistics given, as a layer holds them: vectors of one dtype."""
+    return (running_mean is not None and running_var is not None
+            and running_mean.dim() == running_var.dim() == 1
+            and running_mean.dtype == running_var.dtype)
 
 
 def _biased(var: Tensor, count: int) -> Tensor:

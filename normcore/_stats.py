@@ -125,12 +125,13 @@ def stat_dtype(input: Tensor, like: Tensor | None) -> torch.dtype:
 def fold_running(running_mean: Tensor, running_var: Tensor, stats: Tensor,
                  momentum: float) -> None:
     """``update_running`` from ``stats``, a [2, C] tensor of the batch's mean and unbiased
-    variance, both buffers in one call: ``running += momentum * (batch - running)``, torch.nn's
-    update to rounding."""
+    variance, both buffers at once: ``running = (1 - momentum) * running + momentum * batch``,
+    torch.nn's formula (a lerp would differ on an infinite running value: Inf - Inf)."""
     mean, unbiased = stats.unbind()
-    torch._foreach_lerp_(
-        [running_mean, running_var],
-        [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum,
+    running = [running_mean, running_var]
+    torch._foreach_mul_(running, 1 - momentum)
+    torch._foreach_add_(
+        running, [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], alpha=momentum
     )
 
 

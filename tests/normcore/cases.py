@@ -333,6 +333,7 @@ BAD_TRAIN_INPUTS: dict[str, Callable[[tuple[int, ...]], torch.Tensor]] = {
     "NaN": lambda s: _with_value(s, math.nan),
     "Inf": lambda s: _with_value(s, math.inf),
     "-Inf": lambda s: _with_value(s, -math.inf),
+    "finite values whose variance overflows": lambda s: _with_value(s, 3e38),
     "integer dtype": lambda s: torch.ones(s, dtype=torch.long),
 }
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,6 +82,23 @@ def test_non_finite_values_can_be_allowed_per_layer() -> None:
     assert torch.equal(torch.isfinite(out), finite)
     torch.testing.assert_close(out[finite], expected[finite])
     assert torch.equal(torch.isfinite(ours.running_mean), torch.isfinite(ref.running_mean))
+
+
+@pytest.mark.parametrize("row", rows(c for c in PER_KIND if c.tracks_running_stats))
+def test_a_finite_batch_is_taken_even_if_the_running_statistics_are_not(row: Row) -> None:
+    # Only the batch's statistics are judged: a layer loaded with an Inf running variance
+    # still learns, exactly as torch.nn does.
+    layer, ref = row.pair()
+    layer.train(), ref.train()
+    for module in (layer, ref):
+        module.running_var[0] = math.inf
+    x = row.input(row.case.shapes[0])
+    torch.testing.assert_close(layer(x), ref(x))
+    for ours, theirs in ((layer.running_mean, ref.running_mean),
+                         (layer.running_var, ref.running_var)):
+        # The first cumulative step (momentum None) takes 0 * Inf: NaN in both.
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked)
 
 
 def test_eval_mode_accepts_non_finite_values_like_torch() -> None:
