@@ -18,6 +18,7 @@ import torch
 from normcore.checkpoint import load_layer_state, load_state_dict_bytes, modules_state_bytes
 
 from .. import tracing
+from ..state.changes import AWAITED_ON_LOOP
 from ..state.idempotency import KeyWindow
 from ..state.store import Outcome, Slot, Store, num_batches
 from .catalog import (
@@ -157,13 +158,19 @@ class Engine:
                     deadline: float | None = None) -> Future:
         """A train step taken now (or refused: raises, nothing applied), as a future that
         settles with its ``Outcome`` once the step is safe: at once in memory, after the
-        group commit with a change log. The event loop awaits it without a thread."""
+        group commit with a change log. For the event loop that awaits it (it may be
+        settled on that loop's thread: never block on it there)."""
         check_request_id(request_id)
         self._check_served(name, x)
-        if tracing.enabled():
-            with tracing.span("normalize", **{"normcore.layer": name, "normcore.mode": "train"}):
-                return self.store.start_train(name, x, request_id, deadline)
-        return self.store.start_train(name, x, request_id, deadline)
+        awaited = AWAITED_ON_LOOP.set(True)  # (a context manager costs more than the step)
+        try:
+            if tracing.enabled():
+                with tracing.span("normalize", **{"normcore.layer": name,
+                                                  "normcore.mode": "train"}):
+                    return self.store.start_train(name, x, request_id, deadline)
+            return self.store.start_train(name, x, request_id, deadline)
+        finally:
+            AWAITED_ON_LOOP.reset(awaited)
 
     def _check_served(self, name: str, x: torch.Tensor) -> None:
         slot = self.store.slot(name)

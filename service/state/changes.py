@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -35,6 +36,12 @@ from ..core.errors import ConflictError
 from .idempotency import Applied, KeyWindow
 
 GROUP_WINDOW = 0.002  # seconds: see GroupPacer
+
+# True while a caller on an event loop starts a change that it will await on that loop and
+# never block on (``Engine.start_train``): a log may then settle the change's waiter on that
+# loop, one call for a whole group (the journal does). Blocking on such a waiter on the
+# loop's own thread would wait forever.
+AWAITED_ON_LOOP: ContextVar[bool] = ContextVar("awaited_on_loop", default=False)
 
 
 class GroupPacer:

@@ -12,6 +12,11 @@ each request still waits for exactly one or two fsyncs.
 
 ``waiter(seq)`` is the same wait as a future, settled by one syncing thread for a whole
 group (paced by a ``GroupPacer``), so a request waiting for its record holds no thread.
+A waiter made on an event loop joins the group of everything that loop records in the
+same turn: the syncing thread is woken once per turn, not once per record, and the group's
+futures are settled on the loop in one call. Each wake-up and each settling callback run
+by the syncing thread takes the interpreter lock from the loop, which costs more than
+a small train step; with one group per turn it is paid once for many requests.
 
 A failed fsync is final. After it the kernel may have dropped the dirty pages and marked
 them clean, so a retry can "succeed" without the data ever reaching the disk (PostgreSQL's
@@ -23,6 +28,7 @@ fails the cut too may keep them), and a restart does not apply them after all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -32,7 +38,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..core.errors import UnavailableError
-from .changes import GroupPacer
+from .changes import AWAITED_ON_LOOP, GroupPacer
 from .records import StateFileError, read_frames
 
 log = logging.getLogger("normcore.service")
@@ -78,7 +84,10 @@ class Journal:
         self._synced_size = 0  # ... and known to be on disk
         self._syncing = False
         self._failed: str | None = None
-        self._futures: list[tuple[int, Future]] = []  # waiters for the syncing thread
+        # The next group commit's waiters, by the loop that settles them (None: this thread).
+        self._groups: dict[asyncio.AbstractEventLoop | None, _Group] = {}
+        self._idle = True  # the syncing thread sleeps until a waiter wakes it
+        self._wake_scheduled = False  # ... which a loop does once, after its turn
         self._syncer: threading.Thread | None = None
         self._fd = self._open(generation)
 
@@ -169,47 +178,73 @@ class Journal:
                 self._cond.notify_all()
 
     def waiter(self, seq: int) -> Future:
-        """A future settled once record ``seq`` is on disk (failed if it cannot be)."""
-        future: Future = Future()
+        """A future settled once record ``seq`` (already written) is on disk, failed if it
+        cannot be.
+
+        Every waiter of one group shares one future (it cannot be cancelled). Made while
+        a caller on an event loop awaits it (``changes.AWAITED_ON_LOOP``), it is settled on
+        that loop, and its group starts once the loop has run the callbacks that were
+        ready (the rest of this turn's requests)."""
+        loop = _running_loop() if AWAITED_ON_LOOP.get() else None
         with self._cond:
             if self._failed:
-                future.set_exception(JournalFailedError(self._refusal()))
-                return future
-            self._futures.append((seq, future))
+                return _settled_group(JournalFailedError(self._refusal()))
+            if seq <= self._synced:
+                return _settled_group(None)
+            group = self._groups.get(loop)
+            if group is None:
+                group = self._groups[loop] = _Group()
+            group.size += 1
             if self._syncer is None:
-                self._syncer = threading.Thread(target=self._settle_futures, daemon=True,
+                self._syncer = threading.Thread(target=self._settle_groups, daemon=True,
                                                 name="normcore-journal-sync")
                 self._syncer.start()
-            self._cond.notify_all()
-        return future
+            if not self._idle:
+                pass  # the syncing thread takes it once the group under way is safe
+            elif loop is None:
+                self._wake()
+            elif not self._wake_scheduled:
+                self._wake_scheduled = True
+                loop.call_soon(self._wake)
+        return group
 
-    def _settle_futures(self) -> None:
-        """The syncing thread: fsync for the waiting futures, settle every one covered."""
+    def _wake(self) -> None:
+        with self._cond:
+            self._idle = self._wake_scheduled = False
+            self._cond.notify_all()
+
+    def _settle_groups(self) -> None:
+        """The syncing thread: one fsync for every record with a waiter, then settle them.
+
+        Under load the next group gathers while the thread sleeps (``GroupPacer``) and is
+        taken without anyone waking the thread; it is woken only from idle."""
         pacer = GroupPacer()
         while True:
-            with self._cond:
-                while not self._futures and self._failed is None:
-                    self._cond.wait()
-                if not self._futures:
-                    return  # failed or closed, and no future left waiting
             pacer.wait()
             with self._cond:
-                target = max(seq for seq, _ in self._futures)
+                if not self._groups:
+                    self._idle = True
+                while self._idle and self._failed is None:
+                    self._cond.wait()
+                if not self._groups:
+                    return  # failed or closed, and no waiter left
+                # Every waiter's record was written before it asked: this fsync covers all.
+                groups, self._groups = self._groups, {}
+                target = self._written
             try:
                 self.sync(target)
                 error = None
             except JournalFailedError as exc:
                 error = exc
-            with self._cond:
-                done = [(s, f) for s, f in self._futures if error or s <= self._synced]
-                self._futures = [(s, f) for s, f in self._futures
-                                 if not error and s > self._synced]
-            pacer.wrote(len(done))
-            for _, future in sorted(done, key=lambda item: item[0]):  # in record order
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(JournalFailedError(str(error)))
+            pacer.wrote(sum(group.size for group in groups.values()))
+            for loop, group in groups.items():
+                if loop is not None:
+                    try:
+                        loop.call_soon_threadsafe(group.settle, error)
+                        continue
+                    except RuntimeError:  # the loop is closed: nobody awaits there any more
+                        pass
+                group.settle(error)
 
     def rotate(self, generation: int) -> None:
         """Make everything written durable, then continue in a new file."""
@@ -243,7 +278,35 @@ class Journal:
                 self._fd = -1
             if self._failed is None:
                 self._failed = "the journal is closed"
-            self._cond.notify_all()  # the syncing thread ends once no future is left
+            self._cond.notify_all()  # the syncing thread ends once no waiter is left
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a worker thread
+        return None
+
+
+class _Group(Future):
+    """The future that every waiter of one group commit shares."""
+
+    size = 0  # waiters
+
+    def cancel(self) -> bool:
+        return False  # one waiter may not cancel the others' wait
+
+    def settle(self, error: JournalFailedError | None) -> None:
+        if error is None:
+            self.set_result(None)
+        else:
+            self.set_exception(JournalFailedError(str(error)))
+
+
+def _settled_group(error: JournalFailedError | None) -> _Group:
+    group = _Group()
+    group.settle(error)
+    return group
 
 
 def replay(folder: Path, first: int) -> Iterator[tuple[int, bytes]]:

@@ -361,13 +361,21 @@ def _lock_folder(folder: Path) -> int:
     return fd
 
 
+def _buffers(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """``dict(layer.named_buffers())``, read straight from a layer without submodules (a
+    record per train step: the generic walk costs more than encoding the tensors)."""
+    if layer._modules:
+        return dict(layer.named_buffers())
+    return {name: t for name, t in layer._buffers.items() if t is not None}
+
+
 def _describe(change: Change) -> tuple[dict[str, Any], Tensors] | None:
     """The journal record for ``change``: (metadata, tensors), or None if nothing to keep."""
     meta: dict[str, Any] = {"op": change.op, "layer": change.name}
     if change.op == "delete":
         return meta, {}
     if change.op == "train":
-        tensors = dict(change.layer.named_buffers())  # running statistics and their count
+        tensors = _buffers(change.layer)  # running statistics and their count
         if change.key is not None and change.applied is not None:
             meta["key"] = [change.key, change.applied.digest,
                            change.applied.num_batches_tracked]

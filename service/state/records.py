@@ -92,7 +92,7 @@ def encode_record(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None 
     """``meta`` (JSON-ready) and named tensors as one payload."""
     specs, blobs = [], []
     for name, tensor in (tensors or {}).items():
-        t = tensor.detach().cpu()
+        t = tensor if tensor.is_cpu and not tensor.requires_grad else tensor.detach().cpu()
         # numpy writes the bytes in C order whatever the strides (one call per tensor: the
         # journal encodes a record per train step); it has no bfloat16, so that goes as bytes.
         raw = (t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.dtype in _NOT_NUMPY

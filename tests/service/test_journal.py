@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
 
+from service.state.changes import AWAITED_ON_LOOP
 from service.state.journal import Journal, JournalFailedError, journal_path, replay
 from service.state.records import StateFileError, decode_record, encode_record, frame, read_frames
 from service.state.snapshot import read_snapshot, snapshot_path, write_snapshot
@@ -165,6 +168,69 @@ def test_waiters_settle_after_a_covering_fsync_without_a_thread_each(tmp_path: P
     assert sorted(settled) == list(range(1, 33))
     assert len(synced) <= 3  # one fsync under way at the gate, then the rest as one group
     journal.close()
+
+
+def _awaited_on_loop(journal: Journal, records: int, pause: float = 0.0) -> list[Future]:
+    """Waiters for ``records`` new records, made as ``Engine.start_train`` makes them, with
+    ``pause`` seconds between them in which another thread may run."""
+    token = AWAITED_ON_LOOP.set(True)
+    waiters = []
+    try:
+        for _ in range(records):
+            waiters.append(journal.waiter(journal.append(frame(b"x" * 50))))
+            time.sleep(pause)
+        return waiters
+    finally:
+        AWAITED_ON_LOOP.reset(token)
+
+
+def test_waiters_awaited_on_a_loop_share_one_fsync_and_settle_on_that_loop(
+        tmp_path: Path) -> None:
+    fsyncs = []
+
+    def counted(fd: int) -> None:
+        fsyncs.append(fd)
+        os.fdatasync(fd)
+
+    journal = Journal(tmp_path, 1, fsync=counted)
+    settled_in: list[int] = []
+
+    async def one_turn() -> int:
+        waiters = _awaited_on_loop(journal, 8, pause=0.005)
+        for waiter in waiters:
+            waiter.add_done_callback(lambda _: settled_in.append(threading.get_ident()))
+        await asyncio.gather(*(asyncio.wrap_future(w) for w in waiters))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(one_turn())
+    assert settled_in == [loop_thread] * 8
+    assert len(fsyncs) == 1  # the syncing thread waited for the end of the loop's turn
+    journal.close()
+
+
+def test_a_group_cannot_be_cancelled_by_one_of_its_waiters(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, 1)
+    first, second = (journal.waiter(journal.append(frame(b"a"))) for _ in range(2))
+    first.cancel()
+    second.result(timeout=10)
+    assert not first.cancelled()
+    journal.close()
+
+
+def test_a_failed_fsync_fails_waiters_awaited_on_a_loop(tmp_path: Path) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    journal = Journal(tmp_path, 1, fsync=failing)
+
+    async def one_turn() -> list:
+        waiters = _awaited_on_loop(journal, 3)
+        return await asyncio.gather(*(asyncio.wrap_future(w) for w in waiters),
+                                    return_exceptions=True)
+
+    for outcome in asyncio.run(one_turn()):
+        assert isinstance(outcome, JournalFailedError)
+        assert "fsync failed" in str(outcome)
 
 
 def test_a_failed_fsync_fails_every_waiting_future(tmp_path: Path) -> None:
