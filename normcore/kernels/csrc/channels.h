@@ -93,9 +93,9 @@ void affine_add_sums(const T* x, T* y, int64_t n, A k, A a, A b, Sums& s) {
     int64_t i = o;
     for (; i + 2 * L <= e; i += 2 * L) {
       __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
-      const vec_t<A> u = load(x + i), v = load(x + i + L);
-      store(y + i, u * av + bv);
-      store(y + i + L, v * av + bv);
+      vec_t<A> u, v;
+      load_pair(x + i, u, v);  // add_sums's lanes, for the same sums
+      store_pair(y + i, u * av + bv, v * av + bv);
       const vec_t<A> d = u - kv, f = v - kv;
       a1 += d;
       c1 += f;

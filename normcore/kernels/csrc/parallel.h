@@ -85,7 +85,7 @@ inline double seconds() {
 // that follows a forward pass over the same data (BatchNorm's normalization after its
 // statistics) then starts on what that pass read last, which is still in the core's cache,
 // instead of on what it read first, which the rest has pushed out (at 4 MB, the size of
-// the L2 caches, a fifth off the train step, measured on a Sapphire Rapids VM).
+// the L2 caches, a train step 3-12% faster, measured on a Sapphire Rapids VM).
 template <bool kBackward = false, class Body>
 void parallel_chunks(int64_t n, int threads, const Body& body) {
   const int team = static_cast<int>(std::min<int64_t>(threads, n));
