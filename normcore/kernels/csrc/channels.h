@@ -93,9 +93,9 @@ void affine_add_sums(const T* x, T* y, int64_t n, A k, A a, A b, Sums& s) {
     int64_t i = o;
     for (; i + 2 * L <= e; i += 2 * L) {
       __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
-      const vec_t<A> u = load(x + i), v = load(x + i + L);
-      store(y + i, u * av + bv);
-      store(y + i + L, v * av + bv);
+      vec_t<A> u, v;
+      load_pair(x + i, u, v);  // add_sums's lanes, for the same sums
+      store_pair(y + i, u * av + bv, v * av + bv);
       const vec_t<A> d = u - kv, f = v - kv;
       a1 += d;
       c1 += f;
@@ -192,7 +192,8 @@ void channel_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A*
     const int64_t chunks = std::max<int64_t>(1, total / kChunk);
     with_stream<T>(total, [&](auto stream) {
       const int64_t base = total / chunks, extra = total % chunks;
-      parallel_chunks(chunks, threads, [&](int64_t chunk) {
+      // Backward: the statistics pass before this one left its last values in cache.
+      parallel_chunks<true>(chunks, threads, [&](int64_t chunk) {
         int64_t lo = chunk * base + std::min(chunk, extra);
         const int64_t hi = lo + base + (chunk < extra);
         while (lo < hi) {  // a chunk may start or end inside a plane
@@ -214,7 +215,7 @@ void channel_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A*
     for (int64_t j = 0; j < width; ++j) bc[j] -= kc[j] * ac[j];  // see affine_row
   const int64_t rows = std::max<int64_t>(1, kChunk / width);
   with_stream<T>(total, [&](auto stream) {
-    parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
+    parallel_chunks<true>(ceil_div(N, rows), threads, [&](int64_t chunk) {
       const int64_t end = std::min(N, (chunk + 1) * rows);
       for (int64_t row = chunk * rows; row < end; ++row)
         affine_row<stream>(x + row * width, y + row * width, width, kc.data(), ac.data(),

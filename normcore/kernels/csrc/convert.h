@@ -185,8 +185,9 @@ inline vec_t<float> load(const f16* p) {
 inline void store(float* p, vec_t<float> v) { std::memcpy(p, &v, sizeof v); }
 inline void store(double* p, vec_t<double> v) { std::memcpy(p, &v, sizeof v); }
 
-inline void store(bf16* p, vec_t<float> v) {
 #if defined(__AVX512F__)
+// The 16 bfloat16 values of v, rounded to nearest even (NaN stays a quiet NaN).
+inline __m256i bf16_words(vec_t<float> v) {
   __m512 f;
   std::memcpy(&f, &v, sizeof f);
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
@@ -194,8 +195,9 @@ inline void store(bf16* p, vec_t<float> v) {
   // subnormal inputs to zero: vectors with one (0x20: the denormal class) round in integers.
   if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0x20) == 0, 1)) {
     const __m256bh h = _mm512_cvtneps_pbh(f);
-    std::memcpy(p, &h, sizeof h);
-    return;
+    __m256i w;
+    std::memcpy(&w, &h, sizeof w);
+    return w;
   }
 #endif
   const __m512i u = _mm512_castps_si512(f);
@@ -204,7 +206,13 @@ inline void store(bf16* p, vec_t<float> v) {
   __m512i r = _mm512_srli_epi32(up, 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
                             _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+inline void store(bf16* p, vec_t<float> v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_words(v));
 #else
   u32x16 u;
   std::memcpy(&u, &v, sizeof u);
@@ -232,6 +240,67 @@ inline void store(f16* p, vec_t<float> v) {
                    _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int i = 0; i < 16; ++i) p[i].bits = float_to_half_bits(v[i]);
+#endif
+}
+
+// --- two vectors ----------------------------------------------------------------------------
+//
+// load_pair fills two vectors of compute lanes from the 2 * kLanesOf<acc_t<T>> values at p,
+// store_pair writes them back in the same order. For most types that is two loads (two
+// stores). A bfloat16 is the upper half of a float32, so one 64-byte load of 32 of them
+// holds the odd-indexed values in place (mask the lower halves off) and the even-indexed
+// ones a shift away: one integer operation per vector instead of a widening and a shift.
+// The lanes are then permuted (u: values 0, 2, 4, ...; v: 1, 3, 5, ...), which sums do not
+// mind, nor a map that treats every lane alike, and store_pair puts them back in order.
+
+template <class T, class A = acc_t<T>>
+inline void load_pair(const T* p, vec_t<A>& u, vec_t<A>& v) {
+  u = load(p);
+  v = load(p + kLanesOf<A>);
+}
+
+inline void load_pair(const bf16* p, vec_t<float>& u, vec_t<float>& v) {
+  u32x16 w;
+  std::memcpy(&w, p, sizeof w);
+  const u32x16 even = w << 16, odd = w & 0xFFFF0000u;
+  std::memcpy(&u, &even, sizeof u);
+  std::memcpy(&v, &odd, sizeof v);
+}
+
+template <class T, class A = acc_t<T>>
+inline void store_pair(T* p, vec_t<A> u, vec_t<A> v) {
+  store(p, u);
+  store(p + kLanesOf<A>, v);
+}
+
+inline void store_pair(bf16* p, vec_t<float> u, vec_t<float> v) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // Rounded words of u in the lower half, of v in the upper one, interleaved by one permute.
+  __m512i words;
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  __m512 fu, fv;
+  std::memcpy(&fu, &u, sizeof fu);
+  std::memcpy(&fv, &v, sizeof fv);
+  // One instruction for both, unless one has a subnormal (bf16_words).
+  if (__builtin_expect(
+          (_mm512_fpclass_ps_mask(fu, 0x20) | _mm512_fpclass_ps_mask(fv, 0x20)) == 0, 1)) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(fv, fu);
+    std::memcpy(&words, &h, sizeof words);
+  } else
+#endif
+  words = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_words(u)), bf16_words(v), 1);
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                         25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                         18, 2, 17, 1, 16, 0);
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(order, words));
+#else
+  bf16 even[16], odd[16];
+  store(even, u);
+  store(odd, v);
+  for (int i = 0; i < 16; ++i) {
+    p[2 * i] = even[i];
+    p[2 * i + 1] = odd[i];
+  }
 #endif
 }
 

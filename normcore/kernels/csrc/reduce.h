@@ -86,6 +86,18 @@ inline void put(T* p, vec_t<acc_t<T>> v) {
   stream_bytes<kStoreBytes<T>>(p, reinterpret_cast<const char*>(out));
 }
 
+// put for the two vectors of a load_pair (convert.h).
+template <bool kStream, class T>
+inline void put_pair(T* p, vec_t<acc_t<T>> u, vec_t<acc_t<T>> v) {
+  if (!kStream) return store_pair(p, u, v);
+  constexpr int n = 2 * kLanesOf<acc_t<T>>;
+  alignas(kVecBytes) T out[n];
+  store_pair(out, u, v);
+  const char* s = reinterpret_cast<const char*>(out);
+  stream_bytes<kStoreBytes<T>>(p, s);
+  stream_bytes<kStoreBytes<T>>(p + n / 2, s + kStoreBytes<T>);
+}
+
 // Values before the first aligned vector address from y + i0 (streamed stores need it).
 template <bool kStream, class T>
 inline int64_t head(const T* y, int64_t i0, int64_t i1) {
@@ -157,7 +169,9 @@ void add_sums(const T* x, int64_t n, acc_t<T> k, Sums& s) {
     int64_t i = b;
     for (; i + 2 * L <= e; i += 2 * L) {
       __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
-      const vec_t<A> d = load(x + i) - kv, f = load(x + i + L) - kv;
+      vec_t<A> u, v;
+      load_pair(x + i, u, v);  // for bfloat16, permuted lanes (convert.h)
+      const vec_t<A> d = u - kv, f = v - kv;
       if (kMean) {
         a1 += d;
         c1 += f;
@@ -210,11 +224,14 @@ inline void affine(const T* x, T* y, int64_t n, acc_t<T> k, acc_t<T> a, acc_t<T>
   };
   int64_t i = 0;
   for (const int64_t h = head<kStream>(y, 0, n); i < h; ++i) one(i);
-  for (; i + L <= n; i += L) {
+  auto map = [&](vec_t<A> v) { return kShiftOut<T> ? (v - kv) * av + bv : v * av + bv; };
+  for (; i + 2 * L <= n; i += 2 * L) {  // in pairs: for bfloat16, cheaper (convert.h)
     __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetch, 0, 3);
-    const vec_t<A> v = load(x + i);
-    put<kStream>(y + i, kShiftOut<T> ? (v - kv) * av + bv : v * av + bv);
+    vec_t<A> u, v;
+    load_pair(x + i, u, v);
+    put_pair<kStream>(y + i, map(u), map(v));
   }
+  for (; i + L <= n; i += L) put<kStream>(y + i, map(load(x + i)));
   for (; i < n; ++i) one(i);
 }
 
