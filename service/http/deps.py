@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import Future
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -129,13 +131,41 @@ async def normalize_tensor(request: Request, name: str, x, mode: str,
         except (RequestTimeoutError, KeyInFlightError):
             pass  # busy, and nothing was applied: wait for it in a worker thread
         else:
-            if step.done():
-                return step.result()
-            # Shielded: a request cancelled meanwhile leaves the step to finish and be safe.
-            return await asyncio.shield(asyncio.wrap_future(step))
+            return step.result() if step.done() else await _settled(step)
     deadline = time.monotonic() + state.settings.request_timeout
     return await run_step(elements, mode == "train", engine.normalize, name, x, mode,
                           request_id, deadline)
+
+
+async def _settled(step: Future) -> Outcome:
+    """The outcome of a step under way. A durable step settles on this loop (the journal
+    settles a group there), so its outcome is handed over directly, one future and no
+    extra loop turn; ``asyncio.wrap_future`` would always go through call_soon_threadsafe.
+    A request cancelled meanwhile does not cancel the step: it finishes and is made safe."""
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    waiting = loop.create_future()
+
+    def hand_over(done: Future) -> None:
+        if threading.get_ident() == loop_thread:
+            _copy_outcome(done, waiting)
+        else:
+            loop.call_soon_threadsafe(_copy_outcome, done, waiting)
+
+    step.add_done_callback(hand_over)
+    return await waiting
+
+
+def _copy_outcome(done: Future, waiting: asyncio.Future) -> None:
+    if waiting.cancelled():
+        return
+    if done.cancelled():
+        waiting.cancel()
+        return
+    error = done.exception()
+    if error is None:
+        waiting.set_result(done.result())
+    else:
+        waiting.set_exception(error)
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
