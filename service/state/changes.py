@@ -45,9 +45,9 @@ AWAITED_ON_LOOP: ContextVar[bool] = ContextVar("awaited_on_loop", default=False)
 
 
 class GroupPacer:
-    """Paces a log's group commits. Under concurrent load (the last group held several
-    changes) the next group gathers until ``GROUP_WINDOW`` after the previous write ends:
-    each write costs CPU (an fsync, a database transaction) whatever it covers. A lone
+    """Paces a shared log's group commits. Under concurrent load (the last group held
+    several changes) the next group gathers until ``GROUP_WINDOW`` after the previous write
+    ends: each database transaction costs far more CPU than the changes it carries. A lone
     client never waits."""
 
     def __init__(self) -> None:
@@ -55,7 +55,9 @@ class GroupPacer:
 
     def wait(self) -> None:
         if self._size > 1:
-            time.sleep(max(0.0, self._end + GROUP_WINDOW - time.monotonic()))
+            delay = self._end + GROUP_WINDOW - time.monotonic()
+            if delay > 0:  # (a sleep of 0 still hands the interpreter lock over)
+                time.sleep(delay)
 
     def wrote(self, size: int) -> None:
         self._end, self._size = time.monotonic(), size

@@ -11,12 +11,14 @@ While one fsync runs the next batch gathers, so throughput holds under concurren
 each request still waits for exactly one or two fsyncs.
 
 ``waiter(seq)`` is the same wait as a future, settled by one syncing thread for a whole
-group (paced by a ``GroupPacer``), so a request waiting for its record holds no thread.
-A waiter made on an event loop joins the group of everything that loop records in the
-same turn: the syncing thread is woken once per turn, not once per record, and the group's
-futures are settled on the loop in one call. Each wake-up and each settling callback run
-by the syncing thread takes the interpreter lock from the loop, which costs more than
-a small train step; with one group per turn it is paid once for many requests.
+group, so a request waiting for its record holds no thread. A waiter made on an event loop
+joins the group of everything that loop records in the same turn: the syncing thread is
+woken once per turn (and only from idle: while an fsync runs, the next group gathers), and
+the group is settled on the loop in one call. Each wake-up of the syncing thread and each
+callback it runs takes the interpreter lock from the loop, which costs more than a small
+train step; once per group it is paid once for many requests. The group is not held open
+any longer (as ``GroupPacer`` holds a database's): an fsync here costs less than a sleep's
+extra wake-up.
 
 A failed fsync is final. After it the kernel may have dropped the dirty pages and marked
 them clean, so a retry can "succeed" without the data ever reaching the disk (PostgreSQL's
@@ -38,7 +40,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..core.errors import UnavailableError
-from .changes import AWAITED_ON_LOOP, GroupPacer
+from .changes import AWAITED_ON_LOOP
 from .records import StateFileError, read_frames
 
 log = logging.getLogger("normcore.service")
@@ -194,7 +196,6 @@ class Journal:
             group = self._groups.get(loop)
             if group is None:
                 group = self._groups[loop] = _Group()
-            group.size += 1
             if self._syncer is None:
                 self._syncer = threading.Thread(target=self._settle_groups, daemon=True,
                                                 name="normcore-journal-sync")
@@ -215,12 +216,9 @@ class Journal:
 
     def _settle_groups(self) -> None:
         """The syncing thread: one fsync for every record with a waiter, then settle them.
-
-        Under load the next group gathers while the thread sleeps (``GroupPacer``) and is
-        taken without anyone waking the thread; it is woken only from idle."""
-        pacer = GroupPacer()
+        Under load the next group has gathered by the time the fsync ends, and is taken
+        without anyone waking the thread."""
         while True:
-            pacer.wait()
             with self._cond:
                 if not self._groups:
                     self._idle = True
@@ -236,7 +234,6 @@ class Journal:
                 error = None
             except JournalFailedError as exc:
                 error = exc
-            pacer.wrote(sum(group.size for group in groups.values()))
             for loop, group in groups.items():
                 if loop is not None:
                     try:
@@ -290,8 +287,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 class _Group(Future):
     """The future that every waiter of one group commit shares."""
-
-    size = 0  # waiters
 
     def cancel(self) -> bool:
         return False  # one waiter may not cancel the others' wait

@@ -339,19 +339,3 @@ def test_a_failed_write_keeps_the_records_an_fsync_under_way_covers(tmp_path: Pa
     assert acknowledged == [True]
     payloads, _ = read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")
     assert payloads == [b"acknowledged"]  # still there: it was acknowledged
-
-
-def test_groups_gather_only_under_concurrent_load(monkeypatch) -> None:
-    from service.state import changes
-
-    slept = []
-    monkeypatch.setattr(changes.time, "sleep", slept.append)
-    pacer = changes.GroupPacer()
-    pacer.wait()  # the first group goes at once
-    pacer.wrote(1)
-    pacer.wait()  # a lone client's next record too
-    assert slept == []
-    pacer.wrote(5)
-    pacer.wait()  # several at once: the next group gathers until the window has passed
-    assert len(slept) == 1
-    assert 0 < slept[0] <= changes.GROUP_WINDOW

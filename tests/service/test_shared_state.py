@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from service.core.catalog import LayerSpec, load_catalog, make_layer
+from service.state import changes
 from service.state.shared import Postgres, SharedLog
 from service.state.store import Store
 
@@ -239,3 +240,17 @@ def test_a_step_that_can_start_at_once_is_taken_with_a_deadline_of_now(replicas)
     assert outcome.num_batches_tracked == 1
     torch.testing.assert_close(outcome.output, torch.nn.BatchNorm1d(64)(x), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_groups_gather_only_under_concurrent_load(monkeypatch) -> None:
+    slept = []
+    monkeypatch.setattr(changes.time, "sleep", slept.append)
+    pacer = changes.GroupPacer()
+    pacer.wait()  # the first group goes at once
+    pacer.wrote(1)
+    pacer.wait()  # a lone client's next record too
+    assert slept == []
+    pacer.wrote(5)
+    pacer.wait()  # several at once: the next group gathers until the window has passed
+    assert len(slept) == 1
+    assert 0 < slept[0] <= changes.GROUP_WINDOW
