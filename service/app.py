@@ -41,6 +41,7 @@ from .wire.tensors import Limits
 
 log = logging.getLogger("normcore.service")
 
+YOUNG_COLLECTION_THRESHOLD = 10_000  # allocations between collections (see _load)
 # What a browser may send cross-origin: the token, bodies (compressed, V2 binary) and ids.
 CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept-Encoding",
                 "Inference-Header-Content-Length", "X-Request-ID"]
@@ -79,6 +80,11 @@ def _load(app: FastAPI, specs: list[LayerSpec] | None, background: bool = False)
     # trigger often, from walking millions of long-lived objects each time.
     gc.collect()
     gc.freeze()
+    # The youngest generation is collected after 700 net allocations by default: a few
+    # requests in flight (their bodies, futures and replies) pass that, so a collection
+    # ran every request or two and walked them all. Ten thousand keeps the collector for
+    # real garbage cycles at a few kilobytes of memory.
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
     app.state.ready = True
     log.info("serving %d layers on %s", engine.layer_count(),
              engine.server_info().default_device)
