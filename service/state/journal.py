@@ -89,7 +89,7 @@ class Journal:
         # The next group commit's waiters, by the loop that settles them (None: this thread).
         self._groups: dict[asyncio.AbstractEventLoop | None, _Group] = {}
         self._idle = True  # the syncing thread sleeps until a waiter wakes it
-        self._wake_scheduled = False  # ... which a loop does once, after its turn
+        self._wake_on: asyncio.AbstractEventLoop | None = None  # a loop's turn ends first
         self._syncer: threading.Thread | None = None
         self._fd = self._open(generation)
 
@@ -204,14 +204,14 @@ class Journal:
                 pass  # the syncing thread takes it once the group under way is safe
             elif loop is None:
                 self._wake()
-            elif not self._wake_scheduled:
-                self._wake_scheduled = True
+            elif self._wake_on is not loop:  # once per turn (per loop: one may be closing)
+                self._wake_on = loop
                 loop.call_soon(self._wake)
         return group
 
     def _wake(self) -> None:
         with self._cond:
-            self._idle = self._wake_scheduled = False
+            self._idle, self._wake_on = False, None
             self._cond.notify_all()
 
     def _settle_groups(self) -> None:
