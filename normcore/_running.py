@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._stats import (
+    REDUCED,
     Normalized,
     check_finite,
     check_per_channel,
@@ -91,8 +92,8 @@ def run_batch_norm(
         )
         return Normalized(output, *batch_norm_stats(input)) if with_stats else output
     if training and not with_stats and _plain_buffers(running_mean, running_var):
-        output = _train_in_place(input, running_mean, running_var, weight, bias, momentum, eps,
-                                 reject_non_finite)
+        output = _train_in_place(torch.batch_norm, input, running_mean, running_var, weight,
+                                 bias, momentum, eps, reject_non_finite)
         if output is not None:
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
@@ -131,11 +132,12 @@ def _train_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     return output, stats, count
 
 
-def _train_in_place(input: Tensor, running_mean: Tensor, running_var: Tensor,
+def _train_in_place(norm, input: Tensor, running_mean: Tensor, running_var: Tensor,
                     weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
                     reject_non_finite: bool) -> Tensor | None:
-    """torch.nn's own train step, the running statistics updated inside torch's call; None
-    (and the statistics as they were) when the result is not finite.
+    """torch.nn's own train step (``norm``: torch.batch_norm or torch.instance_norm), the
+    running statistics updated inside torch's call; None (and the statistics as they were)
+    when the result is not finite.
 
     A forward that returns no statistics needs no [2, C] buffer and no separate fold: one
     call, as torch.nn makes it. A non-finite batch statistic always leaves a non-finite
@@ -145,8 +147,8 @@ def _train_in_place(input: Tensor, running_mean: Tensor, running_var: Tensor,
     finite before this step.
     """
     saved = torch.cat((running_mean, running_var)) if reject_non_finite else None
-    output = torch.batch_norm(input, weight, bias, running_mean, running_var, True, momentum,
-                              eps, input.is_cuda and torch.backends.cudnn.enabled)
+    output = norm(input, weight, bias, running_mean, running_var, True, momentum, eps,
+                  input.is_cuda and torch.backends.cudnn.enabled)
     # One reduction checks both: a NaN or Inf in either makes their dot product NaN or Inf
     # (0 * Inf is NaN); a dot of finite values that overflows only sends the step down the
     # exact path.
@@ -263,6 +265,14 @@ def run_instance_norm(
     check_per_channel(
         channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
+    # (Not for float16/bfloat16: torch.instance_norm folds their statistics in at their own
+    # precision; normcore's running statistics accumulate in float32.)
+    if (use_input_stats and not with_stats and input.dtype not in REDUCED
+            and _plain_buffers(running_mean, running_var)):
+        output = _train_in_place(torch.instance_norm, input, running_mean, running_var, weight,
+                                 bias, momentum, eps, reject_non_finite)
+        if output is not None:
+            return output
     if not use_input_stats and not with_stats:
         return _instance_norm_eval(input, running_mean, running_var, weight, bias, momentum, eps)
     update = use_input_stats and running_mean is not None and running_var is not None
