@@ -138,3 +138,27 @@ def test_eval_during_a_train_step_sees_the_state_before_it(
     after = store.slot("stream.bn").layer
     assert int(after.num_batches_tracked) == 1
     assert not torch.equal(after.running_mean, before["running_mean"])
+
+
+def test_a_request_that_goes_away_leaves_its_step_to_finish() -> None:
+    """The route awaits a durable step through ``_settled``: cancelling the request must not
+    cancel the step, and a step settled on the loop or in another thread hands over."""
+    from concurrent.futures import Future
+
+    from service.http.deps import _settled
+
+    async def scenario() -> tuple[str, str]:
+        gone, on_loop, elsewhere = Future(), Future(), Future()
+        request = asyncio.ensure_future(_settled(gone))
+        await asyncio.sleep(0)
+        request.cancel()  # the client went away
+        await asyncio.sleep(0)
+        assert not gone.cancelled()
+        gone.set_result("applied")  # the step finishes all the same
+        waiting = asyncio.ensure_future(_settled(on_loop))
+        await asyncio.sleep(0)
+        on_loop.set_result("settled on the loop")  # as the journal settles a group
+        threading.Thread(target=elsewhere.set_result, args=("settled in a thread",)).start()
+        return await waiting, await _settled(elsewhere)
+
+    assert asyncio.run(scenario()) == ("settled on the loop", "settled in a thread")
