@@ -11,7 +11,7 @@ of no samples sets them to NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -132,9 +132,9 @@ def _train_pass(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     return output, stats, count
 
 
-def _train_in_place(norm, input: Tensor, running_mean: Tensor, running_var: Tensor,
-                    weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
-                    reject_non_finite: bool) -> Tensor | None:
+def _train_in_place(norm: Callable[..., Tensor], input: Tensor, running_mean: Tensor,
+                    running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                    momentum: float, eps: float, reject_non_finite: bool) -> Tensor | None:
     """torch.nn's own train step (``norm``: torch.batch_norm or torch.instance_norm), the
     running statistics updated inside torch's call; None (and the statistics as they were)
     when the result is not finite.

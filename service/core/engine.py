@@ -162,7 +162,7 @@ class Engine:
         settled on that loop's thread: never block on it there)."""
         check_request_id(request_id)
         self._check_served(name, x)
-        awaited = AWAITED_ON_LOOP.set(True)  # (a context manager costs more than the step)
+        awaited = AWAITED_ON_LOOP.set(True)  # by hand: a context manager costs microseconds
         try:
             if tracing.enabled():
                 with tracing.span("normalize", **{"normcore.layer": name,
