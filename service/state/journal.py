@@ -220,9 +220,11 @@ class Journal:
         without anyone waking the thread."""
         while True:
             with self._cond:
-                if not self._groups:
-                    self._idle = True
-                while self._idle and self._failed is None:
+                while self._failed is None:
+                    if not self._groups:  # (a wake may find none: another took them)
+                        self._idle = True
+                    if not self._idle:
+                        break
                     self._cond.wait()
                 if not self._groups:
                     return  # failed or closed, and no waiter left

@@ -208,6 +208,21 @@ def test_waiters_awaited_on_a_loop_share_one_fsync_and_settle_on_that_loop(
     journal.close()
 
 
+def test_a_wake_that_finds_no_group_leaves_the_syncing_thread_serving(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, 1)
+
+    async def turns() -> None:
+        first = _awaited_on_loop(journal, 1)  # the loop will wake the thread after this turn
+        # ... but a worker thread's record wakes it at once, and it takes both groups
+        journal.waiter(journal.append(frame(b"from a thread"))).result(timeout=10)
+        await asyncio.wait_for(asyncio.wrap_future(first[0]), 10)  # the loop's wake: no group
+        later = _awaited_on_loop(journal, 1)
+        await asyncio.wait_for(asyncio.wrap_future(later[0]), 10)
+
+    asyncio.run(turns())
+    journal.close()
+
+
 def test_a_group_cannot_be_cancelled_by_one_of_its_waiters(tmp_path: Path) -> None:
     journal = Journal(tmp_path, 1)
     first, second = (journal.waiter(journal.append(frame(b"a"))) for _ in range(2))
