@@ -20,6 +20,7 @@ from tests.server_process import ServerError, service_process
 
 from .conftest import make_client
 from .reference import twin_of
+from .v2_helpers import batch_stats
 
 pytestmark = [
     pytest.mark.cuda,
@@ -81,20 +82,9 @@ def normalize(http, layer: str, x: torch.Tensor, mode: str, **extra) -> dict:
 
 def expected_stats(kind: str, layer: torch.nn.Module, x: torch.Tensor) -> dict:
     """What the layer normalizes ``x`` with, in float64 (biased variance), by /normalize
-    name (V2 names add ``batch_``)."""
-    x = x.double()
-    if kind.startswith("BatchNorm"):
-        dims = [d for d in range(x.dim()) if d != 1]
-    elif kind.startswith("InstanceNorm"):
-        dims = list(range(2, x.dim()))
-    elif kind == "GroupNorm":
-        x, dims = x.reshape(x.shape[0], layer.num_groups, -1), [2]
-    else:  # LayerNorm, RMSNorm
-        dims = list(range(x.dim() - len(layer.normalized_shape), x.dim()))
-    if kind == "RMSNorm":
-        return {"mean_square": x.pow(2).mean(dims)}
-    var, mean = torch.var_mean(x, dims, correction=0)
-    return {"mean": mean, "var": var}
+    name (V2's names without ``batch_``)."""
+    return {name.removeprefix("batch_"): value
+            for name, value in batch_stats(kind, layer, x).items()}
 
 
 def check_step(got: torch.Tensor, stats: dict, reference: torch.nn.Module, x: torch.Tensor,
