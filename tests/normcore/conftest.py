@@ -4,6 +4,7 @@ The kernel suites get a spy on the extension module, two threads, and streamed o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -14,17 +15,23 @@ from normcore.kernels import _loader
 from .checks import Spy
 
 
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> Iterator[None]:
     # The suite's tensors are tiny: threads add nothing to them, and on a machine busier
     # than its cores every parallel region in torch can stall for a scheduler time slice.
     # Tests of the parallel paths set their own thread counts.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["kernels", "torch"])
@@ -56,12 +63,8 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
 @pytest.fixture
 def two_threads() -> Iterator[None]:
     """The kernels' parallel paths: the suite otherwise runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with _torch_threads(2):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["cached", "streamed"])
