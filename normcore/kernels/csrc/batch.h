@@ -121,20 +121,15 @@ void instance_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, con
   std::vector<A> scale(C), shift(C);
   eval_scale(C, w, b, rm, rv, eps, scale.data(), shift.data());
   const bool stream = streaming(N * C * HW * static_cast<int64_t>(sizeof(T)));
-  const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
-  const int64_t pieces = N * C * segs, per_chunk = std::max<int64_t>(1, kChunk / seg);
-  std::vector<Sums> part(pieces);
-  parallel_chunks(ceil_div(pieces, per_chunk), threads, [&](int64_t chunk) {
-    const int64_t end = std::min(pieces, (chunk + 1) * per_chunk);
-    for (int64_t q = chunk * per_chunk; q < end; ++q) {
-      const int64_t plane = q / segs, lo = q % segs * seg, len = std::min(seg, HW - lo);
-      const int64_t c = plane % C, at = plane * HW + lo;
-      const A k = widen(x[plane * HW]);
-      if (stream)
-        add_sums<true>(x + at, len, k, part[q]);
-      else
-        affine_add_sums(x + at, y + at, len, k, scale[c], shift[c], part[q]);
-    }
+  const PlanePieces pieces(N * C, HW);
+  std::vector<Sums> part(pieces.count);
+  pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
+    const int64_t c = plane % C;
+    const A k = widen(x[plane * HW]);
+    if (stream)
+      add_sums<true>(x + at, len, k, part[q]);
+    else
+      affine_add_sums(x + at, y + at, len, k, scale[c], shift[c], part[q]);
   });
   if (stream) {
     const std::vector<A> zero(C, A{0});
@@ -142,7 +137,7 @@ void instance_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, con
   }
   for (int64_t plane = 0; plane < N * C; ++plane) {
     Sums s;
-    for (int64_t i = 0; i < segs; ++i) s += part[plane * segs + i];
+    for (int64_t i = 0; i < pieces.segs; ++i) s += part[plane * pieces.segs + i];
     const Moments m = moments(s, HW, widen(x[plane * HW]));
     mean[plane] = static_cast<A>(m.mean);
     var[plane] = static_cast<A>(m.var);

@@ -19,6 +19,31 @@ constexpr int64_t kPlanarMin = 64;  // shorter channel planes are reduced as col
 constexpr int kColumnRows = 128;    // rows summed in acc_t<T> per column before a double add
 constexpr int64_t kColumnScratch = int64_t{1} << 22;  // Sums of per-chunk column partials
 
+// The N * C planes of HW values cut into pieces of at most about kChunk values (a long
+// plane into several), handed out to the threads a chunk of about kChunk values at a time.
+struct PlanePieces {
+  int64_t HW, segs, seg, count;  // pieces per plane, values per piece, pieces in all
+
+  PlanePieces(int64_t planes, int64_t hw)
+      : HW(hw), segs(std::max<int64_t>(1, hw / kChunk)), seg(ceil_div(hw, segs)),
+        count(planes * segs) {}
+
+  int64_t plane(int64_t piece) const { return piece / segs; }
+
+  // body(piece, plane, offset of its first value, its length) for every piece.
+  template <class Body>
+  void each(int threads, const Body& body) const {
+    const int64_t per_chunk = std::max<int64_t>(1, kChunk / seg);
+    parallel_chunks(ceil_div(count, per_chunk), threads, [&](int64_t chunk) {
+      const int64_t end = std::min(count, (chunk + 1) * per_chunk);
+      for (int64_t q = chunk * per_chunk; q < end; ++q) {
+        const int64_t p = q / segs, lo = q % segs * seg;
+        body(q, p, p * HW + lo, std::min(seg, HW - lo));
+      }
+    });
+  }
+};
+
 // Channels of HW >= kPlanarMin values are reduced plane by plane, cut into pieces of at
 // most about kChunk values; shorter ones (BatchNorm1d on [N, C], channels_last) as the
 // columns of an [N, C*HW] matrix, vectorized along its rows. Every value is shifted by its
@@ -29,17 +54,12 @@ std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, con
   constexpr int L = kLanesOf<A>;
   std::vector<Sums> out(C);
   if (HW >= kPlanarMin) {
-    const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
-    const int64_t pieces = N * C * segs, per_chunk = std::max<int64_t>(1, kChunk / seg);
-    std::vector<Sums> part(pieces);
-    parallel_chunks(ceil_div(pieces, per_chunk), threads, [&](int64_t chunk) {
-      const int64_t end = std::min(pieces, (chunk + 1) * per_chunk);
-      for (int64_t q = chunk * per_chunk; q < end; ++q) {
-        const int64_t plane = q / segs, lo = q % segs * seg, len = std::min(seg, HW - lo);
-        add_sums<true>(x + plane * HW + lo, len, k[plane % C], part[q]);
-      }
+    const PlanePieces pieces(N * C, HW);
+    std::vector<Sums> part(pieces.count);
+    pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
+      add_sums<true>(x + at, len, k[plane % C], part[q]);
     });
-    for (int64_t q = 0; q < pieces; ++q) out[q / segs % C] += part[q];
+    for (int64_t q = 0; q < pieces.count; ++q) out[pieces.plane(q) % C] += part[q];
     return out;
   }
   const int64_t width = C * HW;
@@ -124,18 +144,13 @@ std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, in
   constexpr int L = kLanesOf<A>;
   std::vector<Sums> out(C);
   if (HW >= kPlanarMin) {
-    const int64_t segs = std::max<int64_t>(1, HW / kChunk), seg = ceil_div(HW, segs);
-    const int64_t pieces = N * C * segs, per_chunk = std::max<int64_t>(1, kChunk / seg);
-    std::vector<Sums> part(pieces);
-    parallel_chunks(ceil_div(pieces, per_chunk), threads, [&](int64_t chunk) {
-      const int64_t end = std::min(pieces, (chunk + 1) * per_chunk);
-      for (int64_t q = chunk * per_chunk; q < end; ++q) {
-        const int64_t plane = q / segs, lo = q % segs * seg, len = std::min(seg, HW - lo);
-        const int64_t c = plane % C, at = plane * HW + lo;
-        affine_add_sums(x + at, y + at, len, k[c], a[c], b[c], part[q]);
-      }
+    const PlanePieces pieces(N * C, HW);
+    std::vector<Sums> part(pieces.count);
+    pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
+      const int64_t c = plane % C;
+      affine_add_sums(x + at, y + at, len, k[c], a[c], b[c], part[q]);
     });
-    for (int64_t q = 0; q < pieces; ++q) out[q / segs % C] += part[q];
+    for (int64_t q = 0; q < pieces.count; ++q) out[pieces.plane(q) % C] += part[q];
     return out;
   }
   const int64_t width = C * HW;
