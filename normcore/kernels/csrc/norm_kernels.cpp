@@ -87,24 +87,31 @@ PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// The two entry points of an eval with statistics take the same arguments; `kernel` is
+// the table's function for one of them.
+PyObject* eval_stats(decltype(Table::batch_eval_stats) Table::*kernel, const char* name,
+                     PyObject* const* args, Py_ssize_t nargs) {
+  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
+  int64_t dtype, N, C, HW, threads;
+  double eps;
+  if (!parse(args, nargs, name, "tppnnnppppdppn", &dtype, &x, &y, &N, &C, &HW, &w, &b, &rm,
+             &rv, &eps, &mean, &var, &threads))
+    return nullptr;
+  {
+    Unlocked unlocked(N * C * HW);
+    (table(dtype).*kernel)(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
+                           static_cast<int>(threads));
+  }
+  Py_RETURN_NONE;
+}
+
 // batch_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var, eps,
 //                       mean, var, threads)
 // batch_norm_eval's y, and the batch statistics per channel into mean/var as
 // batch_norm_train computes them, in the same read of x: what normalize() in eval mode
 // returns.
 PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
-  int64_t dtype, N, C, HW, threads;
-  double eps;
-  if (!parse(args, nargs, "batch_norm_eval_stats", "tppnnnppppdppn", &dtype, &x, &y, &N, &C,
-             &HW, &w, &b, &rm, &rv, &eps, &mean, &var, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    table(dtype).batch_eval_stats(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
-                                  static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
+  return eval_stats(&Table::batch_eval_stats, "batch_norm_eval_stats", args, nargs);
 }
 
 // instance_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var,
@@ -112,18 +119,7 @@ PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nar
 // batch_norm_eval's y, and the statistics of each (sample, channel) plane into mean/var
 // [N*C], in the same read of x: what normalize() of an InstanceNorm in eval mode returns.
 PyObject* instance_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
-  int64_t dtype, N, C, HW, threads;
-  double eps;
-  if (!parse(args, nargs, "instance_norm_eval_stats", "tppnnnppppdppn", &dtype, &x, &y, &N,
-             &C, &HW, &w, &b, &rm, &rv, &eps, &mean, &var, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    table(dtype).instance_eval_stats(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
-                                     static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
+  return eval_stats(&Table::instance_eval_stats, "instance_norm_eval_stats", args, nargs);
 }
 
 // layer_norm(dtype, x, y, R, D, weight, bias, eps, mean, var, threads): rows of D values.
