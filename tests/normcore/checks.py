@@ -4,6 +4,8 @@ comparison against torch.nn."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
@@ -37,3 +39,14 @@ def assert_same(ours: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
             ref.train(mode)
             precision.assert_close(ours(x), ref(x))
             precision.assert_same_state(ours, ref)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's (and so the kernels') thread count set to ``count`` for a while."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ The kernel suites get a spy on the extension module, two threads, and streamed o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,17 +11,7 @@ import torch
 from normcore import kernels
 from normcore.kernels import _loader
 
-from .checks import Spy
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from .checks import Spy, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,7 +19,7 @@ def _one_thread() -> Iterator[None]:
     # The suite's tensors are tiny: threads add nothing to them, and on a machine busier
     # than its cores every parallel region in torch can stall for a scheduler time slice.
     # Tests of the parallel paths set their own thread counts.
-    with _torch_threads(1):
+    with torch_threads(1):
         yield
 
 
@@ -63,7 +52,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
 @pytest.fixture
 def two_threads() -> Iterator[None]:
     """The kernels' parallel paths: the suite otherwise runs on one thread."""
-    with _torch_threads(2):
+    with torch_threads(2):
         yield
 
 
