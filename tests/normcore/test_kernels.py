@@ -28,7 +28,7 @@ from .cases import (
     Row,
     rows,
 )
-from .checks import Spy, assert_same
+from .checks import Spy, assert_same, torch_threads
 
 # torch.nn.RMSNorm itself warns that mixed dtypes (half input, float32 weight) skip its
 # fused kernel.
@@ -270,6 +270,30 @@ def test_eval_statistics_come_in_the_read_that_normalizes(spy: Spy, shape, chann
         stats = normcore.functional.batch_norm_stats(x)
     assert torch.equal(mean, stats[0])
     assert torch.equal(var, stats[1])
+
+
+@pytest.mark.parametrize(("shape", "threads"), [
+    ((4, 16, 10, 10), 1), ((4, 16, 10, 10), 2),  # channels normalized as their sums come
+    ((1, 8, 140_000), 1),  # ... their planes summed in pieces
+    ((4, 16, 10, 10), 5), ((2, 3, 300, 300), 1),  # too few channels: two whole passes
+    ((1, 8, 600_000), 1),  # channels of 1.2-4.8 MB, over half of most L2s: two passes
+])
+@pytest.mark.parametrize("dtype", STAT_TOLERANCES)
+@pytest.mark.usefixtures("output_stores")
+def test_a_train_step_has_the_statistics_pass_sums(spy: Spy, shape, threads, dtype) -> None:
+    layer = normcore.BatchNorm1d(shape[1]) if len(shape) < 4 else normcore.BatchNorm2d(shape[1])
+    layer.to(STAT_TOLERANCES[dtype][0])
+    x = (torch.randn(shape) * 3 + 50).to(dtype)
+    with torch.no_grad(), torch_threads(threads):
+        output, mean, var = layer.train().normalize(x)
+        stats = normcore.functional.batch_norm_stats(x)
+        expected = torch.nn.functional.batch_norm(
+            x.double(), None, None, training=True, eps=layer.eps).to(dtype)
+    assert spy.calls["batch_norm_train"] == 2
+    assert torch.equal(mean, stats[0])
+    assert torch.equal(var, stats[1])
+    # One rounding from the exact value, give or take one unit of the input's dtype.
+    torch.testing.assert_close(output, expected, rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
 
 
 @pytest.mark.parametrize("row", rows(LARGE))

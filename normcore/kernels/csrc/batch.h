@@ -40,21 +40,36 @@ template <class T, class A = acc_t<T>>
 bool batch_train(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* w, const A* b,
                  double eps, A* mean, A* var, A* rm, A* rv, int64_t* tracked,
                  double momentum, bool reject, int threads) {
-  const std::vector<Moments> ms = channel_moments(x, N, C, HW, threads);
   const int64_t n = N * HW;
+  std::vector<A> k(C), a(C), off(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = widen(x[c * HW]);
+  auto scale_shift = [&](int64_t c, const Moments& m) {
+    const double scale = rstd_of(m.var, eps) * (w ? w[c] : A{1});
+    a[c] = static_cast<A>(scale);
+    off[c] = static_cast<A>((b ? b[c] : A{0}) - m.dm * scale);
+    return std::pair<A, A>(a[c], off[c]);
+  };
+  // Channels that fit in cache are normalized as soon as their statistics are known, so y
+  // is written even when the step is then rejected (y is the caller's scratch then).
+  const bool fused = y && channels_fit_cache(N, C, HW, sizeof(T), threads);
+  const std::vector<Sums> sums =
+      fused ? channel_sums_affine(x, y, N, C, HW, k.data(),
+                                  [&](int64_t c, const Sums& s) {
+                                    return scale_shift(c, moments(s, n, k[c]));
+                                  },
+                                  threads)
+            : channel_sums(x, N, C, HW, k.data(), threads);
   bool finite = true;
+  std::vector<Moments> ms(C);
   for (int64_t c = 0; c < C; ++c) {
+    ms[c] = moments(sums[c], n, k[c]);
     finite = finite && ms[c].finite();
     if (mean) mean[c] = static_cast<A>(ms[c].mean);
     if (var) var[c] = static_cast<A>(ms[c].var);
   }
   if (!finite && reject) return false;
-  std::vector<A> k(C), a(C), off(C);
   for (int64_t c = 0; c < C; ++c) {
-    k[c] = widen(x[c * HW]);
-    const double scale = rstd_of(ms[c].var, eps) * (w ? w[c] : A{1});
-    a[c] = static_cast<A>(scale);
-    off[c] = static_cast<A>((b ? b[c] : A{0}) - ms[c].dm * scale);
+    if (!fused) scale_shift(c, ms[c]);
     if (rm) {
       rm[c] = static_cast<A>((1 - momentum) * rm[c] + momentum * ms[c].mean);
       rv[c] = static_cast<A>((1 - momentum) * rv[c] +
@@ -62,7 +77,7 @@ bool batch_train(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* w,
     }
   }
   if (tracked) ++*tracked;
-  if (y) channel_affine(x, y, N, C, HW, k.data(), a.data(), off.data(), threads);
+  if (y && !fused) channel_affine(x, y, N, C, HW, k.data(), a.data(), off.data(), threads);
   return true;
 }
 

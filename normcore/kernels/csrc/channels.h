@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -195,6 +196,51 @@ std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, in
   for (int64_t chunk = 0; chunk < chunks; ++chunk)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < HW; ++i) out[c] += part[(chunk * C + c) * HW + i];
+  return out;
+}
+
+// Whether channel_sums_affine suits [N, C, HW] of `bytes` bytes per value on `threads`
+// threads: planar channels whose values fit in half a core's L2 cache (the other half takes
+// their outputs), and enough of them that handing out whole channels keeps the threads
+// evenly busy.
+inline bool channels_fit_cache(int64_t N, int64_t C, int64_t HW, int64_t bytes, int threads) {
+  static const int64_t half_l2 = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return (l2 > 0 ? l2 : int64_t{1} << 20) / 2;
+  }();
+  return HW >= kPlanarMin && N * HW * bytes <= half_l2 && C >= 4 * int64_t{threads};
+}
+
+// channel_sums, then y = (x - k[c]) * a + b with (a, b) = finish(c, sums of c), one whole
+// channel at a time: the normalizing read finds the channel where the statistics read left
+// it, in the core's cache, so a train step moves about the bytes of a copy instead of
+// reading x twice from memory. The sums are channel_sums's, bit for bit (same pieces,
+// added in the same order). Only where channels_fit_cache holds.
+template <class T, class A, class Finish>
+std::vector<Sums> channel_sums_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW,
+                                      const A* k, const Finish& finish, int threads) {
+  std::vector<Sums> out(C);
+  const PlanePieces pieces(N * C, HW);
+  with_stream<T>(N * C * HW, [&](auto stream) {
+    parallel_chunks(C, threads, [&](int64_t c) {
+      Sums total;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t at = (n * C + c) * HW;
+        for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
+          Sums part;
+          add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k[c], part);
+          total += part;
+        }
+      }
+      out[c] = total;
+      const std::pair<A, A> ab = finish(c, total);
+      for (int64_t n = N - 1; n >= 0; --n) {  // the planes read last are the warmest
+        const int64_t at = (n * C + c) * HW;
+        affine<stream>(x + at, y + at, HW, k[c], ab.first, ab.second);
+      }
+      if (stream) stream_fence();
+    });
+  });
   return out;
 }
 
