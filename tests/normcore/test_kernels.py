@@ -273,10 +273,11 @@ def test_eval_statistics_come_in_the_read_that_normalizes(spy: Spy, shape, chann
 
 
 @pytest.mark.parametrize(("shape", "threads"), [
-    ((4, 16, 10, 10), 1), ((4, 16, 10, 10), 2),  # channels normalized as their sums come
-    ((1, 8, 140_000), 1),  # ... their planes summed in pieces
-    ((4, 16, 10, 10), 5), ((2, 3, 300, 300), 1),  # too few channels: two whole passes
+    ((24, 32, 2048), 1), ((24, 32, 2048), 2),  # channels normalized as their sums come,
+    ((16, 256, 512), 2), ((1, 8, 140_000), 1),  # of short planes, of planes in pieces
+    ((24, 32, 2048), 9),  # too few channels per thread: two whole passes
     ((1, 8, 600_000), 1),  # channels of 1.2-4.8 MB, over half of most L2s: two passes
+    ((4, 16, 10, 10), 1),  # all of it in cache anyway: two passes
 ])
 @pytest.mark.parametrize("dtype", STAT_TOLERANCES)
 @pytest.mark.usefixtures("output_stores")

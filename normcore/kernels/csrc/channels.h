@@ -200,12 +200,13 @@ std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, in
 }
 
 // Whether channel_sums_affine suits [N, C, HW] of `bytes` bytes per value on `threads`
-// threads: planar channels whose values fit in half a core's L2 cache (the other half takes
-// their outputs), and enough of them that handing out whole channels keeps the threads
-// evenly busy. A channel of planes shorter than a page is read as that many short streams,
-// which the prefetchers barely ramp up on; measured on a Sapphire Rapids VM, those only
-// gain while the channel is small (BatchNorm1d on [64, 64, 1024] float16 about 10% faster,
-// on [256, 64, 1024] 20% slower).
+// threads: an input bigger than half a core's L2 cache (a smaller one is still there for
+// the second of two whole passes), of planar channels that fit in that half (the other
+// half takes their outputs), and enough of them that handing out whole channels keeps the
+// threads evenly busy. A channel of planes shorter than a page is read as that many short
+// streams, which the prefetchers barely ramp up on; measured on a Sapphire Rapids VM, those
+// gain only while the channel is small (BatchNorm1d on [64, 64, 1024] float16 about 10%
+// faster, on [256, 64, 1024] 20% slower).
 inline bool channels_fit_cache(int64_t N, int64_t C, int64_t HW, int64_t bytes, int threads) {
   static const int64_t l2 = [] {
     const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
@@ -213,7 +214,7 @@ inline bool channels_fit_cache(int64_t N, int64_t C, int64_t HW, int64_t bytes, 
   }();
   const int64_t channel = N * HW * bytes;
   const bool long_planes = HW * bytes >= 4096;
-  return HW >= kPlanarMin && C >= 4 * int64_t{threads} &&
+  return HW >= kPlanarMin && C >= 4 * int64_t{threads} && channel * C > l2 / 2 &&
          channel <= (long_planes ? l2 / 2 : l2 / 16);
 }
 
@@ -227,22 +228,25 @@ std::vector<Sums> channel_sums_affine(const T* x, T* y, int64_t N, int64_t C, in
                                       const A* k, const Finish& finish, int threads) {
   std::vector<Sums> out(C);
   const PlanePieces pieces(N * C, HW);
+  const int64_t per_chunk = std::max<int64_t>(1, kChunk / (N * HW));  // channels
   with_stream<T>(N * C * HW, [&](auto stream) {
-    parallel_chunks(C, threads, [&](int64_t c) {
-      Sums total;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t at = (n * C + c) * HW;
-        for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
-          Sums part;
-          add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k[c], part);
-          total += part;
+    parallel_chunks(ceil_div(C, per_chunk), threads, [&](int64_t chunk) {
+      for (int64_t c = chunk * per_chunk; c < std::min(C, (chunk + 1) * per_chunk); ++c) {
+        Sums total;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t at = (n * C + c) * HW;
+          for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
+            Sums part;
+            add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k[c], part);
+            total += part;
+          }
         }
-      }
-      out[c] = total;
-      const std::pair<A, A> ab = finish(c, total);
-      for (int64_t n = N - 1; n >= 0; --n) {  // the planes read last are the warmest
-        const int64_t at = (n * C + c) * HW;
-        affine<stream>(x + at, y + at, HW, k[c], ab.first, ab.second);
+        out[c] = total;
+        const std::pair<A, A> ab = finish(c, total);
+        for (int64_t n = N - 1; n >= 0; --n) {  // the planes read last are the warmest
+          const int64_t at = (n * C + c) * HW;
+          affine<stream>(x + at, y + at, HW, k[c], ab.first, ab.second);
+        }
       }
       if (stream) stream_fence();
     });
