@@ -208,10 +208,7 @@ std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, in
 // gain only while the channel is small (BatchNorm1d on [64, 64, 1024] float16 about 10%
 // faster, on [256, 64, 1024] 20% slower).
 inline bool channels_fit_cache(int64_t N, int64_t C, int64_t HW, int64_t bytes, int threads) {
-  static const int64_t l2 = [] {
-    const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return size > 0 ? int64_t{size} : int64_t{1} << 20;
-  }();
+  const int64_t l2 = l2_cache_bytes();
   const int64_t channel = N * HW * bytes;
   const bool long_planes = HW * bytes >= 4096;
   return HW >= kPlanarMin && C >= 4 * int64_t{threads} && channel * C > l2 / 2 &&

@@ -114,11 +114,20 @@ inline void stream_fence() {
 #endif
 }
 
+// One core's L2 cache in bytes, 1 MB where the system does not say.
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? int64_t{l2} : int64_t{1} << 20;
+  }();
+  return bytes;
+}
+
 // Outputs of at least this many bytes are streamed.
 inline int64_t& stream_threshold() {
   static int64_t threshold = [] {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return std::max<int64_t>(int64_t{4} * (l2 > 0 ? l2 : 1 << 20), l3 > 0 ? l3 / 4 * 3 : 0);
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return std::max<int64_t>(4 * l2_cache_bytes(), l3 > 0 ? l3 / 4 * 3 : 0);
   }();
   return threshold;
 }
