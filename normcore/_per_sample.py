@@ -152,7 +152,7 @@ def rms_norm(
 ) -> Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight over the last ``len(shape)`` dims."""
     shape = _as_shape(normalized_shape)
-    fast = _fast.rms_norm(input, shape, weight, _rms_eps(input, eps), stats=False)
+    fast = _fast.rms_norm(input, shape, weight, eps, stats=False)
     if fast is not None:
         return fast[0]
     return torch.rms_norm(input, list(shape), weight, eps)

@@ -14,11 +14,13 @@ class _BatchNorm(_NormBase):
     _ranks: tuple[int, ...]
 
     def _check_input(self, input: Tensor) -> None:
-        check_floating(input)
+        if not input.is_floating_point():
+            check_floating(input)  # raises
         if input.dim() not in self._ranks:
             wanted = " or ".join(f"{r}D" for r in self._ranks)
             raise InputError(f"expected {wanted} input (got {input.dim()}D input)")
-        self._check_channels(input, 1)
+        if input.shape[1] != self.num_features:
+            self._check_channels(input, 1)  # raises
 
     def _step(self, training: bool, running_mean: Tensor | None) -> tuple[bool, bool, float]:
         """(normalize with batch statistics?, update running statistics?, momentum)."""
@@ -39,20 +41,23 @@ class _BatchNorm(_NormBase):
         statistics are returned for monitoring. ``train`` overrides ``self.training`` for
         this call only, so a shared layer never has to be switched between modes.
         """
-        return self._run(input, self.training if train is None else train, with_stats=True)
+        training = self.training if train is None else train
+        return self._run(input, training, self._tensors(), with_stats=True)
 
     def forward(self, input: Tensor) -> Tensor:
-        weight, bias, running_mean, running_var = self._tensors()
+        tensors = self._tensors()
+        weight, bias, running_mean, running_var = tensors
         if self.training or running_mean is None:  # batch statistics
-            return self._run(input, self.training, with_stats=False)
+            return self._run(input, self.training, tensors, with_stats=False)
         self._check_input(input)  # eval: one fused scale-and-shift, no statistics pass
         return F.batch_norm(
             input, running_mean, running_var, weight, bias, False, 0.0, self.eps
         )
 
-    def _run(self, input: Tensor, training: bool, *, with_stats: bool) -> F.Normalized | Tensor:
+    def _run(self, input: Tensor, training: bool, tensors: tuple[Tensor | None, ...], *,
+             with_stats: bool) -> F.Normalized | Tensor:
         self._check_input(input)
-        weight, bias, running_mean, running_var = self._tensors()
+        weight, bias, running_mean, running_var = tensors
         use_batch_stats, update, momentum = self._step(training, running_mean)
         if update and input.numel() == 0:  # torch.nn counts a batch it learns nothing from
             raise InputError("a train step needs a non-empty batch")

@@ -35,6 +35,8 @@ _KINDS = {
     torch.float64: (3, torch.float64),
 }
 _LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# torch.finfo(dtype).eps of each statistics dtype: RMSNorm's default epsilon.
+_MACHINE_EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 _grad_enabled = torch.is_grad_enabled
 # What torch.jit.is_tracing() returns outside TorchScript, without its Python frame.
 _tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
@@ -320,13 +322,18 @@ def layer_norm(
 
 
 def rms_norm(
-    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float, *, stats: bool,
+    input: Tensor, shape: tuple[int, ...], weight: Tensor | None, eps: float | None, *,
+    stats: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
-    """(output, mean square), the latter of shape ``input.shape[:-len(shape)]`` if wanted."""
+    """(output, mean square), the latter of shape ``input.shape[:-len(shape)]`` if wanted.
+
+    ``eps=None`` is torch's default: the machine epsilon of the statistics' dtype."""
     rows, length, code, dtype = _rows(input, shape, weight) if usable() else _NO_ROWS
     kernels = ops() if length else None
     if kernels is None:
         return None
+    if eps is None:
+        eps = _MACHINE_EPS[dtype]
     output = torch.empty_like(input)
     lead = input.shape[: input.dim() - len(shape)]
     mean_square = torch.empty(lead, dtype=dtype) if stats else None

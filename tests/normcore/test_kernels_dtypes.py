@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import normcore
+from normcore import kernels
 
 from .cases import LARGE, PER_KIND, PRECISIONS, Row, rows
 from .checks import Spy, assert_same
@@ -128,3 +129,29 @@ def test_instance_norm_eval_statistics_come_in_the_read_that_normalizes(spy: Spy
     assert mean.dtype == var.dtype == layer.running_mean.dtype
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=str)
+@pytest.mark.parametrize("fast", [True, False], ids=["kernels", "torch"])
+def test_rms_norm_default_eps_is_the_machine_epsilon_of_its_statistics(spy: Spy, dtype,
+                                                                       fast: bool) -> None:
+    # Values of 1e-4 have a mean square of 1e-8, below float32's epsilon (1.2e-7), and values
+    # of 1e-8 one of 1e-16, near float64's (2.2e-16): the output depends on which epsilon is
+    # added, float32's for half inputs as in torch.
+    ours, ref = normcore.RMSNorm(64), torch.nn.RMSNorm(64)
+    ours.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ref.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    x = (torch.randn(8, 64, dtype=torch.float64) * (1e-8 if dtype == torch.float64 else 1e-4)
+         ).to(dtype)
+    previous = kernels.set_enabled(fast)
+    try:
+        with torch.no_grad():
+            output, expected = ours(x), ref(x)
+    finally:
+        kernels.set_enabled(previous)
+    assert bool(spy.calls) == fast
+    rtol = {torch.float32: 2e-7, torch.float64: 1e-15}.get(dtype, 0.0)
+    torch.testing.assert_close(output, expected, rtol=rtol, atol=0)
+    unguarded = x.double() * x.double().pow(2).mean(-1, keepdim=True).rsqrt()
+    assert not torch.allclose(output.double(), unguarded, rtol=0.01)  # eps mattered
