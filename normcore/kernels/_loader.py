@@ -1,12 +1,15 @@
 """Build ``csrc/*.cpp`` once per machine, load the module once per process, and switch it.
 
 ``norm_kernels.cpp`` is the Python module; each ``types_*.cpp`` holds the kernels of one
-storage type. All of them compile at once, then link into one shared library, which goes
+storage type, and ``tensors.cpp`` BatchNorm's entry points that take torch tensors, the one
+unit built against torch's headers (in torch's C++ standard) and linked to its libraries.
+All of them compile at once, then link into one shared library, which goes
 to ``$TORCH_EXTENSIONS_DIR`` (torch's directory for compiled extensions,
 ``~/.cache/torch_extensions`` by default) under ``normcore_<key>/``. The key hashes the
-sources, the compiler flags, the Python ABI and the CPU's feature flags
-(``-march=native``): a new source, interpreter or machine builds anew (10-40 seconds,
-depending on the cores), anything else loads the cached file in milliseconds. A build
+sources, the compiler flags, the Python ABI, torch's version and place, and the CPU's
+feature flags (``-march=native``): a new source, interpreter, torch or machine builds anew
+(20-60 seconds, depending on the cores), anything else loads the cached file in
+milliseconds. A build
 works in a temporary folder and renames the library into place, so concurrent processes
 (test workers, service replicas) never see half a library and never wait on a lock that a
 killed process left behind.
@@ -41,6 +44,9 @@ FLAGS = (
     "-fvisibility=hidden", "-fopenmp",
 )
 LINK_FLAGS = ("-shared", "-fopenmp")
+TORCH_UNIT = "tensors.cpp"  # compiled with torch's headers, in torch's C++ standard
+TORCH_STD = "-std=c++20"
+TORCH_LIBRARIES = ("-lc10", "-ltorch_cpu", "-ltorch_python")
 BUILD_TIMEOUT_S = 300
 
 
@@ -124,8 +130,11 @@ def build_directory() -> Path:
     """Where this machine's build of the current source lives."""
     key = hashlib.sha256()
     sources = [p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".cpp", ".h")]
-    for part in (*sources, " ".join(FLAGS + LINK_FLAGS).encode(), sys.version.encode(),
-                 str(sysconfig.get_config_var("EXT_SUFFIX")).encode(), _cpu_flags().encode()):
+    import torch
+
+    for part in (*sources, " ".join(FLAGS + LINK_FLAGS + TORCH_LIBRARIES).encode(),
+                 sys.version.encode(), str(sysconfig.get_config_var("EXT_SUFFIX")).encode(),
+                 torch.__version__.encode(), torch.__file__.encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or _default_root()
@@ -151,16 +160,33 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(prefix=f".{NAME}-", dir=directory) as scratch:
         deadline = time.monotonic() + BUILD_TIMEOUT_S
         include = f"-I{sysconfig.get_paths()['include']}"
+        torch_compile, torch_link = _torch_flags()
         objects = []
         compiles = []
         for unit in sorted(SOURCES.glob("*.cpp")):  # all at once: one per core
             objects.append(str(Path(scratch) / f"{unit.stem}.o"))
-            compiles.append([compiler, *FLAGS, include, "-c", str(unit), "-o", objects[-1]])
+            flags = [*FLAGS, include]
+            if unit.name == TORCH_UNIT:
+                flags = [TORCH_STD if f.startswith("-std=") else f for f in flags]
+                flags += torch_compile
+            compiles.append([compiler, *flags, "-c", str(unit), "-o", objects[-1]])
         _run_all(compiles, deadline)
         tmp = str(Path(scratch) / "module.so")
-        _run_all([[compiler, *objects, *LINK_FLAGS, "-o", tmp]], deadline)
+        _run_all([[compiler, *objects, *LINK_FLAGS, *torch_link, "-o", tmp]], deadline)
         os.replace(tmp, target)  # atomic: readers see no file or the whole file
     return target
+
+
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """(compile, link) flags for torch's headers and libraries, as its own extensions use."""
+    import torch
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compile = [*(f"-I{p}" for p in include_paths()), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    link = [*(f"-L{p}" for p in library_paths()),
+            *(f"-Wl,-rpath,{p}" for p in library_paths()), *TORCH_LIBRARIES]
+    return compile, link
 
 
 def _run_all(commands: list[list[str]], deadline: float) -> None:

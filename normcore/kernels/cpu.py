@@ -5,7 +5,13 @@ channels_last too) with contiguous parameters and running statistics in the dtyp
 computes in, that of the statistics returned too: float32 under float32 and half inputs
 (as torch.nn runs a half input through a float32 layer), float64 under float64. Only when
 no gradient is wanted and nothing is traced; all else (other dtypes, mixes and devices,
-strided views, empty tensors, the kernels off or not built) gets ``None``: torch's path.
+strided views, lazily negated views, empty tensors, the kernels off or not built) gets
+``None``: torch's path.
+
+BatchNorm's functions hand the tensors themselves to the kernels, which check them in C++
+(``csrc/tensors.cpp``): a layer's call on a few megabytes otherwise spends as long in these
+checks as the kernel spends beyond a copy (the input has evicted the interpreter from the
+caches by then). The other families check here.
 
 Each function also declines every input that one of functional's checks would refuse
 (sizes of per-channel tensors, one value per channel in training, shapes torch rejects), so
@@ -26,7 +32,6 @@ from torch.autograd.graph import increment_version
 
 from ._loader import ops, usable
 
-_I64 = torch.int64
 # Input dtype -> (the kernels' code for it, the dtype of its parameters and statistics).
 _KINDS = {
     torch.float32: (0, torch.float32),
@@ -68,7 +73,7 @@ def _channels(input: Tensor) -> tuple[int, torch.dtype, int, int, int] | None:
     """(dtype code, statistics dtype, N, C, HW) of a CPU input the kernels take as
     [N, C, HW]; channels_last as [N*H*W, C, 1]; else None."""
     kind = _KINDS.get(input.dtype)
-    if kind is None or not input.is_cpu:
+    if kind is None or not input.is_cpu or input.is_neg():
         return None
     shape = input.shape
     numel = input.numel()
@@ -96,48 +101,39 @@ def batch_norm(
     statistic leaves all three untouched and ``rejected`` is True. Batch statistics are
     returned if ``with_stats``, or always in eval mode with running statistics (then they
     are computed for the caller, in the same read of the input as the output).
+
+    BatchNorm's kernels check their tensors and allocate their outputs in C++
+    (``csrc/tensors.cpp``), and answer NotImplemented for every input declined here.
     """
-    layout = _channels(input) if usable() else None
-    if layout is None or _wants_grad(input, weight, bias) or _tracing():
-        return None
-    code, dtype, n, c, hw = layout
-    if training and n * hw == 1:
-        return None  # one value per channel: functional raises torch's error
-    if not _vectors(c, dtype, weight, bias, running_mean, running_var):
-        return None
-    running = running_mean is not None and running_var is not None
-    update = training and running
-    count = num_batches_tracked if update else None
-    if count is not None and (count.dtype is not _I64 or not count.is_cpu or count.numel() != 1):
-        return None
     kernels = ops()
     if kernels is None:
         return None
-    threads = _threads()
-    output = torch.empty_like(input)
-    use_batch = training or not running
-    mean = torch.empty(c, dtype=dtype) if with_stats or not use_batch else None
-    var = torch.empty(c, dtype=dtype) if with_stats or not use_batch else None
-    if not use_batch:  # eval: the running statistics normalize, in the statistics' read
-        kernels.batch_norm_eval_stats(
-            code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
-            running_mean.data_ptr(), running_var.data_ptr(), eps, mean.data_ptr(),
-            var.data_ptr(), threads,
+    if training or running_mean is None or running_var is None:
+        done = kernels.batch_norm_train(
+            input, weight, bias, running_mean if training else None,
+            running_var if training else None, num_batches_tracked, momentum, eps,
+            reject_non_finite, True, with_stats, _threads(),
         )
-        return output, mean, var, False
-    ok = kernels.batch_norm_train(
-        code, input.data_ptr(), output.data_ptr() if use_batch else 0, n, c, hw, _ptr(weight),
-        _ptr(bias), eps, _ptr(mean), _ptr(var), _ptr(running_mean) if update else 0,
-        _ptr(running_var) if update else 0, _ptr(count), momentum,
-        update and reject_non_finite, threads,
-    )
-    if not ok:
-        return output, mean, var, True
-    if update:
-        bumped = (running_mean, running_var) if count is None else (
-            running_mean, running_var, count)
-        increment_version(bumped)  # written through pointers: tell autograd
-    return output, mean, var, False
+        if done is NotImplemented:
+            return None
+        output, mean, var, ok = done
+        return output, mean, var, not ok
+    done = kernels.batch_norm_eval_stats(input, weight, bias, running_mean, running_var, eps,
+                                         _threads())
+    return None if done is NotImplemented else (*done, False)
+
+
+def batch_norm_eval(
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> Tensor | None:
+    """y = x * scale + shift per channel, the running statistics folded into both."""
+    kernels = ops()
+    if kernels is None:
+        return None
+    output = kernels.batch_norm_eval(input, weight, bias, running_mean, running_var, eps,
+                                     _threads())
+    return None if output is NotImplemented else output
 
 
 def _eval_layout(
@@ -153,24 +149,6 @@ def _eval_layout(
     if not _vectors(layout[3], layout[1], weight, bias, running_mean, running_var):
         return None
     return layout
-
-
-def batch_norm_eval(
-    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-    weight: Tensor | None, bias: Tensor | None, eps: float,
-) -> Tensor | None:
-    """y = x * scale + shift per channel, the running statistics folded into both."""
-    layout = _eval_layout(input, running_mean, running_var, weight, bias)
-    kernels = None if layout is None else ops()
-    if kernels is None:
-        return None
-    code, _, n, c, hw = layout
-    output = torch.empty_like(input)
-    kernels.batch_norm_eval(
-        code, input.data_ptr(), output.data_ptr(), n, c, hw, _ptr(weight), _ptr(bias),
-        running_mean.data_ptr(), running_var.data_ptr(), eps, _threads(),
-    )
-    return output
 
 
 def instance_norm_eval(
@@ -204,7 +182,7 @@ def group_norm(
     one value per group (training's error), like torch's group-size check.
     """
     kind = _KINDS.get(input.dtype) if usable() else None
-    if kind is None or not input.is_cpu or not input.is_contiguous():
+    if kind is None or not input.is_cpu or not input.is_contiguous() or input.is_neg():
         return None
     code, dtype = kind
     shape = input.shape
@@ -273,7 +251,7 @@ def _rows(input: Tensor, shape: tuple[int, ...], weight: Tensor | None,
     """(rows, length, dtype code, statistics dtype) over the last ``len(shape)`` dims;
     length 0 if the kernels don't take them."""
     kind = _KINDS.get(input.dtype)
-    if kind is None or not input.is_cpu or not input.is_contiguous():
+    if kind is None or not input.is_cpu or not input.is_contiguous() or input.is_neg():
         return _NO_ROWS
     dtype = kind[1]
     k = len(shape)
@@ -347,16 +325,9 @@ def rms_norm(
 def batch_norm_stats(input: Tensor) -> tuple[Tensor, Tensor] | None:
     """Per-channel (mean, biased var) of [N, C, *], as a BatchNorm train step computes them,
     without an output."""
-    layout = _channels(input) if usable() else None
-    if layout is None or _wants_grad(input, None, None) or _tracing():
-        return None
     kernels = ops()
     if kernels is None:
         return None
-    code, dtype, n, c, hw = layout
-    mean, var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
-    kernels.batch_norm_train(
-        code, input.data_ptr(), 0, n, c, hw, 0, 0, 0.0, mean.data_ptr(), var.data_ptr(), 0, 0, 0,
-        0.0, False, _threads(),
-    )
-    return mean, var
+    done = kernels.batch_norm_train(input, None, None, None, None, None, 0.0, 0.0, False,
+                                    False, True, _threads())
+    return None if done is NotImplemented else (done[1], done[2])

@@ -350,3 +350,26 @@ def test_tune_allocator_is_idempotent() -> None:
     assert kernels.tune_allocator() == first
     with pytest.raises(ValueError, match="keep_bytes"):
         kernels.tune_allocator(-1)
+
+
+def _negated_view(x: torch.Tensor) -> torch.Tensor:
+    return torch._neg_view(-x)  # the same values, negated lazily: raw data is -x
+
+
+@pytest.mark.parametrize("row", rows(PER_KIND))
+@pytest.mark.parametrize("how", ["negated view", "gradients wanted"])
+def test_inputs_the_kernels_leave_to_torch_get_torch_results(spy: Spy, row: Row,
+                                                            how: str) -> None:
+    ours, ref = row.pair()
+    x = row.input(row.case.shapes[0], scale=2, shift=1)
+    for mode in (True, False):
+        ours.train(mode)
+        ref.train(mode)
+        if how == "negated view":
+            with torch.no_grad():
+                got, want = ours(_negated_view(x)), ref(x)
+        else:
+            got, want = ours(x.clone().requires_grad_()), ref(x.clone().requires_grad_())
+        row.precision.assert_close(got, want)
+        row.precision.assert_same_state(ours, ref)
+    assert not spy.calls

@@ -3,7 +3,8 @@
 // normcore/kernels/cpu.py calls these with a dtype code (Dtype in calls.h), raw data
 // pointers (Python ints, 0 for none) and sizes. It has already checked dtype, device, layout and
 // sizes and allocated every output; whatever it cannot hand over goes through torch
-// instead. Each entry point is one template over the storage type (convert.h): inputs and
+// instead. BatchNorm's three entry points take the tensors themselves and do those checks
+// and allocations in C++ (tensors.cpp). Each entry point is one template over the storage type (convert.h): inputs and
 // outputs of float32, float16, bfloat16 or float64, with parameters, running statistics and
 // returned statistics in acc_t<T> (float32, or float64 for float64 inputs).
 //
@@ -30,66 +31,13 @@
 #include "parallel.h"
 #include "reduce.h"
 #include "table.h"
+#include "tensors.h"
 
 namespace normcore {
 namespace {
 
-// The kernels of a dtype code (parse has checked it).
-const Table& table(int64_t dtype) {
-  switch (dtype) {
-    case kF16:
-      return kF16Table;
-    case kBF16:
-      return kBF16Table;
-    case kF64:
-      return kF64Table;
-    default:
-      return kF32Table;
-  }
-}
-
-// batch_norm_train(dtype, x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
-//                  running_var, num_batches_tracked, momentum, reject, threads)
-//     -> bool (not rejected)
-// batch.h's batch_train: statistics, running statistics, the batch counted, y normalized.
-PyObject* batch_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *mean, *var, *rm, *rv;
-  int64_t* tracked;  // num_batches_tracked
-  int64_t dtype, N, C, HW, reject, threads;
-  double eps, momentum;
-  if (!parse(args, nargs, "batch_norm_train", "tppnnnppdpppppdnn", &dtype, &x, &y, &N, &C,
-             &HW, &w, &b, &eps, &mean, &var, &rm, &rv, &tracked, &momentum, &reject,
-             &threads))
-    return nullptr;
-  bool ok = true;
-  {
-    Unlocked unlocked(N * C * HW);
-    ok = table(dtype).batch_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, tracked,
-                                  momentum, reject != 0, static_cast<int>(threads));
-  }
-  return PyBool_FromLong(ok);
-}
-
-// batch_norm_eval(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var, eps,
-//                 threads)
-// y = x * scale[c] + shift[c], running statistics and affine folded as torch folds them.
-PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *rm, *rv;
-  int64_t dtype, N, C, HW, threads;
-  double eps;
-  if (!parse(args, nargs, "batch_norm_eval", "tppnnnppppdn", &dtype, &x, &y, &N, &C, &HW, &w,
-             &b, &rm, &rv, &eps, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    table(dtype).batch_eval(x, y, N, C, HW, w, b, rm, rv, eps, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// The two entry points of an eval with statistics take the same arguments; `kernel` is
-// the table's function for one of them.
-PyObject* eval_stats(decltype(Table::batch_eval_stats) Table::*kernel, const char* name,
+// An eval with statistics per (sample, channel) plane; `kernel` is the table's function.
+PyObject* eval_stats(decltype(Table::instance_eval_stats) Table::*kernel, const char* name,
                      PyObject* const* args, Py_ssize_t nargs) {
   void *x, *y, *w, *b, *rm, *rv, *mean, *var;
   int64_t dtype, N, C, HW, threads;
@@ -99,19 +47,10 @@ PyObject* eval_stats(decltype(Table::batch_eval_stats) Table::*kernel, const cha
     return nullptr;
   {
     Unlocked unlocked(N * C * HW);
-    (table(dtype).*kernel)(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
+    (table_of_code(dtype).*kernel)(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
                            static_cast<int>(threads));
   }
   Py_RETURN_NONE;
-}
-
-// batch_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var, eps,
-//                       mean, var, threads)
-// batch_norm_eval's y, and the batch statistics per channel into mean/var as
-// batch_norm_train computes them, in the same read of x: what normalize() in eval mode
-// returns.
-PyObject* batch_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return eval_stats(&Table::batch_eval_stats, "batch_norm_eval_stats", args, nargs);
 }
 
 // instance_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var,
@@ -132,7 +71,7 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(R * D);
-    table(dtype).layer_norm(x, y, R, D, w, b, eps, mean, var, static_cast<int>(threads));
+    table_of_code(dtype).layer_norm(x, y, R, D, w, b, eps, mean, var, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -147,7 +86,7 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(R * D);
-    table(dtype).rms_norm(x, y, R, D, w, eps, mean_square, static_cast<int>(threads));
+    table_of_code(dtype).rms_norm(x, y, R, D, w, eps, mean_square, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -163,7 +102,7 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   {
     Unlocked unlocked(N * C * HW);
-    table(dtype).group_norm(x, y, N, C, HW, G, w, b, eps, mean, var, static_cast<int>(threads));
+    table_of_code(dtype).group_norm(x, y, N, C, HW, G, w, b, eps, mean, var, static_cast<int>(threads));
   }
   Py_RETURN_NONE;
 }
@@ -182,7 +121,7 @@ PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs
   bool ok = true;
   {
     Unlocked unlocked(N * C * HW);
-    ok = table(dtype).instance_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, momentum,
+    ok = table_of_code(dtype).instance_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, momentum,
                                      reject != 0, static_cast<int>(threads));
   }
   return PyBool_FromLong(ok);
@@ -226,7 +165,7 @@ PyObject* feature_drift(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<double> mean(C), var(C);
   {
     Unlocked unlocked(N * C * HW);
-    table(dtype).moments(x, N, C, HW, mean.data(), var.data(), static_cast<int>(threads));
+    table_of_code(dtype).moments(x, N, C, HW, mean.data(), var.data(), static_cast<int>(threads));
   }
   DriftResult result;
   typed2(kF64, ref_dtype, [&](auto, auto r) {
@@ -259,9 +198,9 @@ constexpr PyMethodDef method(const char* name) {
 }
 
 PyMethodDef methods[] = {
-    method<batch_norm_train>("batch_norm_train"),
-    method<batch_norm_eval>("batch_norm_eval"),
-    method<batch_norm_eval_stats>("batch_norm_eval_stats"),
+    method<batch_norm_train_tensors>("batch_norm_train"),
+    method<batch_norm_eval_tensors>("batch_norm_eval"),
+    method<batch_norm_eval_stats_tensors>("batch_norm_eval_stats"),
     method<instance_norm_eval_stats>("instance_norm_eval_stats"),
     method<layer_norm>("layer_norm"),
     method<rms_norm>("rms_norm"),

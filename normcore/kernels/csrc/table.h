@@ -48,6 +48,21 @@ struct Table {
 
 extern const Table kF32Table, kF16Table, kBF16Table, kF64Table;
 
+// The kernels of a dtype code (calls.h's Dtype: 0 float32, 1 float16, 2 bfloat16, 3
+// float64), checked by the caller.
+inline const Table& table_of_code(int64_t dtype) {
+  switch (dtype) {
+    case 1:
+      return kF16Table;
+    case 2:
+      return kBF16Table;
+    case 3:
+      return kF64Table;
+    default:
+      return kF32Table;
+  }
+}
+
 template <class T>
 Table table_of() {
   using A = acc_t<T>;
