@@ -129,10 +129,10 @@ def rms_norm_with_stats(
 ) -> RMSNormalized:
     """``rms_norm`` that also returns the mean square, of shape ``input.shape[:-k]``."""
     shape = _as_shape(normalized_shape)
-    eps_value = _rms_eps(input, eps)
-    fast = _fast.rms_norm(input, shape, weight, eps_value, stats=True)
+    fast = _fast.rms_norm(input, shape, weight, eps, stats=True)
     if fast is not None:
         return RMSNormalized(*fast)
+    eps_value = _rms_eps(input, eps)
     lead = input.shape[: input.dim() - len(shape)]
     fused = getattr(torch.ops.aten, "_fused_rms_norm", None)
     if fused is not None and input.numel() > 0:  # else the mean square of nothing: NaN

@@ -9,9 +9,15 @@ import torch
 from torch import Tensor
 
 from ._loader import ops, usable
-from .cpu import _KINDS, _threads, _vectors
 
 _STATS = {torch.float32: 0, torch.float64: 3}  # dtype codes of the statistics they take
+_ROWS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # of rows
+
+
+def _vectors(n: int, dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Each tensor n contiguous values of ``dtype`` on the CPU, not lazily negated."""
+    return all(t.dtype is dtype and t.is_cpu and t.numel() == n and t.is_contiguous()
+               and not t.is_neg() for t in tensors)
 
 
 def drift_reference(mean: Tensor, var: Tensor) -> tuple[int, int, int, int] | None:
@@ -41,7 +47,8 @@ def gaussian_drift(
     code = _STATS.get(mean.dtype) if usable() else None
     if (code is None or var.dtype is not mean.dtype or not mean.is_cpu or not var.is_cpu
             or shape[-1] != c or var.shape != shape or len(shape) > 2
-            or not mean.is_contiguous() or not var.is_contiguous()):
+            or not mean.is_contiguous() or not var.is_contiguous()
+            or mean.is_neg() or var.is_neg()):
         return None
     kernels = ops()
     if kernels is None:
@@ -58,14 +65,14 @@ def feature_drift(
     """``gaussian_drift`` of the per-column statistics of [R, F] CPU rows (any dtype the
     kernels take), computed in the same call and never stored; None for other rows."""
     shape = rows.shape
-    kind = _KINDS.get(rows.dtype) if usable() else None
-    if (kind is None or len(shape) != 2 or shape[1] != ref[2] or shape[0] < 2
-            or not rows.is_cpu or not rows.is_contiguous()):
+    code = _ROWS.get(rows.dtype) if usable() else None
+    if (code is None or len(shape) != 2 or shape[1] != ref[2] or shape[0] < 2
+            or not rows.is_cpu or not rows.is_contiguous() or rows.is_neg()):
         return None
     kernels = ops()
     if kernels is None:
         return None
     return kernels.feature_drift(
-        kind[0], rows.data_ptr(), shape[0], shape[1], 1, ref[3], ref[0], ref[1], eps, weight,
-        top, _threads(),
+        code, rows.data_ptr(), shape[0], shape[1], 1, ref[3], ref[0], ref[1], eps, weight,
+        top, torch.get_num_threads(),
     )

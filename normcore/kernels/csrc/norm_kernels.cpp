@@ -1,12 +1,12 @@
 // Fused normalization kernels for contiguous CPU tensors, as a Python module.
 //
-// normcore/kernels/cpu.py calls these with a dtype code (Dtype in calls.h), raw data
-// pointers (Python ints, 0 for none) and sizes. It has already checked dtype, device, layout and
-// sizes and allocated every output; whatever it cannot hand over goes through torch
-// instead. BatchNorm's three entry points take the tensors themselves and do those checks
-// and allocations in C++ (tensors.cpp). Each entry point is one template over the storage type (convert.h): inputs and
-// outputs of float32, float16, bfloat16 or float64, with parameters, running statistics and
-// returned statistics in acc_t<T> (float32, or float64 for float64 inputs).
+// The normalization entry points take torch tensors and check and allocate in C++
+// (tensors.h, tensors.cpp). The drift entry points here take what normcore/kernels/drift.py
+// passes after its own checks: a dtype code (Dtype in calls.h), raw data pointers (Python
+// ints, 0 for none) and sizes. Each kernel is one template over the storage type
+// (convert.h): inputs and outputs of float32, float16, bfloat16 or float64, with
+// parameters, running statistics and returned statistics in acc_t<T> (float32, or float64
+// for float64 inputs).
 //
 // Memory traffic: BatchNorm train reads x twice (statistics, then normalization) and
 // writes y once; BatchNorm eval folds the running statistics into one scale and shift per
@@ -35,97 +35,6 @@
 
 namespace normcore {
 namespace {
-
-// An eval with statistics per (sample, channel) plane; `kernel` is the table's function.
-PyObject* eval_stats(decltype(Table::instance_eval_stats) Table::*kernel, const char* name,
-                     PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *rm, *rv, *mean, *var;
-  int64_t dtype, N, C, HW, threads;
-  double eps;
-  if (!parse(args, nargs, name, "tppnnnppppdppn", &dtype, &x, &y, &N, &C, &HW, &w, &b, &rm,
-             &rv, &eps, &mean, &var, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    (table_of_code(dtype).*kernel)(x, y, N, C, HW, w, b, rm, rv, eps, mean, var,
-                           static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// instance_norm_eval_stats(dtype, x, y, N, C, HW, weight, bias, running_mean, running_var,
-//                          eps, mean, var, threads)
-// batch_norm_eval's y, and the statistics of each (sample, channel) plane into mean/var
-// [N*C], in the same read of x: what normalize() of an InstanceNorm in eval mode returns.
-PyObject* instance_norm_eval_stats(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return eval_stats(&Table::instance_eval_stats, "instance_norm_eval_stats", args, nargs);
-}
-
-// layer_norm(dtype, x, y, R, D, weight, bias, eps, mean, var, threads): rows of D values.
-PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *mean, *var;
-  int64_t dtype, R, D, threads;
-  double eps;
-  if (!parse(args, nargs, "layer_norm", "tppnnppdppn", &dtype, &x, &y, &R, &D, &w, &b, &eps,
-             &mean, &var, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(R * D);
-    table_of_code(dtype).layer_norm(x, y, R, D, w, b, eps, mean, var, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// rms_norm(dtype, x, y, R, D, weight, eps, mean_square, threads): rows of D values.
-PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *mean_square;
-  int64_t dtype, R, D, threads;
-  double eps;
-  if (!parse(args, nargs, "rms_norm", "tppnnpdpn", &dtype, &x, &y, &R, &D, &w, &eps,
-             &mean_square, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(R * D);
-    table_of_code(dtype).rms_norm(x, y, R, D, w, eps, mean_square, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// group_norm(dtype, x, y, N, C, HW, G, weight, bias, eps, mean, var, threads): statistics
-// per (sample, group) into mean/var [N*G] (either may be null); y (if given) normalized.
-PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *mean, *var;
-  int64_t dtype, N, C, HW, G, threads;
-  double eps;
-  if (!parse(args, nargs, "group_norm", "tppnnnnppdppn", &dtype, &x, &y, &N, &C, &HW, &G, &w,
-             &b, &eps, &mean, &var, &threads))
-    return nullptr;
-  {
-    Unlocked unlocked(N * C * HW);
-    table_of_code(dtype).group_norm(x, y, N, C, HW, G, w, b, eps, mean, var, static_cast<int>(threads));
-  }
-  Py_RETURN_NONE;
-}
-
-// instance_norm_train(dtype, x, y, N, C, HW, weight, bias, eps, mean, var, running_mean,
-//                     running_var, momentum, reject, threads) -> bool (not rejected)
-// rows.h's instance_train: y normalized per (sample, channel), statistics [N*C] into
-// mean/var (if given), running statistics moved unless rejected.
-PyObject* instance_norm_train(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  void *x, *y, *w, *b, *mean, *var, *rm, *rv;
-  int64_t dtype, N, C, HW, reject, threads;
-  double eps, momentum;
-  if (!parse(args, nargs, "instance_norm_train", "tppnnnppdppppdnn", &dtype, &x, &y, &N, &C,
-             &HW, &w, &b, &eps, &mean, &var, &rm, &rv, &momentum, &reject, &threads))
-    return nullptr;
-  bool ok = true;
-  {
-    Unlocked unlocked(N * C * HW);
-    ok = table_of_code(dtype).instance_train(x, y, N, C, HW, w, b, eps, mean, var, rm, rv, momentum,
-                                     reject != 0, static_cast<int>(threads));
-  }
-  return PyBool_FromLong(ok);
-}
 
 // gaussian_drift(dtype, mean, var, rows, C, unbias, ref_dtype, ref_mean, ref_var, eps,
 //                weight, top) -> (score, ((channel, J_c), ...))
@@ -201,11 +110,11 @@ PyMethodDef methods[] = {
     method<batch_norm_train_tensors>("batch_norm_train"),
     method<batch_norm_eval_tensors>("batch_norm_eval"),
     method<batch_norm_eval_stats_tensors>("batch_norm_eval_stats"),
-    method<instance_norm_eval_stats>("instance_norm_eval_stats"),
-    method<layer_norm>("layer_norm"),
-    method<rms_norm>("rms_norm"),
-    method<group_norm>("group_norm"),
-    method<instance_norm_train>("instance_norm_train"),
+    method<instance_norm_eval_stats_tensors>("instance_norm_eval_stats"),
+    method<layer_norm_tensors>("layer_norm"),
+    method<rms_norm_tensors>("rms_norm"),
+    method<group_norm_tensors>("group_norm"),
+    method<instance_norm_train_tensors>("instance_norm_train"),
     method<gaussian_drift_>("gaussian_drift"),
     method<feature_drift>("feature_drift"),
     method<stalls>("stalls"),
