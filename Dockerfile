@@ -24,6 +24,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# A C++ compiler for the fused kernels, in this stage only: they are built below for this
+# machine's CPU (-march=native) and the runtime image carries the library, not the compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # Own layer: only changes when the torch pin or index changes, not with the project's source.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
@@ -33,6 +40,13 @@ COPY . .
 # torch is already satisfied, so this resolves the remaining runtime deps from PyPI.
 RUN pip install --no-cache-dir . \
     && python -c "import torch, normcore, service; print('torch', torch.__version__)"
+
+# The kernels, compiled now (the build key is this CPU's flags, the interpreter and torch):
+# an image run on this machine loads them at start. Elsewhere the key differs, nothing can
+# be built (no compiler, a read-only folder) and the service logs one warning and serves
+# from its plain torch path. A failed build here is that same warning, not a failed image.
+ENV TORCH_EXTENSIONS_DIR=/opt/normcore-kernels
+RUN python -c "import normcore.kernels as k; print('kernels', 'built' if k.warm_up() else 'NOT built')"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -49,8 +63,10 @@ RUN groupadd --system --gid 10001 normcore \
     && install -d -m 0755 /etc/normcore
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/normcore-kernels /opt/normcore-kernels
 
 ENV PATH=/opt/venv/bin:$PATH \
+    TORCH_EXTENSIONS_DIR=/opt/normcore-kernels \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     XDG_CACHE_HOME=/tmp/.cache \
