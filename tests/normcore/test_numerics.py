@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import normcore
+from normcore import kernels
 
 pytestmark = pytest.mark.usefixtures("both_paths")
 
@@ -68,16 +69,27 @@ def test_per_sample_statistics_far_from_zero(kind: str) -> None:
     assert _err(result.output, ref_out) <= max(_err(torch_out, ref_out), 1e-5)
 
 
-def test_reduced_precision_running_stats_accumulate_in_float32() -> None:
-    x = (torch.randn(3, 4, 5, 5) * 2 + 3).to(torch.bfloat16)
-    ours = normcore.InstanceNorm2d(4, track_running_stats=True)
-    ref = torch.nn.InstanceNorm2d(4, track_running_stats=True)
-    with torch.no_grad():
-        ours(x)
-        ref(x)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("fast", [True, False], ids=["kernels", "torch"])
+def test_reduced_precision_running_stats_accumulate_in_float32(dtype, affine: bool,
+                                                               fast: bool) -> None:
+    # Far from zero, where statistics computed at the input's own precision lose digits
+    # (torch.nn's do without an affine weight).
+    x = (torch.randn(3, 4, 5, 5) * 3 + 50).to(dtype)
+    ours = normcore.InstanceNorm2d(4, affine=affine, track_running_stats=True)
+    ref = torch.nn.InstanceNorm2d(4, affine=affine, track_running_stats=True)
+    previous = kernels.set_enabled(fast)
+    try:
+        with torch.no_grad():
+            ours(x)
+            ref(x)
+    finally:
+        kernels.set_enabled(previous)
     x64 = x.double()
     expected_var = 0.9 + 0.1 * x64.var(dim=[2, 3]).mean(0)
     expected_mean = 0.1 * x64.mean(dim=[2, 3]).mean(0)
     assert _err(ours.running_var, expected_var) <= 1e-6
     assert _err(ours.running_mean, expected_mean) <= 1e-6
-    assert _err(ours.running_var, expected_var) <= _err(ref.running_var, expected_var)
+    if not affine:  # torch.nn's own error, float32's with an affine weight
+        assert _err(ours.running_var, expected_var) < _err(ref.running_var, expected_var)
