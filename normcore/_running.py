@@ -81,9 +81,7 @@ def run_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, with_stats
         )
     channels = input.size(1)
-    check_per_channel(
-        channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-    )
+    check_per_channel(channels, running_mean, running_var, weight, bias)
     if not training and running_mean is not None and running_var is not None:
         dtype = stat_dtype(input, weight)
         output = torch.batch_norm(
@@ -262,9 +260,7 @@ def run_instance_norm(
             with_stats=with_stats, reject_non_finite=reject_non_finite,
         )
     channels = input.size(1)
-    check_per_channel(
-        channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-    )
+    check_per_channel(channels, running_mean, running_var, weight, bias)
     # Not for a float16/bfloat16 input without a float32 weight: torch.instance_norm then
     # computes its statistics at the input's precision (an error of 2e-3 on a running mean
     # of 5 in float16, 2e-2 in bfloat16); normcore's accumulate in float32. With one, torch

@@ -65,9 +65,13 @@ def verify_spatial_size(size: Sequence[int]) -> None:
         )
 
 
-def check_per_channel(channels: int, **tensors: Tensor | None) -> None:
+_PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+
+
+def check_per_channel(channels: int, running_mean: Tensor | None, running_var: Tensor | None,
+                      weight: Tensor | None, bias: Tensor | None) -> None:
     # Checked up front: an in-place update with a mis-sized buffer would fail half-way.
-    for name, tensor in tensors.items():
+    for name, tensor in zip(_PER_CHANNEL, (running_mean, running_var, weight, bias), strict=True):
         if tensor is not None and tensor.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
 

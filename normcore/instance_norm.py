@@ -34,7 +34,8 @@ class _InstanceNorm(_NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     def _check_input(self, input: Tensor) -> None:
-        check_floating(input)
+        if not input.is_floating_point():
+            check_floating(input)  # raises
         unbatched = self._spatial + 1
         if input.dim() not in (unbatched, unbatched + 1):
             raise InputError(
