@@ -205,15 +205,21 @@ def test_autograd_takes_the_torch_path_and_gets_torch_gradients(spy: Spy) -> Non
     assert not spy.calls
 
 
-def test_running_statistics_written_by_the_kernels_bump_their_version(spy: Spy) -> None:
-    layer = normcore.BatchNorm2d(4)
+@pytest.mark.parametrize(("layer", "kernel"), [
+    (lambda: normcore.BatchNorm2d(4), "batch_norm_train"),
+    (lambda: normcore.InstanceNorm2d(4, track_running_stats=True), "instance_norm_train"),
+], ids=["BatchNorm2d", "InstanceNorm2d"])
+def test_running_statistics_written_by_the_kernels_bump_their_version(spy: Spy, layer,
+                                                                      kernel: str) -> None:
+    layer = layer()
     before = layer.running_mean._version, layer.running_var._version
     with torch.no_grad():
         layer(torch.randn(8, 4, 3, 3))
-    assert spy.calls["batch_norm_train"] == 1
+    assert spy.calls[kernel] == 1
     assert layer.running_mean._version > before[0]
     assert layer.running_var._version > before[1]
-    assert int(layer.num_batches_tracked) == 1
+    if isinstance(layer, normcore.BatchNorm2d):
+        assert int(layer.num_batches_tracked) == 1
 
 
 STAT_TOLERANCES = {  # input dtype -> (statistics dtype, rtol of the mean, rtol of the var)
@@ -403,6 +409,8 @@ def test_a_declined_train_step_writes_nothing() -> None:
         "one value per channel": (x[:1, :, :1, :1], weight, bias, mean, var, count),
         "not a tensor": (x.numpy(), weight, bias, mean, var, count),
     }
+    shape_past_int64 = (torch.randn(2, 4), (2**70,), None, None, 1e-5, False, 1)
+    assert module.layer_norm(*shape_past_int64) is NotImplemented
     versions = (mean._version, var._version, count._version)
     for name, tensors in declined.items():
         result = module.batch_norm_train(*tensors, 0.1, 1e-5, True, True, True, 1)

@@ -171,7 +171,7 @@ double number(PyObject* o) { return PyFloat_AsDouble(o); }
 long integer(PyObject* o) { return PyLong_AsLong(o); }
 int truth(PyObject* o) { return PyObject_IsTrue(o); }
 
-// The sizes of a tuple of ints into `shape`; false if it is not one.
+// The sizes of a tuple of ints into `shape`; false (and no Python error) if it is not one.
 bool int_tuple(PyObject* o, std::vector<int64_t>& shape) {
   if (!PyTuple_Check(o)) return false;
   const Py_ssize_t k = PyTuple_GET_SIZE(o);
@@ -181,7 +181,9 @@ bool int_tuple(PyObject* o, std::vector<int64_t>& shape) {
     if (!PyLong_Check(v)) return false;
     shape[i] = PyLong_AsLongLong(v);
   }
-  return !PyErr_Occurred();
+  if (!PyErr_Occurred()) return true;
+  PyErr_Clear();  // a size past int64: torch's own error, on its path
+  return false;
 }
 
 // An eval pass of BatchNorm (no statistics, or the batch's [C]) or of InstanceNorm (the
