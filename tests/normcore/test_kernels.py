@@ -128,6 +128,10 @@ def test_the_build_is_cached_per_source(tmp_path, monkeypatch: pytest.MonkeyPatc
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert _loader.build_directory().parent == tmp_path
+    # Linked against torch's libraries: another torch is another build.
+    key = _loader.build_directory()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert _loader.build_directory() != key
 
 
 # --- what the kernels take and what they leave to torch ------------------------------------
