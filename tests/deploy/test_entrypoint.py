@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
+from normcore import kernels
+from normcore.kernels import _loader
 from service.client import encode_array
 from tests.server_process import ServerProcess, free_port
 
@@ -71,9 +73,14 @@ def image(tmp_path: Path) -> Iterator[ServerProcess]:
     cmd = image_cmd()
     assert cmd[0] == "python"
     env = {k: v for k, v in image_env().items() if k != "PATH"}
-    # Only the ports (free here) and the state dir (a temp dir here) differ from the image.
+    # Only the ports (free here), the state dir (a temp dir here) and the kernels differ from
+    # the image: the image carries a build made when it was built, here it is this machine's
+    # own, made now, so that the server loads it rather than compiling inside its timeout.
+    assert env.pop("TORCH_EXTENSIONS_DIR") == "/opt/normcore-kernels"
+    kernels.warm_up()
     env.update(NORMCORE_PORT="{port}", NORMCORE_GRPC_PORT=str(free_port()),
-               NORMCORE_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(REPO))
+               NORMCORE_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=str(REPO),
+               TORCH_EXTENSIONS_DIR=str(_loader.build_directory().parent))
     server = ServerProcess([sys.executable, *cmd[1:]], env=env, ready=healthy,
                            log=tmp_path / "server.log", cwd=REPO, name="the image's CMD")
     yield server
