@@ -21,6 +21,7 @@ from ._stats import (
     Normalized,
     check_finite,
     check_per_channel,
+    check_writable,
     fold_running,
     raise_non_finite,
     stat_dtype,
@@ -82,6 +83,8 @@ def run_batch_norm(
         )
     channels = input.size(1)
     check_per_channel(channels, running_mean, running_var, weight, bias)
+    if training:
+        check_writable(running_mean, running_var, num_batches_tracked)
     if not training and running_mean is not None and running_var is not None:
         dtype = stat_dtype(input, weight)
         output = torch.batch_norm(
@@ -261,6 +264,8 @@ def run_instance_norm(
         )
     channels = input.size(1)
     check_per_channel(channels, running_mean, running_var, weight, bias)
+    if use_input_stats:
+        check_writable(running_mean, running_var)
     # Not for a float16/bfloat16 input without a float32 weight: torch.instance_norm then
     # computes its statistics at the input's precision (an error of 2e-3 on a running mean
     # of 5 in float16, 2e-2 in bfloat16); normcore's accumulate in float32. With one, torch

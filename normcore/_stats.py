@@ -18,6 +18,7 @@ __all__ = [
     "RMSNormalized",
     "check_finite",
     "check_per_channel",
+    "check_writable",
     "fold_running",
     "raise_non_finite",
     "stat_dtype",
@@ -74,6 +75,19 @@ def check_per_channel(channels: int, running_mean: Tensor | None, running_var: T
     for name, tensor in zip(_PER_CHANNEL, (running_mean, running_var, weight, bias), strict=True):
         if tensor is not None and tensor.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+
+
+def check_writable(*buffers: Tensor | None) -> None:
+    """Refuse, before anything is written, a train step whose buffers are inference tensors
+    outside inference mode: torch refuses it too, but only after its kernel has written."""
+    if torch.is_inference_mode_enabled():
+        return
+    for buffer in buffers:
+        if buffer is not None and buffer.is_inference():
+            raise RuntimeError(
+                "Inplace update to inference tensor outside InferenceMode is not allowed"
+                " (the layer's running statistics were made in inference mode)"
+            )
 
 
 def check_finite(*stats: Tensor) -> None:

@@ -46,10 +46,11 @@ def batch_norm(
     if kernels is None:
         return None
     if training or running_mean is None or running_var is None:
+        # Outside training at most one running statistic is given here: the kernels check
+        # its size and leave it be (they move only a pair of them).
         done = kernels.batch_norm_train(
-            input, weight, bias, running_mean if training else None,
-            running_var if training else None, num_batches_tracked, momentum, eps,
-            reject_non_finite, True, with_stats, _threads(),
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+            eps, reject_non_finite, True, with_stats, _threads(),
         )
         if done is NotImplemented:
             return None

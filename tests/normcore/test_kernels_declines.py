@@ -76,3 +76,66 @@ def test_a_declined_train_step_writes_nothing() -> None:
     assert torch.equal(mean, torch.zeros(4))
     assert torch.equal(var, torch.ones(4))
     assert int(count) == 0
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("row", rows(PER_KIND))
+def test_a_tensor_subclass_keeps_its_class_through_torch_path(spy: Spy, row: Row) -> None:
+    ours, ref = row.pair()
+    x = row.input(row.case.shapes[0], scale=2, shift=1).as_subclass(_Sub)
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert type(got) is type(want) is _Sub
+    row.precision.assert_close(got.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
+    assert not spy.calls
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_functionalized_and_nested_inputs_are_left_to_torch(spy: Spy) -> None:
+    x = torch.randn(3, 5)
+    out = torch.func.functionalize(lambda t: normcore.functional.layer_norm(t, (5,)))(x)
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (5,)))
+    nested = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(2, 4)])
+    with pytest.raises(RuntimeError):
+        normcore.functional.batch_norm(nested, None, None, training=True)
+    assert not spy.calls
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("make", [
+    lambda: normcore.BatchNorm2d(3),
+    lambda: normcore.InstanceNorm2d(3, track_running_stats=True),
+], ids=["BatchNorm2d", "InstanceNorm2d"])
+def test_inference_buffers_refuse_a_train_step_outside_inference_mode(make, fast: bool) -> None:
+    with torch.inference_mode():
+        layer = make()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    previous = kernels.set_enabled(fast)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="inference tensor"):
+            layer.train()(torch.randn(2, 3, 4, 4))
+    finally:
+        kernels.set_enabled(previous)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with torch.inference_mode():  # where it is allowed
+        layer(torch.randn(2, 3, 4, 4))
+
+
+def test_arguments_past_int64_are_declined_not_raised() -> None:
+    if not kernels.warm_up():
+        pytest.skip("the kernels are not available here")
+    module = _loader.ops()
+    x = torch.randn(2, 4, 3)
+    assert module.rms_norm(x, (2**70, 1.5), None, None, False, 1) is NotImplemented
+    assert module.group_norm(x, 2**70, None, None, 1e-5, True, True, 1) is NotImplemented
+
+
+def test_a_lone_running_statistic_of_the_wrong_size_is_refused_in_eval() -> None:
+    from normcore._running import run_batch_norm
+
+    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 7"):
+        run_batch_norm(torch.randn(4, 3), torch.zeros(7), None, None, None, False, 0.1, 1e-5)

@@ -24,6 +24,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -55,20 +56,33 @@ int64_t code_of(c10::ScalarType type) {
   }
 }
 
-// A dense CPU tensor whose data pointer means what its sizes say: no subclass that
-// dispatches in Python, no functorch wrapper (no storage), no lazy negation.
+// A dense CPU tensor whose data pointer means what its sizes say: not nested, not a
+// wrapper whose data is another tensor's (functionalization, functorch, a subclass that
+// dispatches in Python), not lazily negated.
 bool plain_cpu(const Tensor& t) {
-  return t.layout() == c10::kStrided && t.device().is_cpu() && t.has_storage() &&
-         !t.unsafeGetTensorImpl()->is_python_dispatch() && !t.is_neg() && !t.is_conj();
+  const c10::DispatchKeySet wrapped({c10::DispatchKey::Functionalize,
+                                     c10::DispatchKey::FuncTorchBatched,
+                                     c10::DispatchKey::FuncTorchGradWrapper,
+                                     c10::DispatchKey::Python});
+  return t.layout() == c10::kStrided && t.device().is_cpu() && !t.is_nested() &&
+         t.has_storage() && !t.key_set().has_any(wrapped) && !t.is_neg() && !t.is_conj();
 }
 
-// The tensor behind o into t, nullptr for None; false when o is neither.
+// A running statistic a train step may write: an inference tensor only in inference mode
+// (elsewhere torch refuses the in-place update before it writes, and so must this).
+bool writable(const Tensor* t) {
+  return !t || !t->is_inference() || c10::InferenceMode::is_enabled();
+}
+
+// The tensor behind o into t, nullptr for None; false when o is neither. Only torch.Tensor
+// and nn.Parameter themselves: a subclass's output must be of its class, as torch's path
+// makes it.
 bool tensor_arg(PyObject* o, const Tensor*& t) {
   if (o == Py_None) {
     t = nullptr;
     return true;
   }
-  if (!THPVariable_Check(o)) return false;
+  if (!THPVariable_CheckExact(o)) return false;
   t = &THPVariable_Unpack(o);
   return true;
 }
@@ -180,10 +194,12 @@ bool int_tuple(PyObject* o, std::vector<int64_t>& shape) {
     PyObject* v = PyTuple_GET_ITEM(o, i);
     if (!PyLong_Check(v)) return false;
     shape[i] = PyLong_AsLongLong(v);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();  // a size past int64: torch's own error, on its path
+      return false;
+    }
   }
-  if (!PyErr_Occurred()) return true;
-  PyErr_Clear();  // a size past int64: torch's own error, on its path
-  return false;
+  return true;
 }
 
 // An eval pass of BatchNorm (no statistics, or the batch's [C]) or of InstanceNorm (the
@@ -265,6 +281,7 @@ PyObject* batch_norm_train_tensors(PyObject*, PyObject* const* args, Py_ssize_t 
     if (count && (count->scalar_type() != c10::ScalarType::Long || !plain_cpu(*count) ||
                   count->numel() != 1))
       return declined();
+    if (update && (!writable(rm) || !writable(rv) || !writable(count))) return declined();
     const double momentum = number(args[6]), eps = number(args[7]);
     const int reject = truth(args[8]), output = truth(args[9]), stats = truth(args[10]);
     const long threads = integer(args[11]);
@@ -308,6 +325,7 @@ PyObject* instance_norm_train_tensors(PyObject*, PyObject* const* args, Py_ssize
         in.HW == 1 || !in.vectors(in.C, {w, b, rm, rv}))
       return declined();
     const bool update = rm && rv;
+    if (update && (!writable(rm) || !writable(rv))) return declined();
     const double momentum = number(args[5]), eps = number(args[6]);
     const int reject = truth(args[7]), stats = truth(args[8]);
     const long threads = integer(args[9]);
@@ -333,9 +351,12 @@ PyObject* group_norm_tensors(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   return guarded("group_norm", nargs, 8, [&]() -> PyObject* {
     const Tensor *w, *b;
     Input in;
-    // Not an int (a bool, a float): torch raises its TypeError.
-    const long groups = PyLong_CheckExact(args[1]) ? integer(args[1]) : 0;
-    if (PyErr_Occurred()) return nullptr;
+    // Not an int (a bool, a float) or past a long: torch raises its error.
+    long groups = PyLong_CheckExact(args[1]) ? integer(args[1]) : 0;
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      groups = 0;
+    }
     if (!tensor_args(args + 2, &w, &b) || !take(args[0], w, b, in, false) || groups <= 0 ||
         in.C % groups != 0 || in.N * (in.C / groups) * in.HW == 1 || !in.vectors(in.C, {w, b}))
       return declined();
