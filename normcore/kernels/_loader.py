@@ -1,9 +1,9 @@
 """Build ``csrc/*.cpp`` once per machine, load the module once per process, and switch it.
 
 ``norm_kernels.cpp`` is the Python module; each ``types_*.cpp`` holds the kernels of one
-storage type, and ``tensors.cpp`` BatchNorm's entry points that take torch tensors, the one
-unit built against torch's headers (in torch's C++ standard) and linked to its libraries.
-All of them compile at once, then link into one shared library, which goes
+storage type, and ``tensors.cpp`` the normalization entry points, which take torch tensors:
+the one unit built against torch's headers (in torch's C++ standard) and linked to its
+libraries. All of them compile at once, then link into one shared library, which goes
 to ``$TORCH_EXTENSIONS_DIR`` (torch's directory for compiled extensions,
 ``~/.cache/torch_extensions`` by default) under ``normcore_<key>/``. The key hashes the
 sources, the compiler flags, the Python ABI, torch's version and place, and the CPU's

@@ -14,8 +14,8 @@ from .cases import FLOAT32, Precision
 
 
 class Spy:
-    """Counts the calls that the extension module's kernels took (BatchNorm's entry points
-    answer NotImplemented to an input they decline: not counted)."""
+    """Counts the calls that the extension module's kernels took (an entry point answers
+    NotImplemented to an input it declines: not counted)."""
 
     def __init__(self, module: ModuleType) -> None:
         self._module = module

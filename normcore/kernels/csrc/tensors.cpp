@@ -59,13 +59,14 @@ int64_t code_of(c10::ScalarType type) {
 // A dense CPU tensor whose data pointer means what its sizes say: not nested, not a
 // wrapper whose data is another tensor's (functionalization, functorch, a subclass that
 // dispatches in Python), not lazily negated.
+constexpr c10::DispatchKeySet kWrapped({c10::DispatchKey::Functionalize,
+                                         c10::DispatchKey::FuncTorchBatched,
+                                         c10::DispatchKey::FuncTorchGradWrapper,
+                                         c10::DispatchKey::Python});
+
 bool plain_cpu(const Tensor& t) {
-  const c10::DispatchKeySet wrapped({c10::DispatchKey::Functionalize,
-                                     c10::DispatchKey::FuncTorchBatched,
-                                     c10::DispatchKey::FuncTorchGradWrapper,
-                                     c10::DispatchKey::Python});
   return t.layout() == c10::kStrided && t.device().is_cpu() && !t.is_nested() &&
-         t.has_storage() && !t.key_set().has_any(wrapped) && !t.is_neg() && !t.is_conj();
+         t.has_storage() && !t.key_set().has_any(kWrapped) && !t.is_neg() && !t.is_conj();
 }
 
 // A running statistic a train step may write: an inference tensor only in inference mode
