@@ -1,11 +1,13 @@
 """Inputs the fused kernels must leave to torch's path: lazily negated views, gradients
-wanted, arguments torch refuses. A declined call answers NotImplemented and writes
-nothing; the layer then gives torch.nn's results (or its error)."""
+wanted, forward-mode tangents, arguments torch refuses. A declined call answers
+NotImplemented and writes nothing; the layer then gives torch.nn's results (or its
+error)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwad
 
 import normcore
 from normcore import kernels
@@ -20,7 +22,7 @@ def _negated_view(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("row", rows(PER_KIND))
-@pytest.mark.parametrize("how", ["negated view", "gradients wanted"])
+@pytest.mark.parametrize("how", ["negated view", "gradients wanted", "forward-mode tangent"])
 def test_inputs_the_kernels_leave_to_torch_get_torch_results(spy: Spy, row: Row,
                                                             how: str) -> None:
     ours, ref = row.pair()
@@ -31,6 +33,14 @@ def test_inputs_the_kernels_leave_to_torch_get_torch_results(spy: Spy, row: Row,
         if how == "negated view":
             with torch.no_grad():
                 got, want = ours(_negated_view(x)), ref(x)
+        elif how == "forward-mode tangent":  # with gradients off, as forward AD allows
+            tangent = row.input(row.case.shapes[0], scale=3, shift=0)
+            with torch.no_grad(), fwad.dual_level():
+                got = fwad.unpack_dual(ours(fwad.make_dual(x, tangent)))
+                want = fwad.unpack_dual(ref(fwad.make_dual(x, tangent)))
+            assert got.tangent is not None
+            row.precision.assert_close(got.tangent, want.tangent)
+            got, want = got.primal, want.primal
         else:
             got, want = ours(x.clone().requires_grad_()), ref(x.clone().requires_grad_())
         row.precision.assert_close(got, want)

@@ -25,6 +25,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -58,15 +59,26 @@ int64_t code_of(c10::ScalarType type) {
 
 // A dense CPU tensor whose data pointer means what its sizes say: not nested, not a
 // wrapper whose data is another tensor's (functionalization, functorch, a subclass that
-// dispatches in Python), not lazily negated.
+// dispatches in Python), not lazily negated, and all it carries: no tangent.
 constexpr c10::DispatchKeySet kWrapped({c10::DispatchKey::Functionalize,
                                          c10::DispatchKey::FuncTorchBatched,
                                          c10::DispatchKey::FuncTorchGradWrapper,
                                          c10::DispatchKey::Python});
 
+// A dual tensor of forward-mode AD: one with a tangent at some open level, which the
+// kernels would drop (torch's path carries it to the output, as torch.nn does). Forward AD
+// works with gradients off too, so this is not the requires_grad check.
+bool dual(const Tensor& t) {
+  if (!t.unsafeGetTensorImpl()->autograd_meta()) return false;  // the common case
+  for (uint64_t level = 0; torch::autograd::ForwardADLevel::try_get_by_idx(level); ++level)
+    if (t._fw_grad(level).defined()) return true;
+  return false;
+}
+
 bool plain_cpu(const Tensor& t) {
   return t.layout() == c10::kStrided && t.device().is_cpu() && !t.is_nested() &&
-         t.has_storage() && !t.key_set().has_any(kWrapped) && !t.is_neg() && !t.is_conj();
+         t.has_storage() && !t.key_set().has_any(kWrapped) && !t.is_neg() && !t.is_conj() &&
+         !dual(t);
 }
 
 // A running statistic a train step may write: an inference tensor only in inference mode
