@@ -26,6 +26,10 @@
 
 namespace normcore {
 
+// For the per-vector helpers below: GCC otherwise leaves a big one (store_pair for
+// bfloat16) out of line in some loops, a call per 32 values.
+#define NORMCORE_VECTOR_INLINE inline __attribute__((always_inline))
+
 struct f16 {  // IEEE binary16, torch.float16
   uint16_t bits;
 };
@@ -187,7 +191,7 @@ inline void store(double* p, vec_t<double> v) { std::memcpy(p, &v, sizeof v); }
 
 #if defined(__AVX512F__)
 // The 16 bfloat16 values of v, rounded to nearest even (NaN stays a quiet NaN).
-inline __m256i bf16_words(vec_t<float> v) {
+NORMCORE_VECTOR_INLINE __m256i bf16_words(vec_t<float> v) {
   __m512 f;
   std::memcpy(&f, &v, sizeof f);
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
@@ -210,7 +214,7 @@ inline __m256i bf16_words(vec_t<float> v) {
 }
 #endif
 
-inline void store(bf16* p, vec_t<float> v) {
+NORMCORE_VECTOR_INLINE void store(bf16* p, vec_t<float> v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_words(v));
 #else
@@ -273,7 +277,7 @@ inline void store_pair(T* p, vec_t<A> u, vec_t<A> v) {
   store(p + kLanesOf<A>, v);
 }
 
-inline void store_pair(bf16* p, vec_t<float> u, vec_t<float> v) {
+NORMCORE_VECTOR_INLINE void store_pair(bf16* p, vec_t<float> u, vec_t<float> v) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   // Rounded words of u in the lower half, of v in the upper one, interleaved by one permute.
   __m512i words;
