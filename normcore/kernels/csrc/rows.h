@@ -88,8 +88,24 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
   });
 }
 
+// Per-value weights in scale_row's pair order for a bfloat16 row (empty otherwise).
+template <class T, class A>
+std::vector<A> pair_weights(const A* v, int64_t n) {
+  if constexpr (std::is_same_v<T, bf16>)
+    if (v) return bf16_pair_order(v, n);
+  return {};
+}
+
+template <class A>
+const A* data_or_null(const std::vector<A>& v) {
+  return v.empty() ? nullptr : v.data();
+}
+
 template <class T, class A = acc_t<T>>
 void layer_rows(const Rows<T>& p, const A* w, const A* b, int threads) {
+  const std::vector<A> wv = pair_weights<T>(p.y ? w : nullptr, p.L),
+                       bv = pair_weights<T>(p.y ? b : nullptr, p.L);
+  const A *wp = data_or_null(wv), *bp = data_or_null(bv);
   with_stream<T>(p.y ? p.R * p.L : 0, [&](auto stream) {
     run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, A k, const Moments& m) {
       const double rstd = rstd_of(m.var, p.eps);
@@ -97,11 +113,11 @@ void layer_rows(const Rows<T>& p, const A* w, const A* b, int threads) {
       const T* x = p.x + r * p.L;
       T* y = p.y + r * p.L;
       if (w && b)
-        scale_row<stream, true, true>(x, y, i0, i1, k, s, o, w, b);
+        scale_row<stream, true, true>(x, y, i0, i1, k, s, o, w, b, wp, bp);
       else if (w)
-        scale_row<stream, true, false>(x, y, i0, i1, k, s, o, w, b);
+        scale_row<stream, true, false>(x, y, i0, i1, k, s, o, w, b, wp, bp);
       else if (b)
-        scale_row<stream, false, true>(x, y, i0, i1, k, s, o, w, b);
+        scale_row<stream, false, true>(x, y, i0, i1, k, s, o, w, b, wp, bp);
       else
         scale_row<stream, false, false>(x, y, i0, i1, k, s, o, w, b);
     }, threads);
@@ -110,6 +126,8 @@ void layer_rows(const Rows<T>& p, const A* w, const A* b, int threads) {
 
 template <class T, class A = acc_t<T>>
 void rms_rows(const Rows<T>& p, const A* w, int threads) {
+  const std::vector<A> wv = pair_weights<T>(p.y ? w : nullptr, p.L);
+  const A* wp = data_or_null(wv);
   with_stream<T>(p.y ? p.R * p.L : 0, [&](auto stream) {
     run_rows<false, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, A, const Moments& m) {
       const A s = static_cast<A>(rstd_of(m.var, p.eps)), zero = 0;
@@ -117,7 +135,7 @@ void rms_rows(const Rows<T>& p, const A* w, int threads) {
       const T* x = p.x + r * p.L;
       T* y = p.y + r * p.L;
       if (w)
-        scale_row<stream, true, false>(x, y, i0, i1, zero, s, zero, w, none);
+        scale_row<stream, true, false>(x, y, i0, i1, zero, s, zero, w, none, wp);
       else
         scale_row<stream, false, false>(x, y, i0, i1, zero, s, zero, w, none);
     }, threads);
