@@ -88,11 +88,16 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
   });
 }
 
-// Per-value weights in scale_row's pair order for a bfloat16 row (empty otherwise).
-template <class T, class A>
-std::vector<A> pair_weights(const A* v, int64_t n) {
-  if constexpr (std::is_same_v<T, bf16>)
-    if (v) return bf16_pair_order(v, n);
+// The per-value weights v of p's rows in scale_row's pair order, when its output is
+// bfloat16 and not streamed (empty otherwise: scale_row then goes vector by vector).
+// Permuting them is serial work over a whole row on every call, so it is done only for
+// enough rows to pay it back: on 2 rows of 4M values it took five times the kernel.
+constexpr int64_t kPairRowsPerThread = 64;
+
+template <class T, class A, class Stream>
+std::vector<A> pair_weights(const Rows<T>& p, const A* v, int threads, Stream) {
+  if constexpr (std::is_same_v<T, bf16> && !Stream::value)
+    if (v && p.y && p.R >= kPairRowsPerThread * threads) return bf16_pair_order(v, p.L);
   return {};
 }
 
@@ -103,10 +108,10 @@ const A* data_or_null(const std::vector<A>& v) {
 
 template <class T, class A = acc_t<T>>
 void layer_rows(const Rows<T>& p, const A* w, const A* b, int threads) {
-  const std::vector<A> wv = pair_weights<T>(p.y ? w : nullptr, p.L),
-                       bv = pair_weights<T>(p.y ? b : nullptr, p.L);
-  const A *wp = data_or_null(wv), *bp = data_or_null(bv);
   with_stream<T>(p.y ? p.R * p.L : 0, [&](auto stream) {
+    const std::vector<A> wv = pair_weights(p, w, threads, stream),
+                         bv = pair_weights(p, b, threads, stream);
+    const A *wp = data_or_null(wv), *bp = data_or_null(bv);
     run_rows<true, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, A k, const Moments& m) {
       const double rstd = rstd_of(m.var, p.eps);
       const A s = static_cast<A>(rstd), o = static_cast<A>(-m.dm * rstd);
@@ -126,9 +131,9 @@ void layer_rows(const Rows<T>& p, const A* w, const A* b, int threads) {
 
 template <class T, class A = acc_t<T>>
 void rms_rows(const Rows<T>& p, const A* w, int threads) {
-  const std::vector<A> wv = pair_weights<T>(p.y ? w : nullptr, p.L);
-  const A* wp = data_or_null(wv);
   with_stream<T>(p.y ? p.R * p.L : 0, [&](auto stream) {
+    const std::vector<A> wv = pair_weights(p, w, threads, stream);
+    const A* wp = data_or_null(wv);
     run_rows<false, stream>(p, [&](int64_t r, int64_t i0, int64_t i1, A, const Moments& m) {
       const A s = static_cast<A>(rstd_of(m.var, p.eps)), zero = 0;
       const A* none = nullptr;
