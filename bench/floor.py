@@ -33,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from kernels import DTYPES, FAMILIES, MB, copy_limit, measure  # noqa: E402
+from kernels import DTYPES, FAMILIES, MB, NOISY, copy_limit, measure  # noqa: E402
 
 from normcore import kernels  # noqa: E402
 
@@ -90,15 +90,22 @@ def run_case(family: str, mode: str, dtype: torch.dtype, reps: int) -> dict:
     dst = torch.empty_like(x4)
     fns = {"copy": (lambda: dst.copy_(x4), True), **fns}
     med, _, noise, _ = measure(fns, reps, warmup_s=0.3)
+    for _ in range(2):  # the slope doubles the medians' noise: keep the calmest attempt
+        if noise <= NOISY:
+            break
+        again = measure(fns, reps, warmup_s=0.3)
+        if again[2] < noise:
+            med, _, noise, _ = again
     per_byte = (med["large"] - med["small"]) / (nbytes["large"] - nbytes["small"])
+    known = per_byte > 0  # else the two medians crossed: too noisy to say
     copy = med["copy"]
     share = nbytes["4 MB"] / torch.get_num_threads()
     return {
         "family": family, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
         "shapes": {k: list(v) for k, v in shapes.items()},
         "copy_ms": copy * 1e3, "layer_4mb_ms": med["4 MB"] * 1e3,
-        "in_cache_ms": per_byte * share * 1e3,
-        "in_cache_ratio_copy": per_byte * share / copy,
+        "in_cache_ms": per_byte * share * 1e3 if known else None,
+        "in_cache_ratio_copy": per_byte * share / copy if known else None,
         "ratio_copy": med["4 MB"] / copy, "noise": noise,
     }
 
@@ -129,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in ("train", "eval"):
                     row = run_case(family, mode, DTYPES[name], args.repeat)
                     rows.append(row)
+                    floor = row["in_cache_ratio_copy"]
                     print(f"{family:14}  {mode:5}  {row['dtype']:8}  "
-                          f"{row['in_cache_ratio_copy']:15.2f}  {row['ratio_copy']:11.2f}  "
-                          f"{copy_limit(row):4.1f}  {row['noise']:5.0%}", flush=True)
+                          f"{'-' if floor is None else f'{floor:.2f}':>15}  "
+                          f"{row['ratio_copy']:11.2f}  {copy_limit(row):4.1f}  "
+                          f"{row['noise']:5.0%}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
