@@ -149,3 +149,20 @@ def test_a_lone_running_statistic_of_the_wrong_size_is_refused_in_eval() -> None
 
     with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 7"):
         run_batch_norm(torch.randn(4, 3), torch.zeros(7), None, None, None, False, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("dual_of", ["weight", "a view of the input"])
+def test_a_tangent_on_a_weight_or_a_view_reaches_the_output(spy: Spy, dual_of: str) -> None:
+    x, weight, tangent = torch.randn(4, 8, 5, 5), torch.randn(8), torch.randn(8)
+    with torch.no_grad(), fwad.dual_level():
+        if dual_of == "weight":
+            inputs = (x, None, None, fwad.make_dual(weight, tangent), None, True, 0.1, 1e-5)
+        else:  # the view of a dual tensor carries the matching view of its tangent
+            big = fwad.make_dual(torch.randn(8, 8, 5, 5), torch.randn(8, 8, 5, 5))
+            inputs = (big[:4], None, None, weight, None, True, 0.1, 1e-5)
+        got = fwad.unpack_dual(normcore.functional.batch_norm(*inputs))
+        want = fwad.unpack_dual(torch.nn.functional.batch_norm(*inputs))
+    assert got.tangent is not None
+    torch.testing.assert_close(got.tangent, want.tangent)
+    torch.testing.assert_close(got.primal, want.primal)
+    assert not spy.calls
