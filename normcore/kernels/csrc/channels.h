@@ -118,26 +118,19 @@ void column_block_sums(const T* x, T* y, int64_t width, int64_t row, int64_t sto
   for (int64_t j = 0; j < width; ++j) acc[j] += Sums{s1[j], s2[j]};
 }
 
-// Channels of HW >= kPlanarMin values are reduced plane by plane, cut into pieces of at
-// most about kChunk values; shorter ones (BatchNorm1d on [N, C], channels_last) as the
-// columns of an [N, C*HW] matrix, vectorized along its rows. Every value is shifted by its
-// channel's k[c], so partial sums add up directly.
-template <class T, class A = acc_t<T>>
-std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, const A* k,
-                               int threads) {
-  std::vector<Sums> out(C);
-  if (HW >= kPlanarMin) {
-    const PlanePieces pieces(N * C, HW);
-    std::vector<Sums> part(pieces.count);
-    pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
-      add_sums<true>(x + at, len, k[plane % C], part[q]);
-    });
-    for (int64_t q = 0; q < pieces.count; ++q) out[pieces.plane(q) % C] += part[q];
-    return out;
-  }
+// The sums of each channel of [N, C, HW] reduced as the columns of an [N, C*HW] matrix
+// (channel_sums's short channels), in chunks of rows on the threads; with kOut, also
+// y = x * a[c] + b[c] from the same read (a and b are not read without it).
+template <bool kOut, class T, class A = acc_t<T>>
+std::vector<Sums> column_sums(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* k,
+                              const A* a, const A* b, int threads) {
   const int64_t width = C * HW;
-  std::vector<A> kc(width);
+  std::vector<A> kc(width), ac(kOut ? width : 0), bc(kOut ? width : 0);
   spread(k, C, HW, kc.data());
+  if (kOut) {
+    spread(a, C, HW, ac.data());
+    spread(b, C, HW, bc.data());
+  }
   const int64_t chunks = std::max<int64_t>(
       1, std::min(N * width / kChunk, kColumnScratch / width));
   const int64_t rows = ceil_div(N, chunks);
@@ -146,18 +139,37 @@ std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, con
     std::vector<A> s1(width), s2(width);
     Sums* acc = part.data() + chunk * width;
     const int64_t end = std::min(N, (chunk + 1) * rows);
-    for (int64_t row = chunk * rows; row < end; row += kColumnRows) {
-      const int64_t stop = std::min(end, row + kColumnRows);
-      T* const no_output = nullptr;
-      const A* const none = nullptr;
-      column_block_sums<false>(x, no_output, width, row, stop, kc.data(), none, none,
-                               s1.data(), s2.data(), acc);
-    }
+    for (int64_t row = chunk * rows; row < end; row += kColumnRows)
+      column_block_sums<kOut>(x, y, width, row, std::min(end, row + kColumnRows), kc.data(),
+                              ac.data(), bc.data(), s1.data(), s2.data(), acc);
   });
+  std::vector<Sums> out(C);
   for (int64_t chunk = 0; chunk < chunks; ++chunk)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < HW; ++i) out[c] += part[(chunk * C + c) * HW + i];
   return out;
+}
+
+// Channels of HW >= kPlanarMin values are reduced plane by plane, cut into pieces of at
+// most about kChunk values; shorter ones (BatchNorm1d on [N, C], channels_last) as the
+// columns of an [N, C*HW] matrix, vectorized along its rows. Every value is shifted by its
+// channel's k[c], so partial sums add up directly.
+template <class T, class A = acc_t<T>>
+std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, const A* k,
+                               int threads) {
+  if (HW >= kPlanarMin) {
+    std::vector<Sums> out(C);
+    const PlanePieces pieces(N * C, HW);
+    std::vector<Sums> part(pieces.count);
+    pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
+      add_sums<true>(x + at, len, k[plane % C], part[q]);
+    });
+    for (int64_t q = 0; q < pieces.count; ++q) out[pieces.plane(q) % C] += part[q];
+    return out;
+  }
+  T* const no_output = nullptr;
+  const A* const none = nullptr;
+  return column_sums<false>(x, no_output, N, C, HW, k, none, none, threads);
 }
 
 // add_sums<true> over n contiguous values that also writes y = x * a + b: one read of x
@@ -201,8 +213,8 @@ void affine_add_sums(const T* x, T* y, int64_t n, A k, A a, A b, Sums& s) {
 template <class T, class A = acc_t<T>>
 std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, int64_t HW,
                                       const A* k, const A* a, const A* b, int threads) {
-  std::vector<Sums> out(C);
   if (HW >= kPlanarMin) {
+    std::vector<Sums> out(C);
     const PlanePieces pieces(N * C, HW);
     std::vector<Sums> part(pieces.count);
     pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
@@ -212,27 +224,7 @@ std::vector<Sums> channel_affine_sums(const T* x, T* y, int64_t N, int64_t C, in
     for (int64_t q = 0; q < pieces.count; ++q) out[pieces.plane(q) % C] += part[q];
     return out;
   }
-  const int64_t width = C * HW;
-  std::vector<A> kc(width), ac(width), bc(width);
-  spread(k, C, HW, kc.data());
-  spread(a, C, HW, ac.data());
-  spread(b, C, HW, bc.data());
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min(N * width / kChunk, kColumnScratch / width));
-  const int64_t rows = ceil_div(N, chunks);
-  std::vector<Sums> part(chunks * width);
-  parallel_chunks(ceil_div(N, rows), threads, [&](int64_t chunk) {
-    std::vector<A> s1(width), s2(width);
-    Sums* acc = part.data() + chunk * width;
-    const int64_t end = std::min(N, (chunk + 1) * rows);
-    for (int64_t row = chunk * rows; row < end; row += kColumnRows)
-      column_block_sums<true>(x, y, width, row, std::min(end, row + kColumnRows), kc.data(),
-                              ac.data(), bc.data(), s1.data(), s2.data(), acc);
-  });
-  for (int64_t chunk = 0; chunk < chunks; ++chunk)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < HW; ++i) out[c] += part[(chunk * C + c) * HW + i];
-  return out;
+  return column_sums<true>(x, y, N, C, HW, k, a, b, threads);
 }
 
 // Whether channel_sums_affine suits [N, C, HW] of `bytes` bytes per value on `threads`
