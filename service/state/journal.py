@@ -1,12 +1,14 @@
 """The append-only journal: every applied change, fsynced before it is acknowledged.
 
 Files are ``journal-<generation>.log`` in the state dir; each holds checksummed frames
-(``records.py``). A change is written under the caller's lock, so the file's order is
-the order in which changes were applied, and made durable afterwards by ``sync``.
+(``records.py``). A change is queued under the caller's lock, so the file's order is the
+order in which changes were applied, and written and made durable by ``sync``: the thread
+that runs the fsync writes every queued frame first, in one call, so a request's own path
+makes no system call (a write costs more than encoding the record).
 
 Group commit: ``sync(seq)`` returns once some fsync that started after record ``seq`` was
-written has finished. One waiter at a time runs the fsync (the leader) and covers every
-record written before it started; the others wait, and whoever still needs more goes next.
+appended has finished. One waiter at a time writes and fsyncs (the leader) and covers every
+record appended before it started; the others wait, and whoever still needs more goes next.
 While one fsync runs the next batch gathers, so throughput holds under concurrency while
 each request still waits for exactly one or two fsyncs.
 
@@ -80,8 +82,9 @@ class Journal:
         self.generation = generation
         self._fsync = fsync
         self._cond = threading.Condition()
-        self._written = 0  # sequence number of the last record written
+        self._appended = 0  # sequence number of the last record appended
         self._synced = 0  # ... and of the last one known to be on disk
+        self._queued: list[bytes] = []  # frames appended and not yet written, in order
         self._size = 0  # bytes written to the current file
         self._synced_size = 0  # ... and known to be on disk
         self._syncing = False
@@ -117,6 +120,7 @@ class Journal:
             # finish, then cut only what no fsync covered.
             while self._syncing:
                 self._cond.wait()
+            self._queued = []
             self._cut_unsafe()
         self._cond.notify_all()
         return JournalFailedError(self._refusal())
@@ -140,18 +144,20 @@ class Journal:
             raise JournalFailedError(self._refusal())
 
     def append(self, frame: bytes) -> int:
-        """Write one frame (not yet durable) and return its sequence number."""
+        """Queue one frame (written and made durable by ``sync``); its sequence number."""
         with self._cond:
             self.check()
-            view = memoryview(frame)
-            try:
-                while view:
-                    view = view[os.write(self._fd, view):]
-            except OSError as exc:
-                raise self._fail("write", exc) from None
-            self._size += len(frame)
-            self._written += 1
-            return self._written
+            self._queued.append(frame)
+            self._appended += 1
+            return self._appended
+
+    def _write_queued(self, fd: int, frames: list[bytes]) -> int:
+        """Write ``frames`` at the end of ``fd``; the bytes written."""
+        view = memoryview(b"".join(frames))
+        size = len(view)
+        while view:
+            view = view[os.write(fd, view):]
+        return size
 
     def sync(self, seq: int) -> None:
         """Block until record ``seq`` is on disk; ``JournalFailedError`` if it cannot be."""
@@ -162,25 +168,32 @@ class Journal:
                 if self._syncing:
                     self._cond.wait()
                     continue
+                # The leader writes what is queued and fsyncs it, the lock released: records
+                # appended meanwhile queue for the next leader, after these in the file.
                 self._syncing = True
-                target, size, fd = self._written, self._size, self._fd
+                target, frames, fd = self._appended, self._queued, self._fd
+                self._queued = []
                 self._cond.release()
+                what, error, written = "write", None, 0
                 try:
+                    if frames:
+                        written = self._write_queued(fd, frames)
+                    what = "fsync"
                     self._fsync(fd)
-                    error = None
                 except OSError as exc:
                     error = exc
                 finally:
                     self._cond.acquire()
                     self._syncing = False
+                    self._size += written
                 if error is not None:
-                    raise self._fail("fsync", error)
+                    raise self._fail(what, error)
                 self._synced = max(self._synced, target)
-                self._synced_size = max(self._synced_size, size)
+                self._synced_size = self._size
                 self._cond.notify_all()
 
     def waiter(self, seq: int) -> Future:
-        """A future settled once record ``seq`` (already written) is on disk, failed if it
+        """A future settled once record ``seq`` (already appended) is on disk, failed if it
         cannot be.
 
         Every waiter of one group shares one future (it cannot be cancelled). Made while
@@ -228,9 +241,9 @@ class Journal:
                     self._cond.wait()
                 if not self._groups:
                     return  # failed or closed, and no waiter left
-                # Every waiter's record was written before it asked: this fsync covers all.
+                # Every waiter's record was appended before it asked: this sync covers all.
                 groups, self._groups = self._groups, {}
-                target = self._written
+                target = self._appended
             try:
                 self.sync(target)
                 error = None
@@ -246,27 +259,31 @@ class Journal:
                 group.settle(error)
 
     def rotate(self, generation: int) -> None:
-        """Make everything written durable, then continue in a new file."""
+        """Make everything appended durable, then continue in a new file."""
         with self._cond:
             while self._syncing:
                 self._cond.wait()
             if self._failed:
                 raise JournalFailedError(self._refusal())
+            what = "write"
             try:
+                self._size += self._write_queued(self._fd, self._queued)
+                self._queued = []
+                what = "fsync"
                 self._fsync(self._fd)
                 fd = self._open(generation)
             except OSError as exc:
-                raise self._fail("fsync", exc) from None
-            self._synced = self._written
+                raise self._fail(what, exc) from None
+            self._synced = self._appended
             os.close(self._fd)
             self._fd, self.generation = fd, generation
             self._size = self._synced_size = 0
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Sync what was written and close the file (failures are logged, not raised)."""
+        """Sync what was appended and close the file (failures are logged, not raised)."""
         try:
-            self.sync(self._written)
+            self.sync(self._appended)
         except JournalFailedError as exc:
             log.error("closing the journal: %s", exc)
         with self._cond:

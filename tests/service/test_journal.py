@@ -344,13 +344,25 @@ def test_a_failed_write_keeps_the_records_an_fsync_under_way_covers(tmp_path: Pa
     leader.start()
     assert in_fsync.wait(10)  # the fsync that covers the record is under way ...
     fake.full = True
-    failed = threading.Thread(target=lambda: pytest.raises(JournalFailedError,
-                                                           journal.append, frame(b"x")))
-    failed.start()  # ... when the next write fails
+    later = journal.append(frame(b"x"))  # queued: written by the next sync ...
+    refused = []
+
+    def next_sync() -> None:
+        try:
+            journal.sync(later)
+        except JournalFailedError as exc:
+            refused.append(str(exc))
+
+    failed = threading.Thread(target=next_sync)
+    failed.start()  # ... whose write fails once the fsync under way is done
     time.sleep(0.05)
     release.set()
     leader.join(10)
     failed.join(10)
     assert acknowledged == [True]
+    assert len(refused) == 1
+    assert "journal write failed" in refused[0]
+    with pytest.raises(JournalFailedError):
+        journal.append(frame(b"y"))  # and every later change is refused
     payloads, _ = read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")
     assert payloads == [b"acknowledged"]  # still there: it was acknowledged
