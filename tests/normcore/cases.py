@@ -294,6 +294,10 @@ EDGES = [  # each one a boundary of the kernels' loops
     Case("BatchNorm1d", {"num_features": 5000}, ((8, 5000),)),  # huge C, as columns
     Case("BatchNorm2d", {"num_features": 2048}, ((2, 2048, 8, 8),)),  # huge C, as planes
     Case("BatchNorm1d", {"num_features": 37}, ((3000, 37, 3),)),  # odd widths, many chunks
+    # Rows narrower than a few vectors, read several at a time, then a tail of fewer rows
+    Case("BatchNorm1d", {"num_features": 8}, ((37, 8),)),
+    Case("BatchNorm1d", {"num_features": 10}, ((45, 10),)),
+    Case("BatchNorm1d", {"num_features": 24}, ((50, 24),)),
     Case("BatchNorm2d", {"num_features": 3}, ((2, 3, 300, 300),)),  # planes split in pieces
     Case("LayerNorm", {"normalized_shape": [300_000]}, ((1, 300_000),)),  # one row, split
     Case("LayerNorm", {"normalized_shape": [3]}, ((5000, 3),)),  # rows shorter than a vector
@@ -314,6 +318,8 @@ LARGE = [  # enough work to split across threads
 
 CHANNELS_LAST = [
     Case("BatchNorm2d", {"num_features": 8}, ((4, 8, 5, 6),)),
+    Case("BatchNorm2d", {"num_features": 3}, ((3, 3, 5, 7),)),  # rows of 3, folded, a tail
+    Case("BatchNorm2d", {"num_features": 10}, ((2, 10, 3, 7),)),
     Case("BatchNorm3d", {"num_features": 8}, ((2, 8, 3, 4, 5),)),
 ]
 

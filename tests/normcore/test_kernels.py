@@ -237,7 +237,7 @@ STAT_TOLERANCES = {  # input dtype -> (statistics dtype, rtol of the mean, rtol 
 @pytest.mark.parametrize("dtype", STAT_TOLERANCES)
 @pytest.mark.parametrize(("shape", "channels_last"), [
     ((2, 3), False), ((16, 64), False), ((4, 8, 70), False), ((3, 5, 4, 4), False),
-    ((3, 5, 4, 4), True), ((2, 4, 3, 8, 8), True),
+    ((3, 5, 4, 4), True), ((2, 4, 3, 8, 8), True), ((45, 10), False), ((3, 3, 5, 7), True),
 ])
 def test_batch_statistics_alone_match_a_float64_reduction(spy: Spy, shape, channels_last,
                                                           dtype) -> None:
@@ -257,7 +257,7 @@ def test_batch_statistics_alone_match_a_float64_reduction(spy: Spy, shape, chann
 
 @pytest.mark.parametrize(("shape", "channels_last"), [
     ((16, 64), False), ((4, 8, 70), False), ((5, 16, 56, 56), False), ((3, 5, 4, 4), True),
-    ((2, 3, 100_000), False),
+    ((2, 3, 100_000), False), ((45, 10), False), ((3, 3, 5, 7), True),
 ])
 @pytest.mark.parametrize("dtype", STAT_TOLERANCES)
 @pytest.mark.usefixtures("output_stores")
