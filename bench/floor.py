@@ -33,15 +33,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from kernels import DTYPES, FAMILIES, MB, NOISY, copy_limit, measure  # noqa: E402
+from kernels import DTYPES, FAMILIES, MB, NOISY, copy_limit, make_input, measure  # noqa: E402
 
 from normcore import kernels  # noqa: E402
 
 # family -> one sample of the cache-sized inputs: kernels.py's planes and rows, fewer
-# channels (GroupNorm keeps 2 channels per group: its layer has C/2 groups).
+# channels (GroupNorm keeps 2 channels per group: its layer has C/2 groups). Columns keep
+# their width instead (BatchNorm1d [N, C], channels_last's rows of C), with smaller planes.
 SAMPLES = {
     "BatchNorm1d": (8, 1024),
+    "BatchNorm1d NC": (256,),
     "BatchNorm2d": (8, 56, 56),
+    "BatchNorm2d NHWC": (64, 8, 8),
     "BatchNorm3d": (2, 16, 32, 32),
     "LayerNorm": (1024,),
     "RMSNorm": (1024,),
@@ -82,11 +85,11 @@ def run_case(family: str, mode: str, dtype: torch.dtype, reps: int) -> dict:
         if dtype == torch.float64:
             layer = layer.double()
         layer.train(mode == "train")
-        x = torch.randn(shape).to(dtype)
+        x = make_input(family, shape, dtype)
         fn = lambda layer=layer, x=x: layer(x)  # noqa: E731
         fns[name] = (fn if name == "4 MB" else one_thread(fn), True)
         nbytes[name] = x.numel() * x.element_size()
-    x4 = torch.randn(shapes["4 MB"]).to(dtype)
+    x4 = make_input(family, shapes["4 MB"], dtype)
     dst = torch.empty_like(x4)
     fns = {"copy": (lambda: dst.copy_(x4), True), **fns}
     med, _, noise, _ = measure(fns, reps, warmup_s=0.3)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.repeat} reps, median per call")
-    print(f"{'family':14}  {'mode':5}  {'dtype':8}  {'in cache / copy':>15}  "
+    print(f"{'family':16}  {'mode':5}  {'dtype':8}  {'in cache / copy':>15}  "
           f"{'4 MB / copy':>11}  {'goal':>4}  {'noise':>5}")
     rows = []
     with torch.inference_mode():
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_case(family, mode, DTYPES[name], args.repeat)
                     rows.append(row)
                     floor = row["in_cache_ratio_copy"]
-                    print(f"{family:14}  {mode:5}  {row['dtype']:8}  "
+                    print(f"{family:16}  {mode:5}  {row['dtype']:8}  "
                           f"{'-' if floor is None else f'{floor:.2f}':>15}  "
                           f"{row['ratio_copy']:11.2f}  {copy_limit(row):4.1f}  "
                           f"{row['noise']:5.0%}", flush=True)

@@ -74,9 +74,13 @@ def _pair(name: str, *args, **kwargs) -> tuple[nn.Module, nn.Module]:
 
 # family -> (layer pair for an input shape, shape of one sample/row, small shape < 64 KB).
 # Big shapes are the sample shape with a leading dim chosen to reach each target size.
+# "NC" and "NHWC" are the layouts whose statistics are column sums: BatchNorm1d on [N, C],
+# BatchNorm2d on a channels_last input (see CHANNELS_LAST).
 FAMILIES = {
     "BatchNorm1d": (lambda s: _pair("BatchNorm1d", s[1]), (64, 1024), (8, 16, 32)),
+    "BatchNorm1d NC": (lambda s: _pair("BatchNorm1d", s[1]), (256,), (64, 16)),
     "BatchNorm2d": (lambda s: _pair("BatchNorm2d", s[1]), (64, 56, 56), (8, 16, 4, 4)),
+    "BatchNorm2d NHWC": (lambda s: _pair("BatchNorm2d", s[1]), (64, 56, 56), (8, 16, 4, 4)),
     "BatchNorm3d": (lambda s: _pair("BatchNorm3d", s[1]), (32, 16, 32, 32), (8, 16, 2, 4, 4)),
     "LayerNorm": (lambda s: _pair("LayerNorm", s[-1]), (1024,), (8, 64)),
     "RMSNorm": (lambda s: _pair("RMSNorm", s[-1]), (1024,), (8, 64)),
@@ -89,6 +93,15 @@ FAMILIES = {
         (8, 16, 4, 4),
     ),
 }
+
+
+CHANNELS_LAST = {"BatchNorm2d NHWC"}  # families whose input is made channels_last
+
+
+def make_input(family: str, shape, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """A random input of ``shape`` and ``dtype`` in the family's layout."""
+    x = torch.randn(shape, device=device).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if family in CHANNELS_LAST else x
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -184,8 +197,8 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries:
         ours, ref = ours.double(), ref.double()
     ours.train(mode == "train")
     ref.train(mode == "train")
-    x = torch.randn(shape, device=device).to(dtype)
-    dst = torch.empty_like(x)
+    x = make_input(family, shape, dtype, device)
+    dst = torch.empty_like(x)  # (in x's layout)
     fns = {
         "normcore": (lambda: ours(x), True),
         "fallback": (lambda: ours(x), False),
@@ -228,7 +241,7 @@ def run_case(family: str, mode: str, shape, reps: int, warmup_s: float, retries:
 
 
 COLUMNS = [  # header, width, row -> text
-    ("family", 14, lambda r: r["family"]),
+    ("family", 16, lambda r: r["family"]),
     ("mode", 5, lambda r: r["mode"]),
     ("dtype", 8, lambda r: r["dtype"]),
     ("shape", 16, lambda r: "x".join(map(str, r["shape"]))),
