@@ -33,7 +33,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from kernels import DTYPES, FAMILIES, MB, NOISY, copy_limit, make_input, measure  # noqa: E402
+from kernels import MB, NOISY, copy_limit, measure  # noqa: E402
+from layer_cases import DTYPES, FAMILIES, make_input  # noqa: E402
 
 from normcore import kernels  # noqa: E402
 
