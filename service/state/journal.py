@@ -111,15 +111,13 @@ class Journal:
             raise
         return fd
 
-    def _fail(self, what: str, exc: OSError) -> JournalFailedError:
+    def _fail(self, what: str, exc: BaseException) -> JournalFailedError:
+        """Refuse every change from now on (called with no fsync under way), and cut off
+        what no fsync covered."""
         if self._failed is None:
-            self._failed = f"journal {what} failed ({exc.strerror or exc})"
+            self._failed = f"journal {what} failed ({getattr(exc, 'strerror', None) or exc!r})"
             log.critical("%s; train and admin changes are refused until a restart",
                          self._failed)
-            # An fsync under way covers records its waiters will be told are safe: let it
-            # finish, then cut only what no fsync covered.
-            while self._syncing:
-                self._cond.wait()
             self._queued = []
             self._cut_unsafe()
         self._cond.notify_all()
@@ -180,7 +178,7 @@ class Journal:
                         written = self._write_queued(fd, frames)
                     what = "fsync"
                     self._fsync(fd)
-                except OSError as exc:
+                except BaseException as exc:  # (a MemoryError too: the frames are gone)
                     error = exc
                 finally:
                     self._cond.acquire()
@@ -280,12 +278,15 @@ class Journal:
             self._size = self._synced_size = 0
             self._cond.notify_all()
 
-    def close(self) -> None:
-        """Sync what was appended and close the file (failures are logged, not raised)."""
+    def close(self) -> bool:
+        """Sync what was appended and close the file; whether all of it is on disk
+        (failures are logged, not raised)."""
+        safe = True
         try:
             self.sync(self._appended)
         except JournalFailedError as exc:
             log.error("closing the journal: %s", exc)
+            safe = False
         with self._cond:
             while self._syncing:
                 self._cond.wait()
@@ -295,6 +296,7 @@ class Journal:
             if self._failed is None:
                 self._failed = "the journal is closed"
             self._cond.notify_all()  # the syncing thread ends once no waiter is left
+        return safe
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -311,7 +311,7 @@ def test_corrupt_snapshot_is_an_error_naming_the_file(tmp_path: Path, damage: st
         read_snapshot(tmp_path)
 
 
-def test_a_failed_write_keeps_the_records_an_fsync_under_way_covers(tmp_path: Path,
+def test_a_failed_write_cuts_only_what_no_fsync_covered(tmp_path: Path,
                                                                    monkeypatch) -> None:
     from service.state import journal as module
 
@@ -366,3 +366,55 @@ def test_a_failed_write_keeps_the_records_an_fsync_under_way_covers(tmp_path: Pa
         journal.append(frame(b"y"))  # and every later change is refused
     payloads, _ = read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")
     assert payloads == [b"acknowledged"]  # still there: it was acknowledged
+
+
+def test_rotate_writes_the_queued_records_into_the_old_file(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, 1)
+    seqs = [journal.append(frame(payload)) for payload in (b"a", b"b")]
+    journal.rotate(2)
+    journal.sync(seqs[-1])  # safe already: no write, no fsync needed
+    assert read_frames(journal_path(tmp_path, 1).read_bytes(), "old")[0] == [b"a", b"b"]
+    journal.sync(journal.append(frame(b"c")))
+    assert read_frames(journal_path(tmp_path, 2).read_bytes(), "new")[0] == [b"c"]
+    journal.close()
+
+
+def test_a_write_that_fails_in_rotate_is_final(tmp_path: Path, monkeypatch) -> None:
+    from service.state import journal as module
+
+    journal = Journal(tmp_path, 1)
+    journal.sync(journal.append(frame(b"safe")))
+    journal.append(frame(b"queued"))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module.os, "write", full)
+    with pytest.raises(JournalFailedError, match="journal write failed"):
+        journal.rotate(2)
+    monkeypatch.undo()
+    with pytest.raises(JournalFailedError):
+        journal.append(frame(b"later"))
+    assert read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")[0] == [b"safe"]
+
+
+def test_any_error_in_the_leaders_write_fails_the_journal_and_its_waiters(
+        tmp_path: Path, monkeypatch) -> None:
+    """Not only OSError: the queued frames left the queue, so nothing may call them safe."""
+    journal = Journal(tmp_path, 1)
+    journal.sync(journal.append(frame(b"safe")))
+    lost = journal.append(frame(b"lost"))
+
+    def no_memory(fd, frames):
+        raise MemoryError
+
+    monkeypatch.setattr(journal, "_write_queued", no_memory)
+    waiter = journal.waiter(lost)
+    with pytest.raises(JournalFailedError, match="journal write failed"):
+        waiter.result(timeout=10)
+    with pytest.raises(JournalFailedError):
+        journal.sync(lost)
+    with pytest.raises(JournalFailedError):
+        journal.append(frame(b"later"))
+    assert journal.close() is False
+    assert read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")[0] == [b"safe"]
