@@ -328,7 +328,8 @@ class Persistence:
                 self._lock_fd = None
                 return
             failed = self.journal.failed
-            self.journal.close()
+            if not self.journal.close() and failed is None:
+                failed = self.journal.failed  # its last records were refused: not saved
             if failed is None:
                 generation = self.journal.generation + 1
                 self._write(generation, *self._capture(generation))

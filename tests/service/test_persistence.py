@@ -309,3 +309,27 @@ def test_a_step_is_served_once_safe_and_finishes_even_if_nobody_waits(tmp_path, 
     torch.testing.assert_close(layer.running_var, reference.running_var)
     assert store.applied.get("first").settled
     store.close()
+
+
+def test_no_last_snapshot_holds_a_step_whose_record_failed_at_close(tmp_path, specs) -> None:
+    in_fsync, release, failing = threading.Event(), threading.Event(), threading.Event()
+
+    def fsync(fd: int) -> None:
+        if failing.is_set():
+            in_fsync.set()
+            assert release.wait(10)
+            raise OSError(errno.EIO, "Input/output error")
+
+    store, persistence = open_store(tmp_path, specs, fsync=fsync)
+    failing.set()
+    step = store.start_train("stream.bn", torch.randn(8, 64))  # its record is not safe ...
+    assert in_fsync.wait(10)
+    closing = threading.Thread(target=persistence.close)
+    closing.start()  # ... when the server stops
+    time.sleep(0.05)
+    release.set()
+    closing.join(10)
+    with pytest.raises(JournalFailedError):
+        step.result(timeout=10)
+    again, _ = open_store(tmp_path, specs)  # the refused step was never saved
+    assert int(again.slot("stream.bn").layer.num_batches_tracked) == 0
