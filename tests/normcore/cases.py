@@ -296,6 +296,7 @@ EDGES = [  # each one a boundary of the kernels' loops
     Case("BatchNorm1d", {"num_features": 37}, ((3000, 37, 3),)),  # odd widths, many chunks
     # Rows narrower than a few vectors, read several at a time, then a tail of fewer rows
     Case("BatchNorm1d", {"num_features": 8}, ((37, 8),)),
+    Case("BatchNorm1d", {"num_features": 8}, ((8, 8),)),  # one folded row, no tail
     Case("BatchNorm1d", {"num_features": 10}, ((45, 10),)),
     Case("BatchNorm1d", {"num_features": 24}, ((50, 24),)),
     Case("BatchNorm2d", {"num_features": 3}, ((2, 3, 300, 300),)),  # planes split in pieces

@@ -169,9 +169,10 @@ std::vector<Sums> column_sums(const T* x, T* y, int64_t N, int64_t C, int64_t HW
     column_block_sums<kOut>(x, y, width, M * R, N, kc.data(), ac.data(), bc.data(),
                             s1.data(), s2.data(), part.data() + chunks * wide);
   }
-  std::vector<Sums> out(C);
-  for (int64_t j = 0; j < static_cast<int64_t>(part.size()); ++j)
-    out[j % width / HW] += part[j];
+  std::vector<Sums> out(C);  // part: rows of `width` partial sums, each laid out as [C, HW]
+  for (int64_t at = 0; at < static_cast<int64_t>(part.size()); at += width)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < HW; ++i) out[c] += part[at + c * HW + i];
   return out;
 }
 

@@ -326,14 +326,14 @@ void scale_row(const T* x, T* y, int64_t i0, int64_t i1, A k, A s, A o, const A*
   for (; i < i1; ++i) one(i);
 }
 
-// out[j] = v[c] for the `n` columns j of rows of C * HW values laid end to end, c the
-// channel of column j % (C * HW): a per-channel value for each column of an [N, C*HW]
-// matrix, or of one whose rows hold several of those rows (fold_rows).
+// out[j] = v[c] for the `n` (>= C * HW) columns j of rows of C * HW values laid end to
+// end, c the channel of column j % (C * HW): a per-channel value for each column of an
+// [N, C*HW] matrix, or of one whose rows hold several of those rows (fold_rows).
 template <class A>
 inline void spread(const A* v, int64_t C, int64_t HW, A* out, int64_t n) {
   const int64_t width = C * HW;
   for (int64_t c = 0; c < C; ++c) std::fill(out + c * HW, out + (c + 1) * HW, v[c]);
-  for (int64_t j = width; j < n; j += width) std::copy(out, out + width, out + j);
+  for (int64_t j = width; j < n; j += width) std::copy(out, out + std::min(width, n - j), out + j);
 }
 
 }  // namespace normcore
