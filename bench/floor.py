@@ -17,7 +17,8 @@ would take if memory cost nothing: "in cache / copy" is its ratio to the copy of
 is timed in the same run, round-robin with the copy and the two cache-sized inputs.
 
 The input shapes keep the planes and rows of ``bench/kernels.py``'s cases (the same work
-per value) with fewer channels, so that 128 KB holds at least one sample.
+per value) with fewer channels, so that 128 KB holds at least one sample; the column
+layouts keep the width of their rows instead.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from normcore import kernels  # noqa: E402
 SAMPLES = {
     "BatchNorm1d": (8, 1024),
     "BatchNorm1d NC": (256,),
+    "BatchNorm1d NC10": (10,),
     "BatchNorm2d": (8, 56, 56),
     "BatchNorm2d NHWC": (64, 8, 8),
     "BatchNorm3d": (2, 16, 32, 32),

@@ -29,6 +29,8 @@ def _pair(name: str, *args, **kwargs) -> tuple[nn.Module, nn.Module]:
 FAMILIES = {
     "BatchNorm1d": (lambda s: _pair("BatchNorm1d", s[1]), (64, 1024), (8, 16, 32)),
     "BatchNorm1d NC": (lambda s: _pair("BatchNorm1d", s[1]), (256,), (64, 16)),
+    # 10 features: rows under one vector, read 8 (float64: 4) at a time
+    "BatchNorm1d NC10": (lambda s: _pair("BatchNorm1d", s[1]), (10,), (64, 10)),
     "BatchNorm2d": (lambda s: _pair("BatchNorm2d", s[1]), (64, 56, 56), (8, 16, 4, 4)),
     "BatchNorm2d NHWC": (lambda s: _pair("BatchNorm2d", s[1]), (64, 56, 56), (8, 16, 4, 4)),
     "BatchNorm3d": (lambda s: _pair("BatchNorm3d", s[1]), (32, 16, 32, 32), (8, 16, 2, 4, 4)),
