@@ -22,12 +22,12 @@ train step; once per group it is paid once for many requests. The group is not h
 any longer (as ``GroupPacer`` holds a database's): an fsync here costs less than a sleep's
 extra wake-up.
 
-A failed fsync is final. After it the kernel may have dropped the dirty pages and marked
-them clean, so a retry can "succeed" without the data ever reaching the disk (PostgreSQL's
-fsyncgate, 2018). The journal refuses every later change and the server must restart,
-recovering from what is on disk. The records that were not yet safe were never
-acknowledged, so the file is cut back to the last synced byte (best effort: a disk that
-fails the cut too may keep them), and a restart does not apply them after all.
+A failed write or fsync is final. After a failed fsync the kernel may have dropped the
+dirty pages and marked them clean, so a retry can "succeed" without the data ever reaching
+the disk (PostgreSQL's fsyncgate, 2018). The journal refuses every later change and the
+server must restart, recovering from what is on disk. The records that were not yet safe
+were never acknowledged, so the file is cut back to the last synced byte (best effort: a
+disk that fails the cut too may keep them), and a restart does not apply them after all.
 """
 
 from __future__ import annotations
