@@ -115,7 +115,7 @@ class Journal:
         """Refuse every change from now on (called with no fsync under way), and cut off
         what no fsync covered."""
         if self._failed is None:
-            self._failed = f"journal {what} failed ({getattr(exc, 'strerror', None) or exc!r})"
+            self._failed = f"journal {what} failed ({getattr(exc, 'strerror', None) or repr(exc)})"
             log.critical("%s; train and admin changes are refused until a restart",
                          self._failed)
             self._queued = []
