@@ -315,3 +315,37 @@ def test_a_full_disk_starts_read_only_and_recovers_by_itself(full_disk) -> None:
             time.sleep(0.2)
         assert http.post("/normalize", json={**body, "mode": "train"}).status_code == 200
         assert _count(http, "stream.bn") == 1
+
+
+def test_a_disk_that_fills_while_training_refuses_and_keeps_what_it_acknowledged(
+        full_disk) -> None:
+    disk, filler = full_disk
+    os.truncate(filler, filler.stat().st_size - (160 << 10))  # 160 KB left
+    env = {"NORMCORE_STATE_DIR": str(disk / "state"), "NORMCORE_DEVICE": "cpu"}
+    body = {"layer": "stream.bn", "mode": "train",
+            "tensor": {"shape": [4, 64], "data": [1.0] * 256}}
+    codes: list[int] = []
+    with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
+                                                        timeout=30) as http:
+        assert http.get("/stats").json()["server"]["persistence"] == "durable"
+
+        def client() -> None:
+            with httpx.Client(base_url=proc.url, trust_env=False, timeout=30) as mine:
+                while 503 not in codes:  # each record is about 600 bytes: full within 300
+                    reply = mine.post("/normalize", json=body)
+                    assert reply.status_code in (200, 503), reply.text
+                    codes.append(reply.status_code)
+
+        with ThreadPoolExecutor(4) as pool:
+            for done in [pool.submit(client) for _ in range(4)]:
+                done.result(timeout=60)
+        assert codes.count(200) > 100  # it trained until the disk was full
+        refused = http.post("/normalize", json=body)
+        assert refused.status_code == 503
+        assert "journal write failed" in refused.json()["error"]
+        assert "No space left on device" in refused.json()["error"]
+        assert _count(http, "stream.bn") == codes.count(200)  # none half-applied
+        assert http.get("/healthz").status_code == 200
+    with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
+                                                        timeout=30) as http:
+        assert _count(http, "stream.bn") == codes.count(200)  # every 200, and only those
