@@ -141,17 +141,23 @@ def test_a_gzip_body_that_inflates_past_the_limit_is_413(http) -> None:
 
 
 def test_every_acknowledged_step_is_applied_and_no_refused_one_is(tmp_path) -> None:
-    # Steps big enough for worker threads, with a journal, and a deadline of 10 ms to start:
-    # many are refused. Each reply must say the truth about its step.
-    env = {"NORMCORE_REQUEST_TIMEOUT": "0.01", "NORMCORE_DEVICE": "cpu",
+    # Steps big enough for worker threads, with a journal, and a deadline of 2 ms to start:
+    # those that meet another step on the layer are refused. Each reply must say the truth
+    # about its step. How many meet depends on the machine's timing: rounds of 80 go on
+    # until some were refused (rarely more than one).
+    env = {"NORMCORE_REQUEST_TIMEOUT": "0.002", "NORMCORE_DEVICE": "cpu",
            "NORMCORE_STATE_DIR": str(tmp_path / "state")}
     with service_process(env=env) as proc, httpx.Client(base_url=proc.url, trust_env=False,
                                                         timeout=60) as http:
         body = {"layer": "stream.bn", "mode": "train",
                 "tensor": {"shape": [300, 64], "data": np.ones(300 * 64).tolist()}}
         before = _count(http, "stream.bn")
+        replies: list[httpx.Response] = []
         with ThreadPoolExecutor(80) as pool:
-            replies = list(pool.map(lambda _: http.post("/normalize", json=body), range(80)))
+            for _ in range(10):
+                replies += pool.map(lambda _: http.post("/normalize", json=body), range(80))
+                if any(r.status_code == 503 for r in replies):
+                    break
         statuses = [r.status_code for r in replies]
         assert set(statuses) == {200, 503}
         refused = [r.json()["error"] for r in replies if r.status_code == 503]
