@@ -269,10 +269,11 @@ class Journal:
                 self._queued = []
                 what = "fsync"
                 self._fsync(self._fd)
+                self._synced, self._synced_size = self._appended, self._size
+                what = "open of the next file"  # (what is synced above stays safe)
                 fd = self._open(generation)
             except OSError as exc:
                 raise self._fail(what, exc) from None
-            self._synced = self._appended
             os.close(self._fd)
             self._fd, self.generation = fd, generation
             self._size = self._synced_size = 0

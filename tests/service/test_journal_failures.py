@@ -155,3 +155,23 @@ def test_any_error_in_the_leaders_write_fails_the_journal_and_its_waiters(
         journal.append(frame(b"later"))
     assert journal.close() is False
     assert read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")[0] == [b"safe"]
+
+
+def test_a_rotate_that_cannot_open_the_next_file_keeps_what_it_synced(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    from service.state import journal as module
+
+    journal = Journal(tmp_path, 1)
+    seq = journal.append(frame(b"synced by the rotate"))
+
+    def no_file(folder: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(module, "fsync_folder", no_file)  # the new file's name cannot be kept
+    with pytest.raises(JournalFailedError, match="journal open of the next file failed"):
+        journal.rotate(2)
+    journal.sync(seq)  # its record was fsynced before the failure: safe, not cut
+    with pytest.raises(JournalFailedError):
+        journal.append(frame(b"later"))
+    payloads, _ = read_frames(journal_path(tmp_path, 1).read_bytes(), "journal")
+    assert payloads == [b"synced by the rotate"]
