@@ -20,6 +20,14 @@ namespace normcore {
 // a few KB, and more would crowd out the row in hand (GroupNorm's planes).
 constexpr int64_t kNextRow = 4096;
 
+// Half-precision rows of at most this many bytes are summed one ahead: the next row's sums
+// go between a row's moments and its output, so that they, not the output, wait out the
+// moments' divisions and square roots, a stall on every row otherwise. LayerNorm and
+// RMSNorm rows of 1024 values 3-11% faster at 4-8 MB, measured on a Sapphire Rapids VM.
+// float32 and float64 rows wait on memory more than on arithmetic and gained nothing
+// (within 3%); longer rows lose while two of them crowd L1 (GroupNorm's planes, up to 6%).
+constexpr int64_t kEarlyRow = 4096;
+
 // R rows of L contiguous values of T, each normalized with its own statistics.
 template <class T>
 struct Rows {
@@ -49,17 +57,28 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
   if (segs == 1 || p.R >= 2 * threads) {
     // Whole rows per chunk: the second pass reads each row back from cache.
     const int64_t rows = std::max<int64_t>(1, kChunk / p.L);
+    const bool early = sizeof(T) == 2 && p.L * 2 <= kEarlyRow;
     parallel_chunks(ceil_div(p.R, rows), threads, [&](int64_t chunk) {
       const int64_t end = std::min(p.R, (chunk + 1) * rows);
+      Sums s;
+      bool summed = false;  // s holds row r's sums already
       for (int64_t r = chunk * rows; r < end; ++r) {
-        Sums s;
         const A k = shift(r);
-        add_sums<kCenter>(p.x + r * p.L, p.L, k, s);
+        if (!summed) {
+          s = Sums{};
+          add_sums<kCenter>(p.x + r * p.L, p.L, k, s);
+        }
         const Moments m = finish(r, s);
-        if (p.y && r + 1 < end) {  // the next row's start, on its way while this one's written
-          const char* next = reinterpret_cast<const char*>(p.x + (r + 1) * p.L);
+        summed = early && r + 1 < end;
+        if (summed) {
+          s = Sums{};
+          add_sums<kCenter>(p.x + (r + 1) * p.L, p.L, shift(r + 1), s);
+        }
+        const int64_t unread = r + 1 + summed;  // on its way while this row is written
+        if (p.y && unread < end) {
+          const char* ahead = reinterpret_cast<const char*>(p.x + unread * p.L);
           for (int64_t o = 0; o < std::min<int64_t>(kNextRow, p.L * sizeof(T)); o += 64)
-            __builtin_prefetch(next + o, 0, 2);
+            __builtin_prefetch(ahead + o, 0, 2);
         }
         if (p.y) apply(r, 0, p.L, k, m);
       }
