@@ -124,11 +124,20 @@ inline int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// Outputs of at least this many bytes are streamed.
+// Outputs of at least this many bytes are streamed: 3/4 of the L3 cache, as glibc's memcpy
+// decides, at least 4 L2s, but at most kStreamCap. A big L3 is shared by many cores (a
+// 2-vCPU VM here sees a whole socket's 300 MB), so an output far smaller than it is still
+// pushed out before anyone reads it back. Measured on that VM with this cap against none,
+// each in its own process: layer calls at 32 MB 5-45% faster (half-precision BatchNorm
+// eval from 1.07-1.12x torch.nn's time to 0.62-0.84x), at 16 MB mixed, at 4-8 MB up to a
+// third slower, which the cap leaves as they were.
+constexpr int64_t kStreamCap = int64_t{24} << 20;
+
 inline int64_t& stream_threshold() {
   static int64_t threshold = [] {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return std::max<int64_t>(4 * l2_cache_bytes(), l3 > 0 ? l3 / 4 * 3 : 0);
+    const int64_t share = l3 > 0 ? std::min<int64_t>(int64_t{l3} / 4 * 3, kStreamCap) : 0;
+    return std::max<int64_t>(4 * l2_cache_bytes(), share);
   }();
   return threshold;
 }
