@@ -127,10 +127,10 @@ inline int64_t l2_cache_bytes() {
 // Outputs of at least this many bytes are streamed: 3/4 of the L3 cache, as glibc's memcpy
 // decides, at least 4 L2s, but at most kStreamCap. A big L3 is shared by many cores (a
 // 2-vCPU VM here sees a whole socket's 300 MB), so an output far smaller than it is still
-// pushed out before anyone reads it back. Measured on that VM with this cap against none,
-// each in its own process: layer calls at 32 MB 5-45% faster (half-precision BatchNorm
-// eval from 1.07-1.12x torch.nn's time to 0.62-0.84x), at 16 MB mixed, at 4-8 MB up to a
-// third slower, which the cap leaves as they were.
+// pushed out before anyone reads it back. Measured on that VM, each setting in a process
+// of its own: streamed, 32 MB outputs made every layer call as fast or faster against
+// torch.nn's in the same run (half-precision BatchNorm eval from 0.89-0.99x to 0.63-0.73x);
+// 16 MB ones gained and lost by turns, and 4-8 MB ones were up to a third slower.
 constexpr int64_t kStreamCap = int64_t{24} << 20;
 
 inline int64_t& stream_threshold() {

@@ -57,7 +57,7 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
   if (segs == 1 || p.R >= 2 * threads) {
     // Whole rows per chunk: the second pass reads each row back from cache.
     const int64_t rows = std::max<int64_t>(1, kChunk / p.L);
-    const bool early = sizeof(T) == 2 && p.L * 2 <= kEarlyRow;
+    const bool early = sizeof(T) == 2 && p.L * int64_t{sizeof(T)} <= kEarlyRow;
     parallel_chunks(ceil_div(p.R, rows), threads, [&](int64_t chunk) {
       const int64_t end = std::min(p.R, (chunk + 1) * rows);
       Sums s;
