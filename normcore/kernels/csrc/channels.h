@@ -57,7 +57,7 @@ struct PlanePieces {
 // (measured on a Sapphire Rapids VM). A tile's rows are short runs a row apart, which the
 // prefetchers barely follow. Half-precision inputs, the most rows per byte, ask for each
 // line of the next tile as they load the same line of this one: their statistics pass
-// takes a quarter less time, a train step 5-12% less. float32 gained nothing that way and
+// takes a quarter less time, a train step 2-13% less. float32 gained nothing that way and
 // float64 lost up to 3%.
 constexpr int kColumnVectors = 4;
 constexpr int64_t kColumnTile = 16;  // rows: a tile of a wide matrix stays in L1

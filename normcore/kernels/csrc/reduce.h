@@ -128,10 +128,10 @@ inline int64_t l2_cache_bytes() {
 // decides, at least 4 L2s, but at most kStreamCap. A big L3 is shared by many cores (a
 // 2-vCPU VM here sees a whole socket's 300 MB), so an output far smaller than it is still
 // pushed out before anyone reads it back. Measured on that VM, each setting in a process
-// of its own: streamed, 32 MB outputs made every layer call as fast or faster against
-// torch.nn's in the same run (half-precision BatchNorm eval from 0.89-0.99x to 0.63-0.73x);
-// 16 MB ones gained and lost by turns, and 4-8 MB ones were up to a third slower.
-constexpr int64_t kStreamCap = int64_t{24} << 20;
+// of its own, every family in float32 and float16: streamed, 37 of 40 layer calls at 32 MB
+// and 28-30 of 40 at 16 MB got faster against torch.nn's in the same run (geometric mean
+// 0.72x and 0.83-0.89x); at 8 MB 1.03x and at 4 MB 1.10x, slower.
+constexpr int64_t kStreamCap = int64_t{12} << 20;
 
 inline int64_t& stream_threshold() {
   static int64_t threshold = [] {
