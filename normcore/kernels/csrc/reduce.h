@@ -124,20 +124,14 @@ inline int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// Outputs of at least this many bytes are streamed: 3/4 of the L3 cache, as glibc's memcpy
-// decides, at least 4 L2s, but at most kStreamCap. A big L3 is shared by many cores (a
-// 2-vCPU VM here sees a whole socket's 300 MB), so an output far smaller than it is still
-// pushed out before anyone reads it back. Measured on that VM, each setting in a process
-// of its own, every family in float32 and float16: streamed, 37 of 40 layer calls at 32 MB
-// and 28-30 of 40 at 16 MB got faster against torch.nn's in the same run (geometric mean
-// 0.72x and 0.83-0.89x); at 8 MB 1.03x and at 4 MB 1.10x, slower.
-constexpr int64_t kStreamCap = int64_t{12} << 20;
-
+// Outputs of at least this many bytes are streamed. Not sooner, even where the L3 is a
+// whole socket's, shared with other tenants: streamed from 12 MB, 16-32 MB layer calls
+// took 4-17% less time, but a call and a read of its output (the reply's encoding, the
+// next layer) 26-35% more, measured on a 2-vCPU VM that sees a 300 MB L3.
 inline int64_t& stream_threshold() {
   static int64_t threshold = [] {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    const int64_t share = l3 > 0 ? std::min<int64_t>(int64_t{l3} / 4 * 3, kStreamCap) : 0;
-    return std::max<int64_t>(4 * l2_cache_bytes(), share);
+    return std::max<int64_t>(4 * l2_cache_bytes(), l3 > 0 ? l3 / 4 * 3 : 0);
   }();
   return threshold;
 }
