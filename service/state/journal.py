@@ -64,6 +64,13 @@ def journal_generations(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at ``fd``'s position (``os.write`` may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a create, rename or unlink in ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY)
@@ -149,14 +156,6 @@ class Journal:
             self._appended += 1
             return self._appended
 
-    def _write_queued(self, fd: int, frames: list[bytes]) -> int:
-        """Write ``frames`` at the end of ``fd``; the bytes written."""
-        view = memoryview(b"".join(frames))
-        size = len(view)
-        while view:
-            view = view[os.write(fd, view):]
-        return size
-
     def sync(self, seq: int) -> None:
         """Block until record ``seq`` is on disk; ``JournalFailedError`` if it cannot be."""
         with self._cond:
@@ -175,7 +174,9 @@ class Journal:
                 what, error, written = "write", None, 0
                 try:
                     if frames:
-                        written = self._write_queued(fd, frames)
+                        data = b"".join(frames)
+                        write_all(fd, data)
+                        written = len(data)
                     what = "fsync"
                     self._fsync(fd)
                 except BaseException as exc:  # (a MemoryError too: the frames are gone)
@@ -265,7 +266,9 @@ class Journal:
                 raise JournalFailedError(self._refusal())
             what = "write"
             try:
-                self._size += self._write_queued(self._fd, self._queued)
+                data = b"".join(self._queued)
+                write_all(self._fd, data)
+                self._size += len(data)
                 self._queued = []
                 what = "fsync"
                 self._fsync(self._fd)

@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .journal import fsync_folder
+from .journal import fsync_folder, write_all
 from .records import StateFileError, frame, read_frames
 
 SNAPSHOT = "snapshot.ncs"
@@ -30,9 +30,7 @@ def write_snapshot(folder: Path, payload: bytes) -> Path:
     data = frame(payload)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -142,10 +142,12 @@ def test_any_error_in_the_leaders_write_fails_the_journal_and_its_waiters(
     journal.sync(journal.append(frame(b"safe")))
     lost = journal.append(frame(b"lost"))
 
-    def no_memory(fd, frames):
+    from service.state import journal as module
+
+    def no_memory(fd, data):
         raise MemoryError
 
-    monkeypatch.setattr(journal, "_write_queued", no_memory)
+    monkeypatch.setattr(module, "write_all", no_memory)
     waiter = journal.waiter(lost)
     with pytest.raises(JournalFailedError, match="journal write failed"):
         waiter.result(timeout=10)
