@@ -286,8 +286,10 @@ NORMCORE_VECTOR_INLINE void store_pair(bf16* p, vec_t<float> u, vec_t<float> v) 
   std::memcpy(&fu, &u, sizeof fu);
   std::memcpy(&fv, &v, sizeof fv);
   // One instruction for both, unless one has a subnormal (bf16_words).
-  if (__builtin_expect(
-          (_mm512_fpclass_ps_mask(fu, 0x20) | _mm512_fpclass_ps_mask(fv, 0x20)) == 0, 1)) {
+  // kortest tests both masks in one instruction, where moving them out to add them took four.
+  if (__builtin_expect(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(fu, 0x20),
+                                           _mm512_fpclass_ps_mask(fv, 0x20)),
+                       1)) {
     const __m512bh h = _mm512_cvtne2ps_pbh(fv, fu);
     std::memcpy(&words, &h, sizeof words);
   } else
