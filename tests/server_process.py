@@ -29,12 +29,14 @@ import contextlib
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -56,13 +58,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``cmd`` run as a server on 127.0.0.1; ``url``, ``port`` and ``log()`` once started."""
+    """``cmd`` run as a server on 127.0.0.1; ``url``, ``port`` and ``log()`` once started.
+
+    ``cwd=None`` runs it in a new empty folder. That folder and a log file made here (no
+    ``log`` given) go when the object does, or at exit: a test run leaves nothing in the
+    temp folder. Only the log of a server that never became ready stays, for its error names it.
+    """
 
     def __init__(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
                  ready: str | Callable[[ServerProcess], bool] | None = "/readyz",
                  port: int | None = None, port_from_log: re.Pattern[str] | None = None,
-                 ready_timeout: float = 60.0, log: Path | None = None, cwd: Path = ROOT,
-                 name: str | None = None) -> None:
+                 ready_timeout: float = 60.0, log: Path | None = None,
+                 cwd: Path | None = ROOT, name: str | None = None) -> None:
         if port is None and port_from_log is None:
             if not any(PORT in part for part in [*cmd, *(env or {}).values()]):
                 raise ValueError(f"{list(cmd)}: no {PORT} in the command or env, no port, "
@@ -77,11 +84,16 @@ class ServerProcess:
         self.env.update({k: self._fill(v) for k, v in (env or {}).items()})
         self.ready = ready
         self.ready_timeout = ready_timeout
+        if cwd is None:
+            cwd = Path(tempfile.mkdtemp(prefix="normcore-server-cwd-"))
+            weakref.finalize(self, shutil.rmtree, cwd, ignore_errors=True)
         self.cwd = cwd
+        self._own_log: weakref.finalize | None = None
         if log is None:
             fd, path = tempfile.mkstemp(prefix="normcore-server-", suffix=".log")
             os.close(fd)
             log = Path(path)
+            self._own_log = weakref.finalize(self, log.unlink, missing_ok=True)
         self.log_path = log
         self.proc: subprocess.Popen | None = None
 
@@ -119,6 +131,8 @@ class ServerProcess:
         raise self._error(f"not ready after {self.ready_timeout:g} s")
 
     def _error(self, what: str) -> ServerError:
+        if self._own_log is not None:
+            self._own_log.detach()  # the error names it
         return ServerError(f"{self.name} {what}; the end of its log, {self.log_path}:\n"
                            f"{self.tail()}")
 
@@ -204,5 +218,5 @@ def service_process(args: Sequence[str] = (), env: Mapping[str, str] | None = No
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), inherited]))
     options.setdefault("name", "python -m service")
     # A folder of its own, so no .env lying in the checkout reaches the server.
-    options.setdefault("cwd", Path(tempfile.mkdtemp(prefix="normcore-server-cwd-")))
+    options.setdefault("cwd", None)
     return ServerProcess([sys.executable, "-m", "service", *args], env=env, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import urllib.request
@@ -45,6 +46,33 @@ def test_a_server_never_ready_is_killed_and_fails_with_its_log_tail(tmp_path: Pa
         server.start()
     assert "GET /missing" in str(error.value)
     assert not server.alive()
+
+
+def test_its_own_folder_and_log_go_with_it_unless_it_never_became_ready() -> None:
+    # cwd=None and no log: both are made in the temp folder, and removed when the object
+    # goes, so a test run does not fill the temp folder; a failed start keeps the log its
+    # error names.
+    cmd = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+    server = ServerProcess(cmd, ready="/", cwd=None)
+    with server:
+        folder, log = server.cwd, server.log_path
+        assert folder.is_dir()
+        assert not any(folder.iterdir())  # it serves that folder
+    assert "GET / " in server.log()
+    del server
+    gc.collect()
+    assert not folder.exists()
+    assert not log.exists()
+
+    failing = ServerProcess([sys.executable, "-c", "raise SystemExit(3)", "{port}"], cwd=None)
+    with pytest.raises(ServerError, match="exited with 3"):
+        failing.start()
+    folder, log = failing.cwd, failing.log_path
+    del failing
+    gc.collect()
+    assert not folder.exists()
+    assert log.exists()
+    log.unlink()
 
 
 def test_a_command_without_a_port_is_refused() -> None:
