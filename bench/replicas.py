@@ -25,6 +25,7 @@ import argparse
 import base64
 import http.client
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -203,6 +204,7 @@ def main() -> int:
             delays = visibility(cluster.new_database(), folder, args.steps)
     finally:
         cluster.destroy()
+        shutil.rmtree(folder, ignore_errors=True)
     if train:
         ratio = paired_ratio(train["postgresql"], train["memory"])
         print(f"\npostgresql / memory (train): {ratio:.2f}x (goal >= 0.5x) "
