@@ -4,9 +4,12 @@ its own browsers here; ``.ci/run`` installs both packages where they are missing
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
@@ -32,19 +35,27 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
+    # Chromium leaves its profile and a singleton-socket folder in the temp folder: both go
+    # into one of our own, removed after it quits.
+    scratch = tempfile.TemporaryDirectory(prefix="normcore-chromium-")
     options = Options()
     options.binary_location = shutil.which(CHROMIUM) or shutil.which("chromium")
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run",
-                     f"--window-size={width},{height}"):
+                     f"--window-size={width},{height}",
+                     f"--user-data-dir={Path(scratch.name) / 'profile'}"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(shutil.which(CHROMEDRIVER) or shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
+    service = Service(shutil.which(CHROMEDRIVER) or shutil.which("chromedriver"),
+                      env={**os.environ, "TMPDIR": scratch.name})
     try:
-        yield driver
+        driver = webdriver.Chrome(options=options, service=service)
+        try:
+            yield driver
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
+        scratch.cleanup()
 
 
 def console_errors(driver: Any) -> list[str]:

@@ -338,7 +338,8 @@ def test_server_process_on_cuda_trains_and_evaluates_like_torch() -> None:
         check_running_stats(http, "stream.bn", reference)
 
 
-def test_server_process_on_a_missing_device_says_so() -> None:
+def test_server_process_on_a_missing_device_says_so(tmp_path: Path) -> None:
     missing = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(ServerError, match=f"device {missing} does not exist here"):
-        service_process(env={"NORMCORE_DEVICE": missing}, ready_timeout=120).start()
+        service_process(env={"NORMCORE_DEVICE": missing}, ready_timeout=120,
+                        log=tmp_path / "server.log").start()

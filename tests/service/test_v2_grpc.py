@@ -5,6 +5,8 @@ limits, and typed contents (which tritonclient does not send) through the raw st
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import httpx
 import numpy as np
@@ -260,7 +262,7 @@ def test_a_grpc_train_step_is_durable(tmp_path) -> None:
     assert stats["num_batches_tracked"] == count
 
 
-def test_a_grpc_port_that_is_taken_stops_start_up() -> None:
+def test_a_grpc_port_that_is_taken_stops_start_up(tmp_path: Path) -> None:
     import socket
 
     from tests.server_process import ServerError
@@ -269,7 +271,8 @@ def test_a_grpc_port_that_is_taken_stops_start_up() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = service_process(["--grpc-port", str(port)], env={"NORMCORE_DEVICE": "cpu"})
+        server = service_process(["--grpc-port", str(port)], env={"NORMCORE_DEVICE": "cpu"},
+                                 log=tmp_path / "server.log")
         with pytest.raises(ServerError, match="exited"):
             server.start()
     assert "gRPC cannot listen on 127.0.0.1:" in server.log()
