@@ -93,3 +93,120 @@ def test_reduced_precision_running_stats_accumulate_in_float32(dtype, affine: bo
     assert _err(ours.running_mean, expected_mean) <= 1e-6
     if not affine:  # torch.nn's own error, float32's with an affine weight
         assert _err(ours.running_var, expected_var) < _err(ref.running_var, expected_var)
+
+
+def _outlier_first(shape: tuple[int, ...], value: float, channels_last: bool = False,
+                   rows: bool = False) -> torch.Tensor:
+    # Statistics are summed around a set's first value: here that value sits hundreds to
+    # thousands of standard deviations from the mean. The sets: each channel (a
+    # BatchNorm1d column, a plane of the first sample), or with `rows` each row.
+    x = torch.randn(shape, dtype=torch.float64)
+    if rows:
+        x[:, 0] = value
+    elif len(shape) == 2:
+        x[0] = value
+    else:
+        x[:, :, *([0] * (len(shape) - 2))] = value
+    x = x.float()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((8, 16, 64, 64), False),    # planes, channel by channel
+    ((128, 4, 64, 64), False),   # planes, a statistics pass and a scale-and-shift pass
+    ((4000, 8), False),          # columns
+    ((1_000_000, 1), False),     # one long column
+    ((8, 16, 32, 32), True),     # channels_last
+], ids=["planes", "two-pass", "columns", "long-column", "channels-last"])
+@pytest.mark.parametrize("mode", ["train", "eval-batch-stats"])
+def test_an_outlier_first_value_costs_batch_statistics_no_digits(shape, channels_last,
+                                                                  mode: str,
+                                                                  both_paths: str) -> None:
+    # The kernels' statistics keep float32's digits; the torch path is torch.nn's own,
+    # which on one column of a million values keeps fewer (its error is the bound there).
+    x = _outlier_first(shape, 1e4, channels_last)
+    dims = [0, *range(2, x.dim())]
+    x64 = x.double()
+    var64, mean64 = torch.var_mean(x64, dim=dims, correction=0)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    ref_out = (x64 - mean64.view(view)) / (var64.view(view) + 1e-5).sqrt()
+    layer = normcore.BatchNorm1d(shape[1]) if x.dim() == 2 else normcore.BatchNorm2d(shape[1])
+    tolerance = 1e-5 * float(var64.max())
+    out_tolerance = 1e-5 * float(ref_out.abs().max())
+    if both_paths == "torch":
+        ref = torch.nn.BatchNorm1d(shape[1]) if x.dim() == 2 else torch.nn.BatchNorm2d(shape[1])
+        with torch.no_grad():
+            ref.momentum = 1.0
+            torch_out = ref(x)
+        tolerance = max(tolerance, _err(ref.running_var, var64) * 1.01)
+        out_tolerance = max(out_tolerance, _err(torch_out, ref_out) * 1.01)
+    with torch.no_grad():
+        if mode == "train":
+            layer.momentum = 1.0
+            out = layer(x)
+            n = x.numel() // shape[1]
+            assert _err(layer.running_var, var64 * n / (n - 1)) <= tolerance
+        else:
+            result = layer.eval().normalize(x)
+            assert _err(result.var, var64) <= tolerance
+            assert _err(result.mean, mean64) <= 1e-5 * float(var64.max()) ** 0.5
+            layer.running_mean.copy_(mean64)
+            layer.running_var.copy_(var64)
+            out = layer(x)
+    assert _err(out, ref_out) <= out_tolerance
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "long-row", "GroupNorm", "InstanceNorm2d",
+                                  "InstanceNorm2d-eval"])
+def test_an_outlier_first_value_costs_per_sample_statistics_no_digits(kind: str) -> None:
+    if kind in ("LayerNorm", "long-row"):
+        x = _outlier_first((2, 4096) if kind == "LayerNorm" else (1, 1_000_000), 1e4,
+                           rows=True)
+        layer, dims = normcore.LayerNorm(x.size(1)), [1]
+        groups = x
+    else:
+        x = _outlier_first((4, 8, 32, 32), 1e4)
+        if kind == "GroupNorm":
+            layer, groups, dims = normcore.GroupNorm(2, 8), x.view(4, 2, -1), [2]
+        else:
+            layer = normcore.InstanceNorm2d(8, track_running_stats=True)
+            if kind.endswith("eval"):
+                layer.eval()
+            groups, dims = x, [2, 3]
+    g64 = groups.double()
+    var64, mean64 = torch.var_mean(g64, dim=dims, correction=0, keepdim=True)
+    ref_out = ((g64 - mean64) / (var64 + 1e-5).sqrt()).view(x.shape)
+    if not layer.training:  # the running statistics, 0 and 1, normalize
+        ref_out = x.double() / (1 + 1e-5) ** 0.5
+    with torch.no_grad():
+        result = layer.normalize(x)
+    assert _err(result.output, ref_out) <= 1e-5 * float(ref_out.abs().max())
+    assert _err(result.var, var64.view(result.var.shape)) <= 1e-5 * float(var64.max())
+
+
+def test_a_variance_beyond_float32_squares_is_still_exact() -> None:
+    # Values near 1e17 and a first value of 2e18: its squared distances (4e36) added up in
+    # float32 lanes overflow; summed again around the mean, they do not.
+    x = torch.randn(2, 2048, dtype=torch.float64) * 1e17
+    x[:, 0] = 2e18
+    x = x.float()
+    x64 = x.double()
+    var64, mean64 = torch.var_mean(x64, dim=1, correction=0, keepdim=True)
+    with torch.no_grad():
+        out = normcore.LayerNorm(2048)(x)
+    assert _err(out, (x64 - mean64) / (var64 + 1e-5).sqrt()) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_an_infinite_first_value_gives_torch_infinite_mean(dtype) -> None:
+    x = torch.randn(8, 3).to(dtype)
+    x[0, 1] = float("inf")
+    ours, ref = normcore.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    if dtype == torch.float64:
+        ours, ref = ours.double(), ref.double()
+    ours.reject_non_finite = False
+    with torch.no_grad():
+        ours(x)
+        ref(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, equal_nan=True)
+    torch.testing.assert_close(ours.running_var, ref.running_var, equal_nan=True)

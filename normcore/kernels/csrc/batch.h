@@ -20,13 +20,14 @@
 
 namespace normcore {
 
-// Per-channel statistics of [N, C, HW], each channel shifted by its first value.
+// Per-channel statistics of [N, C, HW], each channel shifted by its first value (by its
+// mean where that was off center).
 template <class T>
 std::vector<Moments> channel_moments(const T* x, int64_t N, int64_t C, int64_t HW,
                                      int threads) {
   std::vector<acc_t<T>> k(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = widen(x[c * HW]);
-  const std::vector<Sums> sums = channel_sums(x, N, C, HW, k.data(), threads);
+  for (int64_t c = 0; c < C; ++c) k[c] = shift_of(x[c * HW]);
+  const std::vector<Sums> sums = recentered_sums(x, N, C, HW, k.data(), threads);
   std::vector<Moments> ms(C);
   for (int64_t c = 0; c < C; ++c) ms[c] = moments(sums[c], N * HW, k[c]);
   return ms;
@@ -42,7 +43,7 @@ bool batch_train(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* w,
                  double momentum, bool reject, int threads) {
   const int64_t n = N * HW;
   std::vector<A> k(C), a(C), off(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = widen(x[c * HW]);
+  for (int64_t c = 0; c < C; ++c) k[c] = shift_of(x[c * HW]);
   auto scale_shift = [&](int64_t c, const Moments& m) {
     const double scale = rstd_of(m.var, eps) * (w ? w[c] : A{1});
     a[c] = static_cast<A>(scale);
@@ -58,7 +59,7 @@ bool batch_train(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const A* w,
                                     return scale_shift(c, moments(s, n, k[c]));
                                   },
                                   threads)
-            : channel_sums(x, N, C, HW, k.data(), threads);
+            : recentered_sums(x, N, C, HW, k.data(), threads);
   bool finite = true;
   std::vector<Moments> ms(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -109,15 +110,16 @@ void batch_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const 
                       const A* b, const A* rm, const A* rv, double eps, A* mean, A* var,
                       int threads) {
   std::vector<A> k(C), scale(C), shift(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = widen(x[c * HW]);
+  for (int64_t c = 0; c < C; ++c) k[c] = shift_of(x[c * HW]);
   eval_scale(C, w, b, rm, rv, eps, scale.data(), shift.data());
   std::vector<Sums> sums;
   if (streaming(N * C * HW * static_cast<int64_t>(sizeof(T)))) {
-    sums = channel_sums(x, N, C, HW, k.data(), threads);
+    sums = recentered_sums(x, N, C, HW, k.data(), threads);
     const std::vector<A> zero(C, A{0});
     channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), threads);
   } else {
     sums = channel_affine_sums(x, y, N, C, HW, k.data(), scale.data(), shift.data(), threads);
+    if (recenter(sums, N * HW, k.data())) sums = channel_sums(x, N, C, HW, k.data(), threads);
   }
   for (int64_t c = 0; c < C; ++c) {
     const Moments ms = moments(sums[c], N * HW, k[c]);
@@ -140,7 +142,7 @@ void instance_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, con
   std::vector<Sums> part(pieces.count);
   pieces.each(threads, [&](int64_t q, int64_t plane, int64_t at, int64_t len) {
     const int64_t c = plane % C;
-    const A k = widen(x[plane * HW]);
+    const A k = shift_of(x[plane * HW]);
     if (stream)
       add_sums<true>(x + at, len, k, part[q]);
     else
@@ -153,7 +155,14 @@ void instance_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, con
   for (int64_t plane = 0; plane < N * C; ++plane) {
     Sums s;
     for (int64_t i = 0; i < pieces.segs; ++i) s += part[plane * pieces.segs + i];
-    const Moments m = moments(s, HW, widen(x[plane * HW]));
+    A k = shift_of(x[plane * HW]);
+    Moments m = moments(s, HW, k);
+    if (off_center(m)) {  // summed again around its mean (rare: see off_center)
+      k = static_cast<A>(m.mean);
+      s = Sums{};
+      add_sums<true>(x + plane * HW, HW, k, s);
+      m = moments(s, HW, k);
+    }
     mean[plane] = static_cast<A>(m.mean);
     var[plane] = static_cast<A>(m.var);
   }

@@ -204,6 +204,32 @@ std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, con
   return column_sums<false>(x, no_output, N, C, HW, k, none, none, threads);
 }
 
+// Moves k[c] to the mean of each channel whose sums (n values around k[c]) are off center;
+// whether it moved any.
+template <class A>
+bool recenter(const std::vector<Sums>& sums, int64_t n, A* k) {
+  bool moved = false;
+  for (size_t c = 0; c < sums.size(); ++c) {
+    const Moments m = moments(sums[c], n, k[c]);
+    if (off_center(m)) {
+      k[c] = static_cast<A>(m.mean);
+      moved = true;
+    }
+  }
+  return moved;
+}
+
+// channel_sums, summed again where recenter moved a channel's k[c] (a whole second pass,
+// for the rare input whose first value of a channel is an outlier). Channels it did not
+// move get the same sums again, bit for bit.
+template <class T, class A = acc_t<T>>
+std::vector<Sums> recentered_sums(const T* x, int64_t N, int64_t C, int64_t HW, A* k,
+                                  int threads) {
+  std::vector<Sums> sums = channel_sums(x, N, C, HW, k, threads);
+  if (recenter(sums, N * HW, k)) sums = channel_sums(x, N, C, HW, k, threads);
+  return sums;
+}
+
 // add_sums<true> over n contiguous values that also writes y = x * a + b: one read of x
 // for a statistics pass and an eval-mode normalization. The sums are add_sums's, bit for
 // bit (same blocks, same lanes, same order); y is stored plainly, never streamed.
@@ -278,25 +304,36 @@ inline bool channels_fit_cache(int64_t N, int64_t C, int64_t HW, int64_t bytes, 
 // channel_sums, then y = (x - k[c]) * a + b with (a, b) = finish(c, sums of c), one whole
 // channel at a time: the normalizing read finds the channel where the statistics read left
 // it, in the core's cache, so a train step moves about the bytes of a copy instead of
-// reading x twice from memory. The sums are channel_sums's, bit for bit (same pieces,
-// added in the same order). Only where channels_fit_cache holds.
+// reading x twice from memory. A channel whose k[c] was off center is summed again around
+// its mean first, k[c] set to it, as recentered_sums does. The sums are those of
+// channel_sums, bit for bit (same pieces, added in the same order). Only where
+// channels_fit_cache holds.
 template <class T, class A, class Finish>
 std::vector<Sums> channel_sums_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW,
-                                      const A* k, const Finish& finish, int threads) {
+                                      A* k, const Finish& finish, int threads) {
   std::vector<Sums> out(C);
   const PlanePieces pieces(N * C, HW);
   const int64_t per_chunk = std::max<int64_t>(1, kChunk / (N * HW));  // channels
+  auto sums_of = [&](int64_t c) {
+    Sums total;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t at = (n * C + c) * HW;
+      for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
+        Sums part;
+        add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k[c], part);
+        total += part;
+      }
+    }
+    return total;
+  };
   with_stream<T>(N * C * HW, [&](auto stream) {
     parallel_chunks(ceil_div(C, per_chunk), threads, [&](int64_t chunk) {
       for (int64_t c = chunk * per_chunk; c < std::min(C, (chunk + 1) * per_chunk); ++c) {
-        Sums total;
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t at = (n * C + c) * HW;
-          for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
-            Sums part;
-            add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k[c], part);
-            total += part;
-          }
+        Sums total = sums_of(c);
+        const Moments m = moments(total, N * HW, k[c]);
+        if (off_center(m)) {
+          k[c] = static_cast<A>(m.mean);
+          total = sums_of(c);
         }
         out[c] = total;
         const std::pair<A, A> ab = finish(c, total);

@@ -5,9 +5,10 @@
 // float64 inputs) over blocks of kBlock values and in double across blocks. |mean - k| is
 // a few standard deviations, so
 //     var = sum(d*d)/n - (sum(d)/n)^2
-// keeps its digits where E[x^2] - E[x]^2 cancels (|mean|/std of 1e4 in float32). Outputs
-// are formed from d too, y = d*a + (b - dm*a) with dm = mean - k: x - k is exact for x
-// near k, so outputs stay accurate far from zero.
+// keeps its digits where E[x^2] - E[x]^2 cancels (|mean|/std of 1e4 in float32). Where the
+// first value is an outlier instead, the set is summed again around its mean (off_center).
+// Outputs are formed from d too, y = d*a + (b - dm*a) with dm = mean - k: x - k is exact
+// for x near k, so outputs stay accurate far from zero.
 //
 // Outputs larger than the caches are written with non-temporal (streaming) stores: they
 // skip reading each destination line before overwriting it (a third of the memory traffic
@@ -215,6 +216,27 @@ inline Moments moments(const Sums& s, int64_t n, double k) {
   const double dm = s.s1 / n, var = s.s2 / n - dm * dm;
   // A tiny negative from rounding becomes 0; NaN (Inf - Inf from an infinite input) stays.
   return {dm, k + dm, var < 0.0 ? 0.0 : var};
+}
+
+// The shift of a reduced set: its first value, or 0 if that is not finite (an infinite
+// shift would make every d NaN, where the sums of the values keep torch's Inf mean).
+template <class T>
+inline acc_t<T> shift_of(T first) {
+  const acc_t<T> k = widen(first);
+  return std::isfinite(k) ? k : acc_t<T>{0};
+}
+
+// Whether sums around k lost digits because k was far from the mean: a set's first value
+// that is an outlier. Its lanes keep about 2^-24 of var + dm^2 each (float32), so var
+// keeps dm^2 / var times less of its own, and d * d may even overflow. Such a set is summed
+// again around its mean (recentered): more than kOffCenter standard deviations from it, the
+// first value of normally distributed data is once in 16,000 sets.
+constexpr double kOffCenter = 4;
+
+inline bool off_center(const Moments& m) {
+  // An infinite var from finite values: d * d overflowed in the lanes.
+  return std::isfinite(m.mean) &&
+         !(std::isfinite(m.var) && m.dm * m.dm <= kOffCenter * kOffCenter * m.var);
 }
 
 inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }

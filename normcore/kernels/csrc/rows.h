@@ -41,14 +41,21 @@ struct Rows {
 };
 
 // Statistics of every row, then apply(r, i0, i1, k, moments) for its values [i0, i1).
-// kCenter: mean and variance around k = the row's first value; otherwise the mean square
-// (as var) around 0.
+// kCenter: mean and variance around k = the row's first value (a row whose first value
+// was off center summed again around its mean, k then that: see off_center); otherwise
+// the mean square (as var) around 0.
 template <bool kCenter, bool kStream, class T, class Apply>
 void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
   using A = acc_t<T>;
-  auto shift = [&](int64_t r) { return kCenter ? widen(p.x[r * p.L]) : A{0}; };
-  auto finish = [&](int64_t r, const Sums& s) {
-    const Moments m = kCenter ? moments(s, p.L, shift(r)) : Moments{0.0, 0.0, s.s2 / p.L};
+  auto shift = [&](int64_t r) { return kCenter ? shift_of(p.x[r * p.L]) : A{0}; };
+  auto finish = [&](int64_t r, Sums s, A& k) {
+    Moments m = kCenter ? moments(s, p.L, k) : Moments{0.0, 0.0, s.s2 / p.L};
+    if (kCenter && off_center(m)) {
+      k = static_cast<A>(m.mean);
+      s = Sums{};
+      add_sums<true>(p.x + r * p.L, p.L, k, s);
+      m = moments(s, p.L, k);
+    }
     if (p.mean_out) p.mean_out[r] = static_cast<A>(m.mean);
     if (p.var_out) p.var_out[r] = static_cast<A>(m.var);
     return m;
@@ -63,12 +70,12 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
       Sums s;
       bool summed = false;  // s holds row r's sums already
       for (int64_t r = chunk * rows; r < end; ++r) {
-        const A k = shift(r);
+        A k = shift(r);
         if (!summed) {
           s = Sums{};
           add_sums<kCenter>(p.x + r * p.L, p.L, k, s);
         }
-        const Moments m = finish(r, s);
+        const Moments m = finish(r, s, k);
         summed = early && r + 1 < end;
         if (summed) {
           s = Sums{};
@@ -94,15 +101,17 @@ void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
     add_sums<kCenter>(p.x + r * p.L + lo, std::min(seg, p.L - lo), shift(r), part[q]);
   });
   std::vector<Moments> ms(p.R);
+  std::vector<A> ks(p.R);
   for (int64_t r = 0; r < p.R; ++r) {
     Sums s;
     for (int64_t i = 0; i < segs; ++i) s += part[r * segs + i];
-    ms[r] = finish(r, s);
+    ks[r] = shift(r);
+    ms[r] = finish(r, s, ks[r]);
   }
   if (!p.y) return;
   parallel_chunks(pieces, threads, [&](int64_t q) {
     const int64_t r = q / segs, lo = q % segs * seg;
-    apply(r, lo, std::min(lo + seg, p.L), shift(r), ms[r]);
+    apply(r, lo, std::min(lo + seg, p.L), ks[r], ms[r]);
     if (kStream) stream_fence();
   });
 }
