@@ -112,7 +112,8 @@ def find_norm_layers(state_dict: Mapping[str, Tensor]) -> list[FoundLayer]:
     return found
 
 
-def _checked(name: str, value: Tensor, expected: Tensor, source: str) -> Tensor:
+def _checked(name: str, value: Tensor, expected: Tensor, source: str,
+             require_finite: bool = True) -> Tensor:
     """``value`` in ``expected``'s dtype, if it is a sane value for that tensor.
 
     The checks run after the conversion: a finite float64 can overflow to Inf in
@@ -126,7 +127,7 @@ def _checked(name: str, value: Tensor, expected: Tensor, source: str) -> Tensor:
         if not value.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {value.dtype}, expected floats")
         converted = value.to(expected.dtype)
-        if not bool(torch.isfinite(converted).all()):
+        if require_finite and not bool(torch.isfinite(converted).all()):
             raise CheckpointError(f"{source}: {name} holds NaN or Inf (as {expected.dtype})")
     elif value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise CheckpointError(f"{source}: {name} has dtype {value.dtype}, expected integers")
@@ -141,12 +142,14 @@ def _checked(name: str, value: Tensor, expected: Tensor, source: str) -> Tensor:
 
 def load_layer_state(
     layer: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "",
-    source: str = "state dict",
+    source: str = "state dict", *, require_finite: bool = True,
 ) -> None:
     """Check ``state_dict[prefix + name]`` for every tensor of ``layer``, then load them.
 
     Nothing is written unless every key is present with the right shape, dtype and
     finite, sane values. ``num_batches_tracked`` may be missing (it then starts at 0).
+    ``require_finite=False`` lets NaN and Inf through: for state a layer held before (a
+    layer that was let take non-finite train steps), not for a checkpoint to adopt.
     """
     own = layer.state_dict()
     picked = {}
@@ -156,7 +159,7 @@ def load_layer_state(
             if name == "num_batches_tracked":
                 continue
             raise CheckpointError(f"{source}: missing key {key!r}")
-        picked[name] = _checked(key, state_dict[key], expected, source)
+        picked[name] = _checked(key, state_dict[key], expected, source, require_finite)
     with torch.no_grad():
         layer.load_state_dict(picked, strict=False)
 

@@ -231,8 +231,9 @@ class Persistence:
         layer = entry.spec.build(torch.device("cpu"))
         if entry.state:
             try:
+                # The layer's own saved state: NaN and Inf got in only where allowed.
                 load_layer_state(layer, {**layer.state_dict(), **entry.state},
-                                 source=f"layer {name!r}")
+                                 source=f"layer {name!r}", require_finite=False)
             except CheckpointError as exc:
                 raise StateFileError(f"{self.folder}: the saved state does not fit the "
                                      f"layer: {exc}") from None

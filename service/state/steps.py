@@ -95,9 +95,39 @@ def computing_copy(layer: nn.Module, x: torch.Tensor) -> nn.Module | None:
     return copy.deepcopy(layer).double()
 
 
+def _state_dtype(layer: nn.Module) -> torch.dtype | None:
+    return next((t.dtype for t in layer.state_dict().values() if t.is_floating_point()), None)
+
+
 def restore_dtype(computed: nn.Module, like: nn.Module) -> nn.Module:
-    dtype = next((t.dtype for t in like.state_dict().values() if t.is_floating_point()), None)
+    dtype = _state_dtype(like)
     return computed if dtype is None else computed.to(dtype)
+
+
+def _refuse_overflow(*stats: torch.Tensor) -> None:
+    if not all(bool(torch.isfinite(s).all()) for s in stats):
+        raise normcore.NonFiniteError(
+            "the step's statistics overflow the layer's dtype (finite in float64, not in "
+            "the layer's own); refusing to fold them into the running statistics")
+
+
+def check_stored(layer: nn.Module) -> None:
+    """Refuse a float64 step stored back in a float32 layer (``restore_dtype``) whose
+    running statistics no longer fit: values within float64's range may lie beyond
+    float32's, and Inf would then be served and persisted."""
+    running = [getattr(layer, k, None) for k in ("running_mean", "running_var")]
+    _refuse_overflow(*(t for t in running if t is not None))
+
+
+def check_delta_fits(delta: StepDelta | None, layer: nn.Module) -> None:
+    """``check_stored`` for a shared log's step, before it is recorded: the delta's
+    statistics in the dtype every replica folds them into. (A fold is a weighted mean of
+    the running statistics and these, so it stays finite when they are.)"""
+    dtype = _state_dtype(layer)
+    if delta is None or dtype is None:
+        return
+    unbiased = delta.var * (delta.count / max(delta.count - 1, 1))
+    _refuse_overflow(delta.mean.to(dtype), unbiased.to(dtype))
 
 
 def same_parameters(a: nn.Module, b: nn.Module) -> bool:

@@ -38,6 +38,8 @@ from .steps import (
     Outcome,
     after,
     answer_again,
+    check_delta_fits,
+    check_stored,
     computing_copy,
     fold_step,
     fork,
@@ -290,6 +292,8 @@ class Store:
                     result = layer.normalize(x.to(slot.device), train=True)
                 if wide is not None:
                     layer = restore_dtype(layer, slot.head)
+                    if self.reject_non_finite:
+                        check_stored(layer)
             except Exception:
                 slot.rejected += 1
                 raise
@@ -327,10 +331,12 @@ class Store:
         try:
             with torch.inference_mode():
                 result = layer.normalize(x.to(slot.device), train=True)
+            delta = step_delta(layer, x, result)
+            if self.reject_non_finite:
+                check_delta_fits(delta, served)
         except Exception:
             slot.rejected += 1
             raise
-        delta = step_delta(layer, x, result)
         if delta is None and request_id is None:  # no running statistics: nothing to keep
             slot.requests["train"] += 1
             return settled(Outcome.of(result, num_batches(served)))

@@ -39,7 +39,9 @@ def build(spec: LayerSpec, state: Tensors, source: str) -> nn.Module:
     """``spec``'s layer (on the CPU) holding ``state`` over its defaults."""
     layer = make_layer(spec.kind, spec.kwargs)
     try:
-        load_layer_state(layer, {**layer.state_dict(), **state}, source=source)
+        # The layer's own saved state: NaN and Inf got in only where allowed.
+        load_layer_state(layer, {**layer.state_dict(), **state}, source=source,
+                         require_finite=False)
     except CheckpointError as exc:
         raise StateFileError(f"{source}: the saved state does not fit the layer: {exc}") \
             from None
