@@ -27,6 +27,7 @@ from ._stats import (
     stat_dtype,
     var_mean,
     verify_batch_size,
+    verify_eps,
     verify_spatial_size,
 )
 from .kernels import cpu as _fast
@@ -65,6 +66,9 @@ def run_batch_norm(
     A training step that updates the running statistics also adds one to
     ``num_batches_tracked`` if it is given.
     """
+    if training:
+        verify_batch_size(input.size())
+    verify_eps(eps, training)
     # The kernels decline every input that the checks below would refuse.
     fast = _fast.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -75,8 +79,6 @@ def run_batch_norm(
         if rejected:
             raise_non_finite()
         return Normalized(output, mean, var) if with_stats else output
-    if training:
-        verify_batch_size(input.size())
     if input.numel() == 0 or input.dim() < 2:
         return _empty_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, with_stats
@@ -223,6 +225,7 @@ def batch_norm(
     statistics are updated; otherwise the running statistics normalize.
     """
     if not training:
+        verify_eps(eps, training)
         fast = _fast.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
         if fast is not None:
             return fast

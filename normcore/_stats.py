@@ -59,6 +59,14 @@ def verify_batch_size(size: Sequence[int]) -> None:
         )
 
 
+def verify_eps(eps: float, training: bool) -> None:
+    # torch.nn.functional.batch_norm's check: batch statistics need eps > 0.
+    if training and eps <= 0.0:
+        raise InputError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise InputError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def verify_spatial_size(size: Sequence[int]) -> None:
     if math.prod(size[2:]) == 1:
         raise InputError(

@@ -186,3 +186,30 @@ def test_finite_statistics_whose_sum_overflows_are_not_rejected() -> None:
         torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
     assert int(ours.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize(("eps", "train", "track"), [
+    (0.0, True, True), (-1e-3, True, True), (-1e-3, False, True), (0.0, False, False),
+    (0.0, False, True),
+], ids=["zero-train", "negative-train", "negative-eval", "zero-eval-batch-stats",
+        "zero-eval"])
+def test_batch_norm_eps_is_checked_as_torch_checks_it(eps: float, train: bool,
+                                                      track: bool) -> None:
+    # torch.nn.functional.batch_norm: eps > 0 with batch statistics, eps >= 0 always.
+    x = torch.randn(4, 3, 5)
+    ours = normcore.BatchNorm1d(3, eps=eps, track_running_stats=track).train(train)
+    ref = torch.nn.BatchNorm1d(3, eps=eps, track_running_stats=track).train(train)
+    before = _snapshot(ours)
+    try:
+        expected = ref(x)
+    except ValueError as refused:
+        with pytest.raises(InputError, match=str(refused).replace("-", r"\-")):
+            ours(x)
+        with pytest.raises(InputError, match="batch_norm eps"):
+            ours.normalize(x)
+        with pytest.raises(InputError, match="batch_norm eps"):
+            normcore.functional.batch_norm(x, ours.running_mean, ours.running_var,
+                                           training=train or not track, eps=eps)
+        _assert_unchanged(ours, before)
+        return
+    torch.testing.assert_close(ours(x), expected)
