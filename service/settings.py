@@ -90,8 +90,8 @@ class Settings(BaseSettings):
         "refused (503) with nothing applied. Started work always finishes.")
     client_timeout: float = Field(
         10.0, gt=0, le=600,
-        description="Seconds a client has to send one request's headers and body; slower "
-        "connections are closed.",
+        description="Seconds a client has to send one request's headers and body, and to "
+        "take some of a reply it lets back up; slower connections are closed.",
     )
     batch_max_size: int = Field(
         0, ge=0, le=4096,

@@ -9,6 +9,12 @@ request is complete: the compute has its own deadline (``request_timeout``), and
 between requests is uvicorn's keep-alive timeout. The request line and headers together
 are also capped (431), since httptools itself does not limit them.
 
+Replies have a deadline too, on progress: a client that stops reading holds its whole
+reply in the server's memory (a tiny request can ask for tens of MB), and uvicorn never
+gives up on it. Once a reply fills the socket's buffers, the client must take some of it
+every ``client_timeout`` seconds, or the connection is dropped; a slow reader that keeps
+reading is never cut off.
+
 Errors are JSON ``{"error": ...}`` like every other answer of the service, including
 uvicorn's own reply to a request it cannot parse.
 """
@@ -16,7 +22,11 @@ uvicorn's own reply to a request it cannot parse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import struct
+import termios
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -39,6 +49,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._reply_watch: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_too_large = False
 
@@ -50,6 +61,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unwatch_reply()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -82,6 +94,52 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, f"request not received within {self.client_timeout:g} s")
         else:
             self.transport.close()
+
+    # --- the reply's progress -----------------------------------------------------------
+
+    def pause_writing(self) -> None:  # the transport's buffer is full: the client lags
+        super().pause_writing()
+        self._watch_reply(self._unsent())
+
+    def resume_writing(self) -> None:
+        self._unwatch_reply()
+        super().resume_writing()
+
+    def _watch_reply(self, pending: int) -> None:
+        self._unwatch_reply()
+        self._reply_watch = self.loop.call_later(self.client_timeout, self._reply_check,
+                                                 pending)
+
+    def _unwatch_reply(self) -> None:
+        if self._reply_watch is not None:
+            self._reply_watch.cancel()
+            self._reply_watch = None
+
+    def _reply_check(self, pending_before: int) -> None:
+        # Also once the transport is closing (a "Connection: close" reply, all written to
+        # it): close() lets the buffer drain first, for as long as that takes.
+        self._reply_watch = None
+        if self.transport.get_write_buffer_size() == 0:
+            return
+        pending = self._unsent()
+        if pending < pending_before:  # it reads, slowly: another period
+            self._watch_reply(pending)
+            return
+        log.info("closing the connection to %s: reply not read for %g s (%d bytes left)",
+                 _peer(self.client), self.client_timeout, pending)
+        self.transport.abort()  # close() would wait for the buffer to drain
+
+    def _unsent(self) -> int:
+        """Reply bytes the client has not taken: the transport's buffer, and the socket's
+        send queue where the system tells it (Linux). The buffer alone moves in steps of
+        up to half the send queue, MBs on loopback: a steady reader may not move it for a
+        while."""
+        pending = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            pending += struct.unpack("i", queued)[0]
+        return pending
 
     # --- the head cap -------------------------------------------------------------------
 
