@@ -23,7 +23,7 @@ import torch
 
 from ..core.drift import Drift
 from ..core.engine import MODES
-from ..core.errors import InvalidRequestError, shown
+from ..core.errors import InvalidRequestError, PayloadTooLargeError, shown
 from .tensors import (
     DTYPE_NAMES,
     DTYPES,
@@ -199,9 +199,30 @@ def _aligned(body: bytearray, start: int, size: int, itemsize: int) -> memoryvie
     return view[start - shift:start - shift + size]
 
 
+# A JSON number of float32 takes up to about 16 bytes ("-1.2345678e-05,"): the outputs a
+# JSON reply may hold are capped so that it stays about as big as a JSON request may be.
+JSON_BYTES_PER_VALUE = 16
+
+
+def _check_json_output(request: InferRequest, limits: Limits) -> None:
+    """Refuse, before any work, an output to be sent as JSON numbers beyond max_json_bytes:
+    a small (or compressed) binary request could otherwise ask for a reply a hundred times
+    its size, whose encoding holds the interpreter for seconds."""
+    values = math.prod(request.shape)
+    most = limits.max_json_bytes // JSON_BYTES_PER_VALUE
+    for wanted in request.outputs:
+        binary = request.binary_output if wanted.binary is None else wanted.binary
+        if wanted.name == OUTPUT and not binary and request.datatype != "BF16" and \
+                values > most:
+            raise PayloadTooLargeError(
+                f"output '{OUTPUT}' of {values} values is too big for JSON (at most {most}, "
+                "max_json_bytes / 16); ask for it as binary data (binary_data_output)")
+
+
 def decode_input(request: InferRequest, body: bytearray, limits: Limits) -> torch.Tensor:
     """The input tensor: a view of ``body`` when binary (no copy), else built from JSON."""
     check_shape(request.shape, limits, "input")
+    _check_json_output(request, limits)
     dtype = DATATYPES[request.datatype]
     trailing = len(body) - request.blob_offset
     if request.binary_size is None:

@@ -171,6 +171,28 @@ def test_compressed_body_that_inflates_past_the_limit_is_413(v2_client):
     assert caught.value.status() == "413"
 
 
+def test_a_json_output_past_the_json_limit_is_413_before_any_work(http):
+    # 1M values (max_json_bytes / 16, by default) as JSON numbers: about 13 MB of text, from
+    # a gzip body of a few KB. As binary data the same request is answered.
+    zeros = np.zeros(((1 << 14) + 1, 64), np.float32)
+    header = json.dumps({"inputs": [{"name": "x", "shape": list(zeros.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": zeros.nbytes}}],
+                         "parameters": {"mode": "train"}})
+    before = http.get("/stats/stream.bn").json()
+    for binary in (False, True):
+        head = header.replace('"mode": "train"}',
+                              f'"mode": "train", "binary_data_output": {json.dumps(binary)}}}')
+        body = gzip.compress(head.encode() + zeros.tobytes())
+        response = http.post("/v2/models/stream.bn/infer", content=body, headers={
+            "Content-Encoding": "gzip", "Inference-Header-Content-Length": str(len(head))})
+        if binary:
+            assert response.status_code == 200, response.text
+            continue
+        assert response.status_code == 413, response.text
+        assert "too big for JSON" in response.json()["error"]
+        assert http.get("/stats/stream.bn").json() == before  # not even a step taken
+
+
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/v2/models/features.ln/infer", 405),
     ("POST", "/v2/models/features.ln", 405),
