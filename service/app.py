@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -175,6 +176,7 @@ def create_app(
     metrics = Metrics()
     app.state.settings = settings
     app.state.limits = Limits(settings.max_rank, settings.max_elements, settings.max_json_bytes)
+    app.state.json_gate = asyncio.Semaphore(1)  # see http.deps.one_big_json_at_a_time
     app.state.metrics = metrics
     app.state.ready = False
     app.state.failure = None

@@ -45,7 +45,7 @@ class Limits:
 # as V2 binary data, which is viewed in place.
 _VALUES_PER_STEP = 1 << 18
 MAX_EMPTY_SPAN = 1 << 16  # see check_shape
-MAX_JSON_LISTS = 1 << 16  # see parse_json
+MAX_JSON_NODES = 1 << 16  # lists, objects and keys: see parse_json
 _B64_CHARS_PER_STEP = 1 << 22  # a multiple of 4
 
 
@@ -56,12 +56,14 @@ def parse_json(body: bytes | bytearray, limits: Limits | None = None) -> Any:
         raise PayloadTooLargeError(
             f"a JSON body of {len(body)} bytes exceeds max_json_bytes ({limits.max_json_bytes}, "
             "NORMCORE_MAX_JSON_BYTES); send big tensors as V2 binary data")
-    # Millions of tiny lists cost seconds of one GIL-holding parse (and its garbage
-    # collections) and half a gigabyte: nested data is for small tensors.
-    if len(body) > MAX_JSON_LISTS and body.count(b"[") > MAX_JSON_LISTS:
+    # Millions of tiny lists or objects, or of keys, cost seconds of one GIL-holding parse
+    # (and its garbage collections) and half a gigabyte: nested data is for small tensors,
+    # and a request has a few dozen keys. (":" counts the keys; base64 has none.)
+    if len(body) > MAX_JSON_NODES and sum(
+            body.count(c) for c in (b"[", b"{", b":")) > MAX_JSON_NODES:
         raise MalformedRequestError(
-            f"the JSON holds more than {MAX_JSON_LISTS} lists; send tensor data flat (or as "
-            "V2 binary data)")
+            f"the JSON holds more than {MAX_JSON_NODES} lists, objects and keys; send tensor "
+            "data flat (or as V2 binary data)")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

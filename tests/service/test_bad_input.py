@@ -80,6 +80,22 @@ def test_deep_nesting_is_a_fast_400(client) -> None:
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.parametrize("junk", [
+    b"[" + b"{}," * 5_000_000 + b"{}]",                                    # objects
+    b"{" + b",".join(b'"k%d":0' % i for i in range(1_000_000)) + b"}",   # keys
+], ids=["objects", "keys"])
+def test_a_flood_of_json_objects_or_keys_is_a_fast_400(client, junk: bytes) -> None:
+    # Valid JSON in a field nobody reads; parsed, it would hold the GIL for a second.
+    body = b'{"layer": "stream.bn", "junk": %s, "tensor": {"shape": [2, 64], "data": %s}}' % (
+        junk, b"[" + b"1," * 127 + b"1]")
+    assert len(body) < 16 << 20
+    start = time.perf_counter()
+    reply = client.post("/normalize", content=body)
+    assert reply.status_code == 400
+    assert "objects and keys" in reply.json()["error"]
+    assert time.perf_counter() - start < 0.5
+
+
 def test_nesting_orjson_accepts_but_numpy_does_not_is_422(client) -> None:
     data = b"[" * 100 + b"1" + b"]" * 100
     reply = client.post("/normalize", content=_normalize(data, shape=(1,), mode="eval"))

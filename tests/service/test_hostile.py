@@ -211,10 +211,22 @@ def test_healthz_answers_while_a_big_json_body_is_served(server, http) -> None:
 
 def test_healthz_answers_while_a_big_binary_body_is_served(server, http) -> None:
     x = np.random.default_rng(1).standard_normal((1 << 16, 64)).astype(np.float32)  # 16 MiB
-    body, headers = _v2_binary(list(x.shape), x.tobytes())
+    # A binary reply: as JSON, 4M values are more than a JSON reply may hold (413).
+    body, headers = _v2_binary(list(x.shape), x.tobytes(), {"binary_data_output": True})
     with healthz_watch(server) as latencies:
         reply = http.post("/v2/models/stream.bn/infer", content=body, headers=headers)
     assert reply.status_code == 200
+    assert_responsive(latencies)
+
+
+def test_healthz_answers_while_big_json_bodies_arrive_at_once(server, http) -> None:
+    # Four 15 MB bodies of zeros: each parse holds the GIL for a tenth of a second or more,
+    # so they are parsed one after the other, not all at once.
+    payload = b'{"layer": "stream.bn", "tensor": {"shape": [%d, 64], "data": [%s0]}}' % (
+        (7 << 20) // 64, b"0," * ((7 << 20) - 1))
+    with healthz_watch(server) as latencies, ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: http.post("/normalize", content=payload), range(4)))
+    assert [r.status_code for r in replies] == [200] * 4
     assert_responsive(latencies)
 
 

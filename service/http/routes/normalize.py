@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ...wire.normalize import decode_normalize_request, encode_normalize_response
 from ...wire.tensors import decode_tensor
-from ..deps import authorize_early, authorize_mode, normalize_tensor, off_loop, read_body
+from ..deps import (
+    authorize_early,
+    authorize_mode,
+    normalize_tensor,
+    off_loop,
+    one_big_json_at_a_time,
+    read_body,
+)
 from ..metrics import label
 from ..responses import json_response
 from ..schemas import NormalizeRequest, NormalizeResponse, errors, json_body
@@ -31,13 +40,15 @@ async def normalize(request: Request) -> Response:
     authorize_early(request)  # a stranger is refused before the body is read
     body = await read_body(request)
     limits = request.app.state.limits
-    call = await off_loop(len(body), decode_normalize_request, body, limits)
-    # The token before the layer: without it, a 404 would tell which names exist.
-    authorize_mode(request, call.mode)
-    engine.served(call.layer)  # 404 before the tensor is looked at
-    label(request.scope, "layer", call.layer)
-    label(request.scope, "mode", call.mode)
-    x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor, limits)
+    async with one_big_json_at_a_time(request, len(body)):
+        call = await off_loop(len(body), decode_normalize_request, body, limits)
+        # The token before the layer: without it, a 404 would tell which names exist.
+        authorize_mode(request, call.mode)
+        engine.served(call.layer)  # 404 before the tensor is looked at
+        label(request.scope, "layer", call.layer)
+        label(request.scope, "mode", call.mode)
+        x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor, limits)
+        call = replace(call, tensor=None)  # let the parsed values go: x replaces them
     outcome = await normalize_tensor(request, call.layer, x, call.mode, call.request_id)
     return await off_loop(outcome.output.numel(), _reply, call, outcome,
                           call.output_encoding or given_encoding)

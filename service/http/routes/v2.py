@@ -35,6 +35,7 @@ from ..deps import (
     authorize_mode,
     normalize_tensor,
     off_loop,
+    one_big_json_at_a_time,
     read_body,
 )
 from ..errors import reply_to
@@ -155,10 +156,16 @@ async def _infer(name: str, request: Request, version: str | None = None) -> Res
     if version is not None:
         v2_types.check_version(name, version, current)
     label(request.scope, "layer", name)
-    body, parsed = await _read_request(request, v2_types.output_names(kind))
-    label(request.scope, "mode", parsed.mode)
-    authorize_mode(request, parsed.mode)
-    x = await off_loop(len(body), codec.decode_input, parsed, body, request.app.state.limits)
+    body = await _read_body(request)
+    header_length = request.headers.get("inference-header-content-length")
+    json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
+    limits = request.app.state.limits
+    async with one_big_json_at_a_time(request, min(json_size, len(body))):
+        parsed = await off_loop(len(body), codec.decode_infer_request, body, header_length,
+                                v2_types.output_names(kind), limits)
+        label(request.scope, "mode", parsed.mode)
+        authorize_mode(request, parsed.mode)
+        x = await off_loop(len(body), codec.decode_input, parsed, body, limits)
     outcome = await normalize_tensor(request, name, x, parsed.mode, parsed.request_id)
     head, blobs = await off_loop(outcome.output.numel(), codec.encode_infer_response, name,
                                  parsed, outcome.output, outcome.stats,
@@ -176,19 +183,14 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(name, request, version)
 
 
-async def _read_request(
-    request: Request, outputs: tuple[str, ...]
-) -> tuple[bytearray, codec.InferRequest]:
-    """The (decompressed) body, and its JSON header checked."""
+async def _read_body(request: Request) -> bytearray:
+    """The body, decompressed."""
     body = await read_body(request)
     encoding = request.headers.get("content-encoding")
     if encoding:
         body = await run_in_threadpool(compression.decompress, body, encoding,
                                        request.app.state.settings.max_body_bytes)
-    header_length = request.headers.get("inference-header-content-length")
-    parsed = await off_loop(len(body), codec.decode_infer_request, body, header_length,
-                            outputs, request.app.state.limits)
-    return body, parsed
+    return body
 
 
 async def _send(request: Request, head: bytes, blobs: list) -> Response:
