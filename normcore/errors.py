@@ -1,7 +1,8 @@
 """Exceptions raised by normcore.
 
     NormcoreError            base of everything normcore raises on purpose
-    ├── InputError           a tensor a layer cannot take (also a ValueError, as in torch.nn)
+    ├── InputError           a tensor a layer cannot take (also a ValueError and a
+    │   │                    RuntimeError: torch.nn raises either, by the mistake)
     │   └── NonFiniteError   NaN/Inf statistics in a train step that would update running stats
     └── CheckpointError      a checkpoint that is missing, unsafe, corrupt or inconsistent
 
@@ -15,8 +16,12 @@ class NormcoreError(Exception):
     """Base class of the errors normcore raises deliberately."""
 
 
-class InputError(NormcoreError, ValueError):
-    """The input tensor does not fit the layer (rank, channels, dtype, batch size)."""
+class InputError(NormcoreError, ValueError, RuntimeError):
+    """The input tensor does not fit the layer (rank, channels, dtype, batch size).
+
+    torch.nn raises ValueError for some of these (one value per channel) and RuntimeError
+    for others (a channel count or shape that does not fit): code written for either
+    catches this one."""
 
 
 class NonFiniteError(InputError):
