@@ -22,6 +22,7 @@ from ..core.errors import (
     RequestTimeoutError,
 )
 from ..settings import Settings
+from ..wire import compression
 from ..wire.tensors import Limits, work_elements
 
 # Tensors up to this many elements (counting what their statistics span, see
@@ -48,7 +49,8 @@ def get_limits(request: Request) -> Limits:
 
 async def read_body(request: Request) -> bytearray:
     """The whole body in one writable buffer (so tensors can view it without a copy),
-    refused with 413 as soon as it passes the size limit, chunked or not."""
+    refused with 413 as soon as it passes the size limit, chunked or not, and decompressed
+    as its Content-Encoding says (within the same limit)."""
     limit = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -58,6 +60,9 @@ async def read_body(request: Request) -> bytearray:
         body += chunk
         if len(body) > limit:
             raise BodyTooLargeError(limit)
+    encoding = request.headers.get("content-encoding")
+    if encoding:
+        body = await run_in_threadpool(compression.decompress, body, encoding, limit)
     return body
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import json
+import zlib
 
 import numpy as np
 import pytest
@@ -175,6 +178,19 @@ def test_non_finite_json_numbers_are_422_without_echo(client, number: bytes) -> 
     error = reply.json()["error"]
     assert "data" not in error
     assert "0, 0" not in error
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_compressed_body_is_read_as_its_content_encoding_says(client, encoding) -> None:
+    body = json.dumps({"layer": "stream.bn", "tensor": tensor(np.ones((2, 64)))}).encode()
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    plain = client.post("/normalize", content=body)
+    reply = client.post("/normalize", content=packed, headers={"Content-Encoding": encoding})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["output"] == plain.json()["output"]
+    unknown = client.post("/normalize", content=packed, headers={"Content-Encoding": "br"})
+    assert unknown.status_code == 422
+    assert "unsupported Content-Encoding" in unknown.json()["error"]
 
 
 def test_non_object_body_is_422(client) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ... import __version__
@@ -156,7 +155,7 @@ async def _infer(name: str, request: Request, version: str | None = None) -> Res
     if version is not None:
         v2_types.check_version(name, version, current)
     label(request.scope, "layer", name)
-    body = await _read_body(request)
+    body = await read_body(request)
     header_length = request.headers.get("inference-header-content-length")
     json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
     limits = request.app.state.limits
@@ -183,14 +182,6 @@ async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(name, request, version)
 
 
-async def _read_body(request: Request) -> bytearray:
-    """The body, decompressed."""
-    body = await read_body(request)
-    encoding = request.headers.get("content-encoding")
-    if encoding:
-        body = await run_in_threadpool(compression.decompress, body, encoding,
-                                       request.app.state.settings.max_body_bytes)
-    return body
 
 
 async def _send(request: Request, head: bytes, blobs: list) -> Response:
