@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     client_timeout: float = Field(
         10.0, gt=0, le=600,
         description="Seconds a client has to send one request's headers and body, and to "
-        "take some of a reply it lets back up; slower connections are closed.",
+        "take each 64 KB of a reply it lets back up; slower connections are closed.",
     )
     batch_max_size: int = Field(
         0, ge=0, le=4096,

@@ -11,9 +11,9 @@ are also capped (431), since httptools itself does not limit them.
 
 Replies have a deadline too, on progress: a client that stops reading holds its whole
 reply in the server's memory (a tiny request can ask for tens of MB), and uvicorn never
-gives up on it. Once a reply fills the socket's buffers, the client must take some of it
-every ``client_timeout`` seconds, or the connection is dropped; a slow reader that keeps
-reading is never cut off.
+gives up on it. Once a reply fills the socket's buffers, the client must take 64 KB of it
+(or the rest) every ``client_timeout`` seconds, or the connection is dropped; a slow
+reader that keeps reading at that pace is never cut off.
 
 Errors are JSON ``{"error": ...}`` like every other answer of the service, including
 uvicorn's own reply to a request it cannot parse.
@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 
@@ -35,6 +36,7 @@ from ..wire.tensors import dumps
 log = logging.getLogger("normcore.service")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line plus headers
+MIN_REPLY_PROGRESS = 64 * 1024  # bytes of a backed-up reply taken per client_timeout
 
 
 class _HeadTooLargeError(Exception):
@@ -122,12 +124,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.get_write_buffer_size() == 0:
             return
         pending = self._unsent()
-        if pending < pending_before:  # it reads, slowly: another period
+        if pending_before - pending >= min(pending_before, MIN_REPLY_PROGRESS):
+            # It reads, slowly: another period. (A segment now and then is not enough.)
             self._watch_reply(pending)
             return
-        log.info("closing the connection to %s: reply not read for %g s (%d bytes left)",
-                 _peer(self.client), self.client_timeout, pending)
-        self.transport.abort()  # close() would wait for the buffer to drain
+        log.info("closing the connection to %s: reply stalled, under %d bytes taken in "
+                 "%g s (%d bytes left)", _peer(self.client), MIN_REPLY_PROGRESS,
+                 self.client_timeout, pending)
+        # A reset, not a close: close() would wait for the buffer to drain, and the system
+        # would go on sending what its send queue holds (MBs) to a client that does not read.
+        with contextlib.suppress(AttributeError, OSError):
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _unsent(self) -> int:
         """Reply bytes the client has not taken: the transport's buffer, and the socket's

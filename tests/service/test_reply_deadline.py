@@ -76,7 +76,7 @@ def test_a_client_that_stops_reading_is_dropped_and_others_are_served(server, cl
         received = _read_all(sock)
     assert len(received) < size  # cut off: the rest of the reply was dropped
     assert received.startswith(b"HTTP/1.1 200 ")
-    assert "reply not read for" in server.log()
+    assert "reply stalled" in server.log()
     with _connect(server) as sock:  # the server carries on
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert _read_all(sock).startswith(b"HTTP/1.1 200 ")
@@ -97,3 +97,19 @@ def test_a_client_that_reads_slowly_gets_its_whole_reply(server) -> None:
                       if line.lower().startswith(b"content-length")))
     assert len(body) == length > size
     assert seconds > 2 * CLIENT_TIMEOUT  # it read for longer than the deadline
+
+
+def test_a_client_that_takes_a_trickle_is_dropped(server) -> None:
+    # About 10 KB/s, under the 64 KB per client_timeout a backed-up reply must move.
+    request, size = _binary_infer(32768)
+    received, start = b"", time.monotonic()
+    with _connect(server) as sock:
+        sock.sendall(request)
+        try:
+            while (chunk := sock.recv(1024)) and time.monotonic() - start < 30:
+                received += chunk
+                time.sleep(0.1)
+        except ConnectionResetError:
+            pass
+    assert len(received) < size
+    assert time.monotonic() - start < 10 * CLIENT_TIMEOUT + SLACK
