@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ..core.auth import check_bearer
 from ..core.engine import Engine, Outcome
@@ -99,12 +100,23 @@ async def one_big_json_at_a_time(request: Request, size: int) -> AsyncIterator[N
     big ones go one at a time. Each holds the GIL for most of its work, so the event loop
     waits on it whichever thread runs it, and its Python objects take about 25 times its
     size: at once, four stalled every request for three quarters of a second and took
-    1.6 GB, one after the other they stall no longer than one."""
+    1.6 GB, one after the other they stall no longer than one. One waits for its turn at
+    most ``request_timeout`` (then 503), and is dropped if its client left meanwhile."""
     if size <= OFF_LOOP_SIZE:
         yield
         return
-    async with request.app.state.json_gate:
+    gate = request.app.state.json_gate
+    try:  # a request that cannot start in time is refused, as the engine refuses one
+        async with asyncio.timeout(request.app.state.settings.request_timeout):
+            await gate.acquire()
+    except TimeoutError:
+        raise RequestTimeoutError from None
+    try:
+        if await request.is_disconnected():  # queued, then gone: nobody wants the work
+            raise ClientDisconnect
         yield
+    finally:
+        gate.release()
 
 
 async def off_loop(size: int, fn, *args):

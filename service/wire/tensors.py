@@ -200,6 +200,20 @@ def decode_tensor(obj: Any, limits: Limits) -> tuple[torch.Tensor, str]:
     return _from_b64(obj["b64"], shape, dtype), "b64"
 
 
+def check_json_output(values: int, dtype: torch.dtype, limits: Limits, hint: str) -> None:
+    """Refuse, before any work, an output of ``values`` to be written as JSON numbers when
+    the request did not bring them as JSON numbers itself (whose size max_json_bytes bounds):
+    a small binary, base64 or compressed request could otherwise ask for a reply a hundred
+    times its size, whose encoding holds the interpreter for seconds. A number takes up to
+    about 16 bytes ("-1.2345678e-05,"), 25 in float64."""
+    width = 25 if dtype == torch.float64 else 16
+    most = limits.max_json_bytes // width
+    if values > most:
+        raise PayloadTooLargeError(
+            f"an output of {values} values is too big for JSON numbers (at most {most}: "
+            f"max_json_bytes / {width}); {hint}")
+
+
 def to_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's little-endian row-major bytes (no copy for contiguous CPU tensors)."""
     tensor = tensor.detach().to("cpu").contiguous()

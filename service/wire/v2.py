@@ -23,11 +23,12 @@ import torch
 
 from ..core.drift import Drift
 from ..core.engine import MODES
-from ..core.errors import InvalidRequestError, PayloadTooLargeError, shown
+from ..core.errors import InvalidRequestError, shown
 from .tensors import (
     DTYPE_NAMES,
     DTYPES,
     Limits,
+    check_json_output,
     check_shape,
     decode_tensor,
     dumps,
@@ -69,7 +70,9 @@ class InferRequest:
     binary_output: bool
 
 
-def _header_length(value: str | None, body_length: int) -> int:
+def header_length(value: str | None, body_length: int) -> int:
+    """The JSON header's length by Inference-Header-Content-Length (the whole body without
+    one); 400 unless it is an integer from 0 to the body's length."""
     if value is None:
         return body_length
     if not re.fullmatch(r"[0-9]{1,19}", value.strip()) or int(value) > body_length:
@@ -143,12 +146,12 @@ def _input(value: Any) -> dict:
 
 
 def decode_infer_request(
-    body: bytearray, header_length: str | None, available: tuple[str, ...],
+    body: bytearray, header_value: str | None, available: tuple[str, ...],
     limits: Limits | None = None,
 ) -> InferRequest:
-    """Parse the JSON header of ``body``; ``header_length`` is the request's
+    """Parse the JSON header of ``body``; ``header_value`` is the request's
     ``Inference-Header-Content-Length``, ``available`` the model's output names."""
-    length = _header_length(header_length, len(body))
+    length = header_length(header_value, len(body))
     payload = parse_json(body if length == len(body) else body[:length], limits)
     payload = _object(payload, "the request body")
     tensor = _input(payload.get("inputs"))
@@ -199,24 +202,17 @@ def _aligned(body: bytearray, start: int, size: int, itemsize: int) -> memoryvie
     return view[start - shift:start - shift + size]
 
 
-# A JSON number of float32 takes up to about 16 bytes ("-1.2345678e-05,"): the outputs a
-# JSON reply may hold are capped so that it stays about as big as a JSON request may be.
-JSON_BYTES_PER_VALUE = 16
-
-
 def _check_json_output(request: InferRequest, limits: Limits) -> None:
-    """Refuse, before any work, an output to be sent as JSON numbers beyond max_json_bytes:
-    a small (or compressed) binary request could otherwise ask for a reply a hundred times
-    its size, whose encoding holds the interpreter for seconds."""
-    values = math.prod(request.shape)
-    most = limits.max_json_bytes // JSON_BYTES_PER_VALUE
+    """The main output asked for as JSON numbers, from a binary input: see
+    check_json_output. (BF16 outputs always go binary.)"""
+    if request.binary_size is None or request.datatype == "BF16":
+        return
     for wanted in request.outputs:
         binary = request.binary_output if wanted.binary is None else wanted.binary
-        if wanted.name == OUTPUT and not binary and request.datatype != "BF16" and \
-                values > most:
-            raise PayloadTooLargeError(
-                f"output '{OUTPUT}' of {values} values is too big for JSON (at most {most}, "
-                "max_json_bytes / 16); ask for it as binary data (binary_data_output)")
+        if wanted.name == OUTPUT and not binary:
+            check_json_output(math.prod(request.shape), DTYPES[DATATYPES[request.datatype]][0],
+                              limits, f"ask for output '{OUTPUT}' as binary data "
+                              "(binary_data_output)")
 
 
 def decode_input(request: InferRequest, body: bytearray, limits: Limits) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from .conftest import make_client
 from .reference import array, tensor, twin_of
 
 RNG = np.random.default_rng(0)
@@ -191,6 +193,31 @@ def test_a_compressed_body_is_read_as_its_content_encoding_says(client, encoding
     unknown = client.post("/normalize", content=packed, headers={"Content-Encoding": "br"})
     assert unknown.status_code == 422
     assert "unsupported Content-Encoding" in unknown.json()["error"]
+
+
+def test_base64_in_and_json_numbers_out_is_capped_before_any_work(client) -> None:
+    # 1M float32 values (max_json_bytes / 16) as JSON numbers: 13 MB of text from a gzip
+    # body of 6 KB. Asked for as base64, or sent as JSON numbers itself, it is answered.
+    x = np.zeros(((1 << 14) + 1, 64), np.float32)
+    body = {"layer": "stream.bn", "mode": "train", "tensor": tensor(x, "b64")}
+    before = client.get("/stats/stream.bn").json()
+    packed = gzip.compress(json.dumps({**body, "output_encoding": "list"}).encode())
+    reply = client.post("/normalize", content=packed, headers={"Content-Encoding": "gzip"})
+    assert reply.status_code == 413, reply.text
+    assert "output_encoding b64" in reply.json()["error"]
+    assert client.get("/stats/stream.bn").json() == before  # no step taken
+    assert client.post("/normalize", json=body).status_code == 200
+
+
+def test_a_big_json_body_waits_its_turn_at_most_the_request_timeout() -> None:
+    with make_client(request_timeout=0.2) as client:
+        client.app.state.json_gate = asyncio.Semaphore(0)  # another body's turn, for ever
+        big = {"layer": "stream.bn", "tensor": tensor(np.ones((1024, 64)))}
+        reply = client.post("/normalize", json=big)
+        assert reply.status_code == 503, reply.text
+        assert "could not start within the request timeout" in reply.json()["error"]
+        small = {"layer": "stream.bn", "tensor": tensor(np.ones((2, 64)))}
+        assert client.post("/normalize", json=small).status_code == 200  # not queued
 
 
 def test_non_object_body_is_422(client) -> None:

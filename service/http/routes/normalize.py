@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ...wire.normalize import decode_normalize_request, encode_normalize_response
-from ...wire.tensors import decode_tensor
+from ...wire.tensors import check_json_output, decode_tensor
 from ..deps import (
     authorize_early,
     authorize_mode,
@@ -49,9 +49,11 @@ async def normalize(request: Request) -> Response:
         label(request.scope, "mode", call.mode)
         x, given_encoding = await off_loop(len(body), decode_tensor, call.tensor, limits)
         call = replace(call, tensor=None)  # let the parsed values go: x replaces them
+    encoding = call.output_encoding or given_encoding
+    if encoding == "list" and given_encoding == "b64":
+        check_json_output(x.numel(), x.dtype, limits, "ask for output_encoding b64")
     outcome = await normalize_tensor(request, call.layer, x, call.mode, call.request_id)
-    return await off_loop(outcome.output.numel(), _reply, call, outcome,
-                          call.output_encoding or given_encoding)
+    return await off_loop(outcome.output.numel(), _reply, call, outcome, encoding)
 
 
 def _reply(call, outcome, encoding: str) -> Response:

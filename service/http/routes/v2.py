@@ -156,11 +156,10 @@ async def _infer(name: str, request: Request, version: str | None = None) -> Res
         v2_types.check_version(name, version, current)
     label(request.scope, "layer", name)
     body = await read_body(request)
-    header_length = request.headers.get("inference-header-content-length")
-    json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
+    header_value = request.headers.get("inference-header-content-length")
     limits = request.app.state.limits
-    async with one_big_json_at_a_time(request, min(json_size, len(body))):
-        parsed = await off_loop(len(body), codec.decode_infer_request, body, header_length,
+    async with one_big_json_at_a_time(request, codec.header_length(header_value, len(body))):
+        parsed = await off_loop(len(body), codec.decode_infer_request, body, header_value,
                                 v2_types.output_names(kind), limits)
         label(request.scope, "mode", parsed.mode)
         authorize_mode(request, parsed.mode)
@@ -180,8 +179,6 @@ infer_directly = answer_as_v2(lambda request: infer(request.path_params["name"],
              **_INFER_DOC)
 async def infer_version(name: str, version: str, request: Request) -> Response:
     return await _infer(name, request, version)
-
-
 
 
 async def _send(request: Request, head: bytes, blobs: list) -> Response:
