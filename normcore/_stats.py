@@ -48,7 +48,7 @@ class RMSNormalized(NamedTuple):
     mean_square: Tensor
 
 
-# --- checks shared with torch (same messages; InputError is a ValueError, as torch raises them) ---
+# --- checks shared with torch (same messages; InputError is also a ValueError, as here) ---
 
 
 def verify_batch_size(size: Sequence[int]) -> None:

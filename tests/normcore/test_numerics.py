@@ -97,9 +97,10 @@ def test_reduced_precision_running_stats_accumulate_in_float32(dtype, affine: bo
 
 def _outlier_first(shape: tuple[int, ...], value: float, channels_last: bool = False,
                    rows: bool = False) -> torch.Tensor:
-    # Statistics are summed around a set's first value: here that value sits hundreds to
+    # Statistics are summed around a set's first value: here that value sits tens to
     # thousands of standard deviations from the mean. The sets: each channel (a
-    # BatchNorm1d column, a plane of the first sample), or with `rows` each row.
+    # BatchNorm1d column; the first value of every plane, the channel's first among them),
+    # or with `rows` each row.
     x = torch.randn(shape, dtype=torch.float64)
     if rows:
         x[:, 0] = value
