@@ -211,3 +211,26 @@ def test_an_infinite_first_value_gives_torch_infinite_mean(dtype) -> None:
         ref(x)
     torch.testing.assert_close(ours.running_mean, ref.running_mean, equal_nan=True)
     torch.testing.assert_close(ours.running_var, ref.running_var, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(128, 4, 64, 64), (8, 16, 64, 64), (4000, 8)],
+                         ids=["two-pass", "planes", "columns"])
+def test_one_channel_summed_again_leaves_the_others_as_they_were(shape) -> None:
+    # Only channel 2 starts with an outlier: it alone is summed again (columns: all of them,
+    # in a second pass), and every channel's statistics match float64 and the others match
+    # what the same layer gives on the input without the outlier (bit for bit).
+    x = torch.randn(shape)
+    spiked = x.clone()
+    spiked[(0, 2) + (0,) * (x.dim() - 2)] = 1e4
+    dims = [0, *range(2, x.dim())]
+    plain_layer = normcore.BatchNorm1d(shape[1]) if x.dim() == 2 else normcore.BatchNorm2d(
+        shape[1])
+    layer = normcore.BatchNorm1d(shape[1]) if x.dim() == 2 else normcore.BatchNorm2d(shape[1])
+    with torch.no_grad():
+        plain = plain_layer.normalize(spiked.index_fill(1, torch.tensor([2]), 0.0))
+        result = layer.normalize(spiked)
+    var64, mean64 = torch.var_mean(spiked.double(), dim=dims, correction=0)
+    assert _err(result.var, var64) <= 1e-5 * float(var64.max())
+    others = [0, 1, 3] + list(range(4, shape[1]))
+    assert torch.equal(result.var[others], plain.var[others])
+    assert torch.equal(result.mean[others], plain.mean[others])

@@ -119,7 +119,7 @@ void batch_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, const 
     channel_affine(x, y, N, C, HW, zero.data(), scale.data(), shift.data(), threads);
   } else {
     sums = channel_affine_sums(x, y, N, C, HW, k.data(), scale.data(), shift.data(), threads);
-    if (recenter(sums, N * HW, k.data())) sums = channel_sums(x, N, C, HW, k.data(), threads);
+    resum(x, N, C, HW, k.data(), recenter(sums, N * HW, k.data()), sums, threads);
   }
   for (int64_t c = 0; c < C; ++c) {
     const Moments ms = moments(sums[c], N * HW, k[c]);

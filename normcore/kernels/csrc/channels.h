@@ -204,29 +204,62 @@ std::vector<Sums> channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, con
   return column_sums<false>(x, no_output, N, C, HW, k, none, none, threads);
 }
 
+// The sums of channel c of planar [N, C, HW] (HW >= kPlanarMin) around k, as channel_sums
+// adds them: the same pieces, in the same order, so bit for bit the same.
+template <class T, class A = acc_t<T>>
+Sums planar_channel_sums(const T* x, int64_t N, int64_t C, int64_t HW, int64_t c, A k) {
+  const PlanePieces pieces(N * C, HW);
+  Sums total;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t at = (n * C + c) * HW;
+    for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
+      Sums part;
+      add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k, part);
+      total += part;
+    }
+  }
+  return total;
+}
+
 // Moves k[c] to the mean of each channel whose sums (n values around k[c]) are off center;
-// whether it moved any.
+// the channels it moved.
 template <class A>
-bool recenter(const std::vector<Sums>& sums, int64_t n, A* k) {
-  bool moved = false;
+std::vector<int64_t> recenter(const std::vector<Sums>& sums, int64_t n, A* k) {
+  std::vector<int64_t> moved;
   for (size_t c = 0; c < sums.size(); ++c) {
     const Moments m = moments(sums[c], n, k[c]);
     if (off_center(m)) {
       k[c] = static_cast<A>(m.mean);
-      moved = true;
+      moved.push_back(static_cast<int64_t>(c));
     }
   }
   return moved;
 }
 
-// channel_sums, summed again where recenter moved a channel's k[c] (a whole second pass,
-// for the rare input whose first value of a channel is an outlier). Channels it did not
-// move get the same sums again, bit for bit.
+// sums[c] summed again around k[c] for the `moved` channels (recenter's): planar channels
+// one by one, column layouts in a whole second pass (their channels interleave in every
+// row). Either way each channel's sums are channel_sums's, bit for bit.
+template <class T, class A = acc_t<T>>
+void resum(const T* x, int64_t N, int64_t C, int64_t HW, const A* k,
+           const std::vector<int64_t>& moved, std::vector<Sums>& sums, int threads) {
+  if (moved.empty()) return;
+  if (HW < kPlanarMin) {
+    sums = channel_sums(x, N, C, HW, k, threads);
+    return;
+  }
+  parallel_chunks(static_cast<int64_t>(moved.size()), threads, [&](int64_t i) {
+    const int64_t c = moved[i];
+    sums[c] = planar_channel_sums(x, N, C, HW, c, k[c]);
+  });
+}
+
+// channel_sums, with the channels whose first value was off center (rare) summed again
+// around their means, k[c] set to those.
 template <class T, class A = acc_t<T>>
 std::vector<Sums> recentered_sums(const T* x, int64_t N, int64_t C, int64_t HW, A* k,
                                   int threads) {
   std::vector<Sums> sums = channel_sums(x, N, C, HW, k, threads);
-  if (recenter(sums, N * HW, k)) sums = channel_sums(x, N, C, HW, k, threads);
+  resum(x, N, C, HW, k, recenter(sums, N * HW, k), sums, threads);
   return sums;
 }
 
@@ -312,20 +345,8 @@ template <class T, class A, class Finish>
 std::vector<Sums> channel_sums_affine(const T* x, T* y, int64_t N, int64_t C, int64_t HW,
                                       A* k, const Finish& finish, int threads) {
   std::vector<Sums> out(C);
-  const PlanePieces pieces(N * C, HW);
   const int64_t per_chunk = std::max<int64_t>(1, kChunk / (N * HW));  // channels
-  auto sums_of = [&](int64_t c) {
-    Sums total;
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t at = (n * C + c) * HW;
-      for (int64_t lo = 0; lo < HW; lo += pieces.seg) {
-        Sums part;
-        add_sums<true>(x + at + lo, std::min(pieces.seg, HW - lo), k[c], part);
-        total += part;
-      }
-    }
-    return total;
-  };
+  auto sums_of = [&](int64_t c) { return planar_channel_sums(x, N, C, HW, c, k[c]); };
   with_stream<T>(N * C * HW, [&](auto stream) {
     parallel_chunks(ceil_div(C, per_chunk), threads, [&](int64_t chunk) {
       for (int64_t c = chunk * per_chunk; c < std::min(C, (chunk + 1) * per_chunk); ++c) {
