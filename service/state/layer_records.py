@@ -6,6 +6,7 @@ returns it to) as named tensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,19 @@ from torch import nn
 from ..core.catalog import LayerSpec
 
 Tensors = dict[str, torch.Tensor]
+
+log = logging.getLogger("normcore.service")
+
+
+def restored(layer: nn.Module, name: str) -> nn.Module:
+    """``layer``, restored from saved state, said to hold NaN or Inf where it does: only
+    train steps let in by allow_non_finite put them there, and running statistics do not
+    recover from them by themselves (a reset does)."""
+    if not all(bool(torch.isfinite(t).all()) for t in layer.state_dict().values()
+               if t.is_floating_point()):
+        log.warning("layer %r was restored with NaN or Inf in its state (train steps taken "
+                    "with allow_non_finite); they stay until the layer is reset", name)
+    return layer
 
 
 def spec_meta(spec: LayerSpec) -> dict[str, Any]:

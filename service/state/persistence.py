@@ -51,7 +51,7 @@ from .journal import (
     journal_path,
     replay,
 )
-from .layer_records import origin_spec, pick, snapshot_layers, spec_meta
+from .layer_records import origin_spec, pick, restored, snapshot_layers, spec_meta
 from .records import StateFileError, decode_record, encode_record, frame
 from .snapshot import read_snapshot, remove_temp_files, snapshot_path, write_snapshot
 
@@ -237,7 +237,7 @@ class Persistence:
             except CheckpointError as exc:
                 raise StateFileError(f"{self.folder}: the saved state does not fit the "
                                      f"layer: {exc}") from None
-        return layer
+        return restored(layer, name)
 
     # --- changes --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ state, and where NaN/Inf are let in (allow_non_finite) the state that holds them
 from __future__ import annotations
 
 import base64
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_a_float64_step_beyond_float32_is_refused_by_a_shared_log(tmp_path: Path
         store.close()
 
 
-def test_non_finite_steps_when_allowed_survive_a_restart(tmp_path: Path) -> None:
+def test_non_finite_steps_when_allowed_survive_a_restart(tmp_path: Path, caplog) -> None:
     x = np.random.default_rng(1).normal(size=(4, 16, 2, 2)).astype("<f4")
     x.flat[5] = np.nan
     tensor = {"shape": list(x.shape), "dtype": "float32",
@@ -77,7 +78,10 @@ def test_non_finite_steps_when_allowed_survive_a_restart(tmp_path: Path) -> None
         assert reply.status_code == 200, reply.text
         served = client.get("/stats/digits.bn1").json()
     assert None in served["running_mean"]  # NaN, which JSON writes as null
+    caplog.set_level(logging.WARNING, logger="normcore.service")
     with make_client(allow_non_finite=True, state_dir=tmp_path) as client:
         again = client.get("/stats/digits.bn1").json()
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         assert again[key] == served[key]
+    assert "'digits.bn1' was restored with NaN or Inf" in caplog.text  # said, once
+    assert caplog.text.count("restored with NaN or Inf") == 1

@@ -28,7 +28,7 @@ from normcore.errors import CheckpointError
 from ...core.catalog import LayerSpec, make_layer
 from ..changes import Change, StepDelta
 from ..idempotency import Applied, KeyWindow
-from ..layer_records import origin_spec, pick, snapshot_layers, spec_meta
+from ..layer_records import origin_spec, pick, restored, snapshot_layers, spec_meta
 from ..records import StateFileError, decode_record, encode_record
 
 FORMAT = 1
@@ -45,7 +45,7 @@ def build(spec: LayerSpec, state: Tensors, source: str) -> nn.Module:
     except CheckpointError as exc:
         raise StateFileError(f"{source}: the saved state does not fit the layer: {exc}") \
             from None
-    return layer.eval()
+    return restored(layer, spec.name).eval()
 
 
 def encode_change(change: Change) -> bytes:
