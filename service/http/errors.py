@@ -12,6 +12,7 @@ echo raw client input, and are bounded in length.
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -103,9 +104,29 @@ def reply_to(request: Request | None, exc: BaseException,
     if status == 500:
         where = f"{request.method} {request.url.path}" if request is not None else "a request"
         log.error("unhandled error on %s", where, exc_info=exc)
-        return error_response(500, "internal server error")
-    headers = _HEADERS.get(type(exc)) or getattr(exc, "headers", None)
-    return error_response(status, message_of(exc, protocol), headers)
+        response = error_response(500, "internal server error")
+    else:
+        headers = _HEADERS.get(type(exc)) or getattr(exc, "headers", None)
+        response = error_response(status, message_of(exc, protocol), headers)
+    _let_go(exc)
+    return response
+
+
+def _let_go(exc: BaseException | None) -> None:
+    """Clear the finished frames of ``exc``'s traceback (and of the exceptions it chains):
+    a refused request's body, up to max_body_bytes, sits in their locals. The future that
+    carried the exception from a worker thread closes a cycle through them, which only
+    a garbage collection breaks, and the service collects rarely (service.app): forty
+    refused 64 MB bodies held 3 GB."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            # Not the first frame, where the exception is handled: a coroutine that may be
+            # suspended, waiting for this very reply (clearing it would close it). The
+            # frames the exception left are done.
+            traceback.clear_frames(exc.__traceback__.tb_next)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _validation(request: Request, exc: RequestValidationError) -> Response:
