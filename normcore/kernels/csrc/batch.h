@@ -156,13 +156,7 @@ void instance_eval_stats(const T* x, T* y, int64_t N, int64_t C, int64_t HW, con
     Sums s;
     for (int64_t i = 0; i < pieces.segs; ++i) s += part[plane * pieces.segs + i];
     A k = shift_of(x[plane * HW]);
-    Moments m = moments(s, HW, k);
-    if (off_center(m)) {  // summed again around its mean (rare: see off_center)
-      k = static_cast<A>(m.mean);
-      s = Sums{};
-      add_sums<true>(x + plane * HW, HW, k, s);
-      m = moments(s, HW, k);
-    }
+    const Moments m = recentered_moments(x + plane * HW, HW, s, k);
     mean[plane] = static_cast<A>(m.mean);
     var[plane] = static_cast<A>(m.var);
   }

@@ -239,6 +239,18 @@ inline bool off_center(const Moments& m) {
          !(std::isfinite(m.var) && m.dm * m.dm <= kOffCenter * kOffCenter * m.var);
 }
 
+// Moments of the n contiguous values at x from their sums s around k; summed again around
+// their mean where k was off center, k then set to it.
+template <class T, class A = acc_t<T>>
+Moments recentered_moments(const T* x, int64_t n, Sums s, A& k) {
+  const Moments m = moments(s, n, k);
+  if (!off_center(m)) return m;
+  k = static_cast<A>(m.mean);
+  s = Sums{};
+  add_sums<true>(x, n, k, s);
+  return moments(s, n, k);
+}
+
 inline double rstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
 // Outputs are formed from x - k (above) for float32 and float64. A 2-byte input carries 8

@@ -48,14 +48,9 @@ template <bool kCenter, bool kStream, class T, class Apply>
 void run_rows(const Rows<T>& p, const Apply& apply, int threads) {
   using A = acc_t<T>;
   auto shift = [&](int64_t r) { return kCenter ? shift_of(p.x[r * p.L]) : A{0}; };
-  auto finish = [&](int64_t r, Sums s, A& k) {
-    Moments m = kCenter ? moments(s, p.L, k) : Moments{0.0, 0.0, s.s2 / p.L};
-    if (kCenter && off_center(m)) {
-      k = static_cast<A>(m.mean);
-      s = Sums{};
-      add_sums<true>(p.x + r * p.L, p.L, k, s);
-      m = moments(s, p.L, k);
-    }
+  auto finish = [&](int64_t r, const Sums& s, A& k) {
+    const Moments m = kCenter ? recentered_moments(p.x + r * p.L, p.L, s, k)
+                              : Moments{0.0, 0.0, s.s2 / p.L};
     if (p.mean_out) p.mean_out[r] = static_cast<A>(m.mean);
     if (p.var_out) p.var_out[r] = static_cast<A>(m.var);
     return m;
