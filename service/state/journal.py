@@ -64,11 +64,13 @@ def journal_generations(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` at ``fd``'s position (``os.write`` may take only part)."""
+def write_all(fd: int, data: bytes) -> int:
+    """Write all of ``data`` at ``fd``'s position (``os.write`` may take only part); its
+    length."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+    return len(data)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -174,9 +176,7 @@ class Journal:
                 what, error, written = "write", None, 0
                 try:
                     if frames:
-                        data = b"".join(frames)
-                        write_all(fd, data)
-                        written = len(data)
+                        written = write_all(fd, b"".join(frames))
                     what = "fsync"
                     self._fsync(fd)
                 except BaseException as exc:  # (a MemoryError too: the frames are gone)
@@ -266,9 +266,7 @@ class Journal:
                 raise JournalFailedError(self._refusal())
             what = "write"
             try:
-                data = b"".join(self._queued)
-                write_all(self._fd, data)
-                self._size += len(data)
+                self._size += write_all(self._fd, b"".join(self._queued))
                 self._queued = []
                 what = "fsync"
                 self._fsync(self._fd)
