@@ -13,17 +13,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from normcore.checkpoint import load_layer_state
+from normcore.errors import CheckpointError
+
 from ..core.catalog import LayerSpec
+from .records import StateFileError
 
 Tensors = dict[str, torch.Tensor]
 
 log = logging.getLogger("normcore.service")
 
 
-def restored(layer: nn.Module, name: str) -> nn.Module:
-    """``layer``, restored from saved state, said to hold NaN or Inf where it does: only
-    train steps let in by allow_non_finite put them there, and running statistics do not
-    recover from them by themselves (a reset does)."""
+def load_saved_state(layer: nn.Module, state: Tensors, name: str, where: object,
+                     source: str) -> nn.Module:
+    """``layer`` holding ``state``, its own saved state, over its defaults; StateFileError
+    (naming ``where``) if it does not fit. NaN and Inf are let through: only train steps
+    let in by allow_non_finite put them there. They are said in the log, as running
+    statistics do not recover from them by themselves (a reset does)."""
+    try:
+        load_layer_state(layer, {**layer.state_dict(), **state}, source=source,
+                         require_finite=False)
+    except CheckpointError as exc:
+        raise StateFileError(f"{where}: the saved state does not fit the layer: {exc}") \
+            from None
     if not all(bool(torch.isfinite(t).all()) for t in layer.state_dict().values()
                if t.is_floating_point()):
         log.warning("layer %r was restored with NaN or Inf in its state (train steps taken "

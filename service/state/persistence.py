@@ -37,9 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from normcore.checkpoint import load_layer_state
-from normcore.errors import CheckpointError
-
 from ..core.catalog import LayerSpec
 from .changes import Change, Waiter
 from .idempotency import Applied, KeyWindow
@@ -51,7 +48,7 @@ from .journal import (
     journal_path,
     replay,
 )
-from .layer_records import origin_spec, pick, restored, snapshot_layers, spec_meta
+from .layer_records import load_saved_state, origin_spec, pick, snapshot_layers, spec_meta
 from .records import StateFileError, decode_record, encode_record, frame
 from .snapshot import read_snapshot, remove_temp_files, snapshot_path, write_snapshot
 
@@ -230,14 +227,8 @@ class Persistence:
     def _build(self, name: str, entry: _Layer) -> nn.Module:
         layer = entry.spec.build(torch.device("cpu"))
         if entry.state:
-            try:
-                # The layer's own saved state: NaN and Inf got in only where allowed.
-                load_layer_state(layer, {**layer.state_dict(), **entry.state},
-                                 source=f"layer {name!r}", require_finite=False)
-            except CheckpointError as exc:
-                raise StateFileError(f"{self.folder}: the saved state does not fit the "
-                                     f"layer: {exc}") from None
-        return restored(layer, name)
+            load_saved_state(layer, entry.state, name, self.folder, f"layer {name!r}")
+        return layer
 
     # --- changes --------------------------------------------------------------------------
 

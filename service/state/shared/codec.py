@@ -22,13 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from normcore.checkpoint import load_layer_state
-from normcore.errors import CheckpointError
-
 from ...core.catalog import LayerSpec, make_layer
 from ..changes import Change, StepDelta
 from ..idempotency import Applied, KeyWindow
-from ..layer_records import origin_spec, pick, restored, snapshot_layers, spec_meta
+from ..layer_records import load_saved_state, origin_spec, pick, snapshot_layers, spec_meta
 from ..records import StateFileError, decode_record, encode_record
 
 FORMAT = 1
@@ -38,14 +35,7 @@ Tensors = dict[str, torch.Tensor]
 def build(spec: LayerSpec, state: Tensors, source: str) -> nn.Module:
     """``spec``'s layer (on the CPU) holding ``state`` over its defaults."""
     layer = make_layer(spec.kind, spec.kwargs)
-    try:
-        # The layer's own saved state: NaN and Inf got in only where allowed.
-        load_layer_state(layer, {**layer.state_dict(), **state}, source=source,
-                         require_finite=False)
-    except CheckpointError as exc:
-        raise StateFileError(f"{source}: the saved state does not fit the layer: {exc}") \
-            from None
-    return restored(layer, spec.name).eval()
+    return load_saved_state(layer, state, spec.name, source, source).eval()
 
 
 def encode_change(change: Change) -> bytes:
