@@ -69,6 +69,11 @@ class InferRequest:
     outputs: tuple[RequestedOutput, ...]
     binary_output: bool
 
+    def binary(self, wanted: RequestedOutput) -> bool:
+        """Whether ``wanted`` goes as binary data: its own binary_data, else the request's
+        binary_data_output."""
+        return self.binary_output if wanted.binary is None else wanted.binary
+
 
 def header_length(value: str | None, body_length: int) -> int:
     """The JSON header's length by Inference-Header-Content-Length (the whole body without
@@ -208,8 +213,7 @@ def _check_json_output(request: InferRequest, limits: Limits) -> None:
     if request.binary_size is None or request.datatype == "BF16":
         return
     for wanted in request.outputs:
-        binary = request.binary_output if wanted.binary is None else wanted.binary
-        if wanted.name == OUTPUT and not binary:
+        if wanted.name == OUTPUT and not request.binary(wanted):
             check_json_output(math.prod(request.shape), DTYPES[DATATYPES[request.datatype]][0],
                               limits, f"ask for output '{OUTPUT}' as binary data "
                               "(binary_data_output)")
@@ -263,10 +267,9 @@ def encode_infer_response(
         tensor = tensors[wanted.name]
         entry: dict[str, Any] = {"name": wanted.name, "datatype": _datatype(tensor),
                                  "shape": list(tensor.shape)}
-        binary = request.binary_output if wanted.binary is None else wanted.binary
         # NOTE: BF16 always goes binary: JSON has no bfloat16 numbers, and clients before
         # r26.06 cannot read BF16 from JSON at all.
-        if binary or entry["datatype"] == "BF16":
+        if request.binary(wanted) or entry["datatype"] == "BF16":
             blob = to_bytes(tensor)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
